@@ -1,0 +1,53 @@
+"""The maths of RLVR, free of Lightning: advantages, policy losses, KL, DAPO sampling, metrics."""
+
+from rloop_lightning.algorithms.advantages import AdvantageEstimator, group_advantages
+from rloop_lightning.algorithms.kl import KLEstimator, kl_penalty
+from rloop_lightning.algorithms.metrics import (
+    avg_at_n,
+    distinct_count,
+    forgetting_rate,
+    mean_pass_at_k,
+    ngram_similarity,
+    pass_at_k,
+    solution_diversity,
+)
+from rloop_lightning.algorithms.policy_loss import (
+    LossAggregation,
+    PolicyLossOutput,
+    RatioLevel,
+    aggregate,
+    clipped_policy_loss,
+)
+from rloop_lightning.algorithms.sampling import (
+    DynamicSample,
+    DynamicSamplingBuffer,
+    overlong_mask,
+    select_informative_groups,
+    soft_overlong_penalty,
+    zero_variance_groups,
+)
+
+__all__ = [
+    "AdvantageEstimator",
+    "DynamicSample",
+    "DynamicSamplingBuffer",
+    "KLEstimator",
+    "LossAggregation",
+    "PolicyLossOutput",
+    "RatioLevel",
+    "aggregate",
+    "avg_at_n",
+    "clipped_policy_loss",
+    "distinct_count",
+    "forgetting_rate",
+    "group_advantages",
+    "kl_penalty",
+    "mean_pass_at_k",
+    "ngram_similarity",
+    "overlong_mask",
+    "pass_at_k",
+    "select_informative_groups",
+    "soft_overlong_penalty",
+    "solution_diversity",
+    "zero_variance_groups",
+]

@@ -1,0 +1,75 @@
+import math
+
+import pytest
+import torch
+
+from rloop_lightning.algorithms.advantages import group_advantages
+
+
+def test_grpo_uses_unbiased_group_std():
+    # [1, 0, 0, 1]: mean 0.5, deviations +-0.5, unbiased var = 4 * 0.25 / 3 = 1/3, std = 0.57735
+    # -> A = +-0.5 / 0.57735 = +-sqrt(3)/2 = +-0.866025
+    # [2, 0, 1, 1]: mean 1, deviations [1, -1, 0, 0], var = 2/3, std = 0.816497 -> A = +-sqrt(3/2) = 1.224745
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [2.0, 0.0, 1.0, 1.0]])
+    advantages = group_advantages(rewards, "grpo", eps=0.0)
+    half_sqrt3, sqrt_three_halves = math.sqrt(3) / 2, math.sqrt(1.5)
+    expected = torch.tensor(
+        [
+            [half_sqrt3, -half_sqrt3, -half_sqrt3, half_sqrt3],
+            [sqrt_three_halves, -sqrt_three_halves, 0.0, 0.0],
+        ]
+    )
+    torch.testing.assert_close(advantages, expected)
+
+
+def test_grpo_default_eps_and_constant_group():
+    # 0.5 / (0.5773503 + 1e-4) = 0.8658754; a constant group has deviations 0 -> A = 0 exactly
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    advantages = group_advantages(rewards)
+    a = 0.5 / (1 / math.sqrt(3) + 1e-4)
+    torch.testing.assert_close(advantages, torch.tensor([[a, -a, -a, a], [0.0, 0.0, 0.0, 0.0]]))
+
+
+def test_single_completion_group_gives_zero_not_nan():
+    advantages = group_advantages(torch.tensor([[1.0], [0.0]]), "grpo")
+    torch.testing.assert_close(advantages, torch.zeros(2, 1))
+    advantages = group_advantages(torch.tensor([[1.0]]), "batch_std")
+    torch.testing.assert_close(advantages, torch.zeros(1, 1))
+
+
+def test_dr_grpo_only_centres():
+    # means 0.5 and 1.5
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [3.0, 1.0, 1.0, 1.0]])
+    expected = torch.tensor([[0.5, -0.5, -0.5, 0.5], [1.5, -0.5, -0.5, -0.5]])
+    torch.testing.assert_close(group_advantages(rewards, "dr_grpo"), expected)
+
+
+def test_batch_std_scales_by_std_of_all_rewards():
+    # centred per group: [[0.5, -0.5], [0, 0]]
+    # all rewards 1, 0, 1, 1: mean 0.75, squared deviations 0.0625 * 3 + 0.5625 = 0.75
+    # -> unbiased var 0.75 / 3 = 0.25, std 0.5
+    rewards = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    torch.testing.assert_close(
+        group_advantages(rewards, "batch_std", eps=0.0), torch.tensor([[1.0, -1.0], [0.0, 0.0]])
+    )
+
+
+def test_none_returns_rewards_copy():
+    rewards = torch.tensor([[1.0, 0.0, 0.5]])
+    advantages = group_advantages(rewards, "none")
+    torch.testing.assert_close(advantages, rewards)
+    advantages += 1
+    assert rewards[0, 0] == 1.0
+
+
+def test_integer_rewards_are_accepted():
+    advantages = group_advantages(torch.tensor([[1, 0]]), "dr_grpo")
+    assert advantages.dtype == torch.float32
+    torch.testing.assert_close(advantages, torch.tensor([[0.5, -0.5]]))
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="unknown advantage estimator"):
+        group_advantages(torch.zeros(1, 2), "ppo")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"\[B, G\]"):
+        group_advantages(torch.zeros(4))
