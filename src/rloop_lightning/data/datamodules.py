@@ -1,0 +1,151 @@
+"""LightningDataModules that feed (prompt, completion) records to the RFT phase.
+
+- ``ExpertDataModule`` streams verified expert trajectories from jsonl/parquet shards, with a
+  shuffle buffer, split across DDP ranks and dataloader workers by record index.
+- ``DemonstrationDataModule`` serves a built-in task's solver demonstrations (the tiny base warm-up).
+
+Batches are lists of record dicts; the LightningModule tokenises them with its policy, so the data
+side needs no tokenizer and one tokenizer setting has one home.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Iterator, Optional, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from rloop_lightning.data.records import expand_paths, iter_records
+from rloop_lightning.tasks.base import Split, Task
+
+RECORD_FIELDS = ("prompt", "completion")
+
+
+def collate_records(records: list[dict]) -> list[dict]:
+    return records
+
+
+def _shard_info() -> tuple[int, int]:
+    """(index, count) of this reader among all DDP ranks x dataloader workers."""
+    rank, world = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    worker = get_worker_info()
+    worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
+    return rank * workers + worker_id, world * workers
+
+
+class RecordStream(IterableDataset):
+    """Streams records from files, shuffled through a buffer; each reader takes every k-th record."""
+
+    def __init__(self, paths: Sequence[str], shuffle_buffer: int = 10_000, seed: int = 0):
+        self.paths = list(paths)
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _my_records(self) -> Iterator[dict]:
+        index, count = _shard_info()
+        for position, record in enumerate(iter_records(self.paths, RECORD_FIELDS)):
+            if position % count == index:
+                yield record
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.shuffle_buffer <= 1:
+            yield from self._my_records()
+            return
+        rng = random.Random(self.seed + 1_000_003 * self.epoch)
+        buffer: list[dict] = []
+        for record in self._my_records():
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(record)
+                continue
+            slot = rng.randrange(len(buffer))
+            yield buffer[slot]
+            buffer[slot] = record
+        rng.shuffle(buffer)
+        yield from buffer
+
+
+class ExpertDataModule(L.LightningDataModule):
+    """Streams (prompt, completion) records from jsonl/parquet shards (files, directories or globs).
+
+    Args:
+        paths: shard files, directories or glob patterns.
+        batch_size: records per training step (per rank).
+        shuffle_buffer: records held for shuffling; 0 or 1 streams in file order.
+        num_workers: dataloader worker processes.
+        seed: shuffling seed.
+    """
+
+    def __init__(self, paths: list[str], batch_size: int = 32, shuffle_buffer: int = 10_000,
+                 num_workers: int = 0, seed: int = 0):
+        super().__init__()
+        self.paths = paths
+        self.batch_size = batch_size
+        self.shuffle_buffer = shuffle_buffer
+        self.num_workers = num_workers
+        self.seed = seed
+        self.dataset: Optional[RecordStream] = None
+
+    def setup(self, stage: str) -> None:
+        files = expand_paths(self.paths)
+        first = next(iter_records(files, RECORD_FIELDS), None)  # validates the first file early
+        if first is None:
+            raise ValueError(f"no expert records in {self.paths}: nothing to train on")
+        self.dataset = RecordStream([str(f) for f in files], self.shuffle_buffer, self.seed)
+
+    def train_dataloader(self) -> DataLoader:
+        self.dataset.set_epoch(self.trainer.current_epoch if self.trainer else 0)
+        return DataLoader(self.dataset, batch_size=self.batch_size, collate_fn=collate_records,
+                          num_workers=self.num_workers)
+
+
+class DemonstrationDataset(Dataset):
+    """A task's problems paired with solver demonstrations, drawn afresh per problem and epoch."""
+
+    def __init__(self, task: Task, problems: list[dict], seed: int = 0):
+        self.task = task
+        self.problems = problems
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.problems)
+
+    def __getitem__(self, index: int) -> dict:
+        problem = self.problems[index]
+        return {"prompt": problem["prompt"], "completion": self.task.demonstration(problem), "id": problem["id"]}
+
+
+class DemonstrationDataModule(L.LightningDataModule):
+    """Solver demonstrations of a built-in task: the warm-up data of the tiny base policy.
+
+    Args:
+        task: a task with a solver (``Countdown``, ``MultiStepArithmetic``).
+        split: which split's problems to demonstrate.
+        batch_size: records per training step (per rank).
+        num_workers: dataloader worker processes.
+    """
+
+    def __init__(self, task: Task, split: Split = "train", batch_size: int = 64, num_workers: int = 0):
+        super().__init__()
+        self.task = task
+        self.split = split
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.dataset: Optional[DemonstrationDataset] = None
+
+    def setup(self, stage: str) -> None:
+        problems = self.task.load(self.split)
+        if not problems:
+            raise ValueError(f"task {self.task.name!r} split {self.split!r} is empty: nothing to train on")
+        self.dataset = DemonstrationDataset(self.task, problems)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, collate_fn=collate_records,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)

@@ -1,0 +1,109 @@
+"""Reading and writing record files (jsonl or parquet) with errors that name the file and row.
+
+Every on-disk dataset of the project (expert shards, local task files, RFT demonstrations) goes
+through here, so a malformed line or a missing field always reads ``path:line: ...``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+
+class RecordError(ValueError):
+    """A record file is malformed; the message names the file and the line/row."""
+
+
+def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand files, directories (all ``*.jsonl``/``*.parquet`` inside) and globs, sorted."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    found: list[Path] = []
+    for entry in paths:
+        entry = str(entry)
+        if os.path.isdir(entry):
+            matches = sorted(
+                p for p in Path(entry).rglob("*") if p.suffix in (".jsonl", ".parquet") and p.is_file()
+            )
+        elif any(ch in entry for ch in "*?["):
+            matches = sorted(Path(p) for p in glob.glob(entry, recursive=True))
+        else:
+            if not os.path.exists(entry):
+                raise FileNotFoundError(f"record file not found: {entry}")
+            matches = [Path(entry)]
+        found.extend(matches)
+    return found
+
+
+def _check_fields(record: object, required: Iterable[str], where: str) -> dict:
+    if not isinstance(record, dict):
+        raise RecordError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    missing = [field for field in required if field not in record]
+    if missing:
+        raise RecordError(f"{where}: missing field(s) {missing}; present: {sorted(record)}")
+    return record
+
+
+def iter_jsonl(path: Path, required: Iterable[str] = ()) -> Iterator[dict]:
+    required = tuple(required)
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise RecordError(f"{path}:{line_number}: malformed JSON ({error.msg})") from None
+            yield _check_fields(record, required, f"{path}:{line_number}")
+
+
+def iter_parquet(path: Path, required: Iterable[str] = ()) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    required = tuple(required)
+    parquet = pq.ParquetFile(path)
+    missing = [field for field in required if field not in parquet.schema_arrow.names]
+    if missing:
+        raise RecordError(f"{path}: missing column(s) {missing}; present: {parquet.schema_arrow.names}")
+    row = 0
+    for batch in parquet.iter_batches():
+        for record in batch.to_pylist():
+            row += 1
+            yield record
+
+
+def iter_records(paths, required: Iterable[str] = ()) -> Iterator[dict]:
+    """Yield records from jsonl/parquet files in order, validating ``required`` fields."""
+    for path in expand_paths(paths):
+        if path.suffix == ".parquet":
+            yield from iter_parquet(path, required)
+        elif path.suffix in (".jsonl", ".json"):
+            yield from iter_jsonl(path, required)
+        else:
+            raise RecordError(f"{path}: unsupported record file type {path.suffix!r} (use .jsonl or .parquet)")
+
+
+def read_records(paths, required: Iterable[str] = ()) -> list[dict]:
+    return list(iter_records(paths, required))
+
+
+def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> int:
+    """Write ``records`` to ``path`` via a temporary file and an atomic rename; returns the count.
+
+    A crash mid-write leaves either the old file or none, never a truncated line.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    count = 0
+    with open(temporary, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    return count

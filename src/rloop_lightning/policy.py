@@ -1,0 +1,344 @@
+"""The policy wrapper shared by every phase: a Hugging Face causal LM, its tokenizer, optional LoRA/QLoRA.
+
+It owns the three things every phase needs and should not re-implement:
+- turning a problem's prompt into model input (chat template when the tokenizer has one, a plain
+  template otherwise) and (prompt, completion) pairs into a padded batch;
+- per-token log-probs and entropy of completion tokens;
+- the reference policy: under LoRA the same weights with adapters disabled (no second copy),
+  otherwise a frozen copy made on first use.
+
+Batches use the generation layout ``[left-padded prompt | right-padded completion]`` so that the
+completion occupies the same columns in every row and logits are computed for those columns only.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Literal, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from rloop_lightning import tiny
+
+log = logging.getLogger(__name__)
+
+DType = Literal["float32", "bfloat16", "float16", "auto"]
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter settings (peft ``LoraConfig`` fields)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+@dataclass
+class PolicyBatch:
+    """Token ids of (prompt, completion) pairs in generation layout."""
+
+    input_ids: Tensor  # [N, P + C]
+    attention_mask: Tensor  # [N, P + C]
+    completion_mask: Tensor  # [N, C]  1 on real completion tokens (including EOS)
+    prompt_length: int  # P
+
+    def to(self, device) -> "PolicyBatch":
+        return PolicyBatch(self.input_ids.to(device), self.attention_mask.to(device),
+                           self.completion_mask.to(device), self.prompt_length)
+
+
+def pad_left(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.as_tensor(row)
+            mask[i, width - len(row):] = 1
+    return ids, mask
+
+
+def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, : len(row)] = torch.as_tensor(row)
+            mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def completion_logprobs_from_logits(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Log-prob of ``targets`` [N, C] under ``logits`` [N, C, V], and the entropy per position."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return chosen, entropy
+
+
+class Policy(nn.Module):
+    """A causal LM + tokenizer from a hub id, a local directory or a built-in tiny model id.
+
+    Args:
+        model_name_or_path: hub id (``Qwen/Qwen2.5-Math-1.5B``), local directory in Hugging Face
+            format (a full model or a peft adapter directory), or a built-in id (``rloop/tiny-llama``).
+        revision: hub revision (branch, tag or commit).
+        dtype: weight dtype; ``auto`` keeps the checkpoint's.
+        lora: LoRA settings; ``None`` trains all weights.
+        load_in_4bit: QLoRA: load the base in 4-bit nf4 via bitsandbytes (needs ``lora``).
+        gradient_checkpointing: trade compute for activation memory.
+        trust_remote_code: run code shipped with a hub model. Off by default: it executes that code.
+        use_chat_template: ``None`` uses the tokenizer's chat template when it has one.
+        prompt_template: used when no chat template applies; ``{prompt}`` is the problem's prompt.
+        system_prompt: optional system message for chat templates.
+        attn_implementation: passed to ``from_pretrained`` (``sdpa``, ``flash_attention_2``, ...).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "rloop/tiny-llama",
+        revision: Optional[str] = None,
+        dtype: DType = "float32",
+        lora: Optional[LoraSettings] = None,
+        load_in_4bit: bool = False,
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+        use_chat_template: Optional[bool] = None,
+        prompt_template: str = "{prompt}",
+        system_prompt: Optional[str] = None,
+        attn_implementation: Optional[str] = None,
+    ):
+        super().__init__()
+        if load_in_4bit and lora is None:
+            raise ValueError("load_in_4bit=True (QLoRA) needs `lora` settings: 4-bit weights cannot be trained")
+        if "{prompt}" not in prompt_template:
+            raise ValueError(f"prompt_template must contain '{{prompt}}', got {prompt_template!r}")
+        self.model_name_or_path = model_name_or_path
+        self.revision = revision
+        self.dtype_name = dtype
+        self.lora = lora
+        self.load_in_4bit = load_in_4bit
+        self.gradient_checkpointing = gradient_checkpointing
+        self.trust_remote_code = trust_remote_code
+        self.prompt_template = prompt_template
+        self.system_prompt = system_prompt
+        self.attn_implementation = attn_implementation
+        self.source = self._resolve_source(model_name_or_path)
+        self.tokenizer = self._load_tokenizer()
+        has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        if use_chat_template and not has_template:
+            raise ValueError(f"use_chat_template=True but the tokenizer of {model_name_or_path!r} has none")
+        self.use_chat_template = has_template if use_chat_template is None else use_chat_template
+        self.model: Optional[nn.Module] = None
+        self._reference: Optional[nn.Module] = None
+
+    # ------------------------------------------------------------------ loading
+    @staticmethod
+    def _resolve_source(name: str) -> str:
+        return str(tiny.materialize(name)) if tiny.is_builtin(name) else name
+
+    def _adapter_config(self) -> Optional[dict]:
+        path = Path(self.source) / "adapter_config.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def _load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(
+            self.source, revision=self.revision, trust_remote_code=self.trust_remote_code
+        )
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"tokenizer of {self.model_name_or_path!r} has no EOS token; completions cannot end")
+        return tokenizer
+
+    @property
+    def torch_dtype(self):
+        return "auto" if self.dtype_name == "auto" else getattr(torch, self.dtype_name)
+
+    def load_model(self) -> nn.Module:
+        """Load weights (idempotent). Called from ``LightningModule.configure_model``."""
+        if self.model is not None:
+            return self.model
+        from transformers import AutoModelForCausalLM
+
+        adapter = self._adapter_config()
+        base_source = adapter["base_model_name_or_path"] if adapter else self.source
+        kwargs = dict(dtype=self.torch_dtype, revision=self.revision, trust_remote_code=self.trust_remote_code)
+        if self.attn_implementation:
+            kwargs["attn_implementation"] = self.attn_implementation
+        if self.load_in_4bit:
+            kwargs["quantization_config"] = self._quantization_config()
+        model = AutoModelForCausalLM.from_pretrained(self._resolve_source(base_source), **kwargs)
+        if self.load_in_4bit:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=self.gradient_checkpointing
+            )
+        elif self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, self.source, is_trainable=True)
+        elif self.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            settings = self.lora
+            model = get_peft_model(model, LoraConfig(
+                r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                target_modules=settings.target_modules, bias=settings.bias, task_type="CAUSAL_LM",
+            ))
+        if self.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+        model.config.use_cache = False
+        self.model = model
+        return model
+
+    def _quantization_config(self):
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as error:
+            raise ImportError("load_in_4bit needs bitsandbytes: pip install 'rloop-lightning[qlora]'") from error
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if self.dtype_name in ("bfloat16", "auto") else torch.float32
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
+
+    @property
+    def is_peft(self) -> bool:
+        from peft import PeftModel
+
+        return isinstance(self.model, PeftModel)
+
+    def require_model(self) -> nn.Module:
+        if self.model is None:
+            raise RuntimeError("policy weights are not loaded yet: call load_model() (configure_model does)")
+        return self.model
+
+    # ------------------------------------------------------------------ text
+    def format_prompt(self, prompt: str) -> str:
+        if not self.use_chat_template:
+            return self.prompt_template.format(prompt=prompt)
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        messages.append({"role": "user", "content": prompt})
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
+        texts = [self.format_prompt(p) for p in prompts]
+        # chat templates already carry BOS/special tokens as text
+        return self.tokenizer(texts, add_special_tokens=not self.use_chat_template)["input_ids"]
+
+    def encode_completions(self, completions: Sequence[str]) -> list[list[int]]:
+        ids = self.tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+        return [row + [self.tokenizer.eos_token_id] for row in ids]
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def make_batch(self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]) -> PolicyBatch:
+        pad = self.tokenizer.pad_token_id
+        prompt, prompt_mask = pad_left(prompt_ids, pad)
+        completion, completion_mask = pad_right(completion_ids, pad)
+        return PolicyBatch(torch.cat([prompt, completion], 1), torch.cat([prompt_mask, completion_mask], 1),
+                           completion_mask, prompt.shape[1])
+
+    def encode_pairs(self, prompts: Sequence[str], completions: Sequence[str], max_length: Optional[int] = None) -> PolicyBatch:
+        """Tokenise (prompt, completion + EOS) pairs; ``max_length`` truncates completions, then prompts' left."""
+        prompt_ids = self.encode_prompts(prompts)
+        completion_ids = self.encode_completions(completions)
+        if max_length is not None:
+            for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+                if len(p) >= max_length:
+                    raise ValueError(f"prompt {i} has {len(p)} tokens, not below max_length={max_length}")
+                completion_ids[i] = c[: max_length - len(p)]
+        return self.make_batch(prompt_ids, completion_ids)
+
+    # ------------------------------------------------------------------ log-probs
+    def completion_logprobs(self, batch: PolicyBatch, model: Optional[nn.Module] = None,
+                            with_entropy: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        """Per-token log-probs [N, C] of the completion tokens (and entropy [N, C], no grad)."""
+        model = model if model is not None else self.require_model()
+        position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        completion_length = batch.completion_mask.shape[1]
+        logits = model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
+            logits_to_keep=completion_length + 1, use_cache=False,
+        ).logits[:, :-1]
+        targets = batch.input_ids[:, batch.prompt_length:]
+        if not with_entropy:
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            return log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1), None
+        chosen, entropy = completion_logprobs_from_logits(logits, targets)
+        return chosen, entropy.detach()
+
+    @contextmanager
+    def reference(self) -> Iterator[nn.Module]:
+        """The initial policy: adapters disabled under LoRA, else a frozen copy made on first use."""
+        model = self.require_model()
+        if self.is_peft:
+            with model.disable_adapter():
+                yield model
+            return
+        if self._reference is None:
+            log.info("creating a frozen reference copy of the policy (full fine-tuning with KL)")
+            reference = copy.deepcopy(model).eval()
+            reference.requires_grad_(False)
+            object.__setattr__(self, "_reference", reference)  # not a submodule: never trained or saved
+        yield self._reference
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: PolicyBatch) -> Tensor:
+        with self.reference() as model:
+            return self.completion_logprobs(batch, model=model)[0]
+
+    # ------------------------------------------------------------------ saving
+    def save(self, directory: str | Path, merged: bool = False) -> Path:
+        """Save in Hugging Face format (safetensors): adapter-only under LoRA unless ``merged``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        model = self.require_model()
+        if self.is_peft and merged:
+            if self.load_in_4bit:
+                raise ValueError("cannot merge LoRA into 4-bit weights; save the adapter (merged=False)")
+            model = copy.deepcopy(model).merge_and_unload()
+        if self.is_peft and not merged:
+            model.peft_config["default"].base_model_name_or_path = self._base_reference()
+        model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        (directory / "rloop_policy.json").write_text(json.dumps(self.describe(), indent=2))
+        return directory
+
+    def _base_reference(self) -> str:
+        adapter = self._adapter_config()
+        return adapter["base_model_name_or_path"] if adapter else self.model_name_or_path
+
+    def describe(self) -> dict:
+        return {
+            "model_name_or_path": self.model_name_or_path, "dtype": self.dtype_name,
+            "lora": asdict(self.lora) if self.lora else None, "load_in_4bit": self.load_in_4bit,
+            "prompt_template": self.prompt_template, "use_chat_template": self.use_chat_template,
+        }
+
+    def clone_settings(self, model_name_or_path: str) -> "Policy":
+        """A new, unloaded policy with these settings reading weights from ``model_name_or_path``."""
+        return Policy(
+            model_name_or_path, revision=None, dtype=self.dtype_name, lora=self.lora,
+            load_in_4bit=self.load_in_4bit, gradient_checkpointing=self.gradient_checkpointing,
+            trust_remote_code=self.trust_remote_code, use_chat_template=self.use_chat_template,
+            prompt_template=self.prompt_template, system_prompt=self.system_prompt,
+            attn_implementation=self.attn_implementation,
+        )

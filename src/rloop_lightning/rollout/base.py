@@ -1,0 +1,73 @@
+"""The rollout engine interface: sample completions for prompts from the current policy.
+
+An engine returns token ids, text and the *sampler's* per-token log-probs, so a phase can correct
+for any mismatch between the sampler and the trainer (vLLM) without knowing which engine ran.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Optional
+
+from rloop_lightning.policy import Policy
+
+
+@dataclass
+class SamplingParams:
+    """How completions are sampled. ``temperature=0`` is greedy decoding."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    max_new_tokens: int = 32
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class Rollouts:
+    """Completions for ``num_samples`` samples of each prompt, grouped prompt by prompt."""
+
+    prompt_index: list[int]  # [N] index of each completion's prompt in the request
+    prompt_ids: list[list[int]]  # [N][P_i]
+    completion_ids: list[list[int]]  # [N][C_i], ends with EOS unless truncated
+    completions: list[str]  # [N] decoded text, special tokens removed
+    sampler_logprobs: list[list[float]]  # [N][C_i] log-prob of each token under the sampler
+    truncated: list[bool] = field(default_factory=list)  # [N] stopped by max_new_tokens, no EOS
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return sum(len(ids) for ids in self.completion_ids)
+
+
+class RolloutEngine(ABC):
+    """Samples completions from a policy. Implementations: ``HFGenerateEngine`` (default)."""
+
+    @abstractmethod
+    def generate(self, policy: Policy, prompts: list[str], num_samples: int,
+                 sampling: SamplingParams) -> Rollouts:
+        """Sample ``num_samples`` completions for each of ``prompts`` (raw prompts, no template)."""
+
+    def sync_weights(self, policy: Policy) -> None:
+        """Called after each optimizer step; engines holding their own weights copy them here."""
+
+    def check_prompt_lengths(self, policy: Policy, prompt_ids: list[list[int]], sampling: SamplingParams,
+                             max_context: Optional[int]) -> None:
+        if max_context is None:
+            return
+        for index, ids in enumerate(prompt_ids):
+            if len(ids) + sampling.max_new_tokens > max_context:
+                raise ValueError(
+                    f"prompt {index} has {len(ids)} tokens; with max_new_tokens={sampling.max_new_tokens} "
+                    f"it exceeds the model context of {max_context} tokens"
+                )

@@ -1,0 +1,81 @@
+"""Rollouts with Hugging Face ``generate``: the default engine, on CPU or GPU, with or without LoRA."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+
+from rloop_lightning.policy import Policy, pad_left
+from rloop_lightning.rollout.base import RolloutEngine, Rollouts, SamplingParams
+
+
+@contextmanager
+def inference_mode(model: torch.nn.Module):
+    """Eval mode with the KV cache on, restoring the training state afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def max_context_of(model: torch.nn.Module) -> Optional[int]:
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+class HFGenerateEngine(RolloutEngine):
+    """Batched sampling through ``model.generate``.
+
+    Args:
+        batch_size: completions generated per ``generate`` call (memory knob).
+    """
+
+    def __init__(self, batch_size: int = 256):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+
+    def generate(self, policy: Policy, prompts: list[str], num_samples: int,
+                 sampling: SamplingParams) -> Rollouts:
+        model = policy.require_model()
+        prompt_ids = policy.encode_prompts(prompts)
+        self.check_prompt_lengths(policy, prompt_ids, sampling, max_context_of(model))
+        requests = [(index, prompt_ids[index]) for index in range(len(prompts)) for _ in range(num_samples)]
+        result = Rollouts([], [], [], [], [], [])
+        with inference_mode(model):
+            for start in range(0, len(requests), self.batch_size):
+                self._generate_chunk(policy, requests[start: start + self.batch_size], sampling, result)
+        return result
+
+    def _generate_chunk(self, policy: Policy, requests, sampling: SamplingParams, result: Rollouts) -> None:
+        tokenizer = policy.tokenizer
+        device = next(policy.model.parameters()).device
+        input_ids, attention_mask = pad_left([ids for _, ids in requests], tokenizer.pad_token_id)
+        greedy = sampling.temperature == 0
+        output = policy.model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+            max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p, top_k=None if greedy else sampling.top_k,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            output_scores=True, return_dict_in_generate=True, use_cache=True,
+        )
+        generated = output.sequences[:, input_ids.shape[1]:]  # [B, T]
+        scores = torch.stack(output.scores, dim=1).float()  # [B, T, V] processed (sampling) logits
+        logprobs = torch.log_softmax(scores, -1).gather(-1, generated.unsqueeze(-1)).squeeze(-1)
+        eos = generated == tokenizer.eos_token_id
+        has_eos = eos.any(1)
+        lengths = torch.where(has_eos, eos.int().argmax(1) + 1, torch.full_like(has_eos, generated.shape[1], dtype=torch.long))
+        for row, (index, ids) in enumerate(requests):
+            length = int(lengths[row])
+            completion = generated[row, :length].tolist()
+            result.prompt_index.append(index)
+            result.prompt_ids.append(list(ids))
+            result.completion_ids.append(completion)
+            result.completions.append(policy.decode(completion))
+            result.sampler_logprobs.append(logprobs[row, :length].tolist())
+            result.truncated.append(not bool(has_eos[row]))

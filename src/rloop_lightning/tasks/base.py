@@ -1,0 +1,51 @@
+"""The task interface: a source of verifiable problems plus the reward that checks them.
+
+A *problem* is a plain dict with at least
+    ``id``      str, unique within the task and split
+    ``prompt``  str, the question shown to the model (no chat template applied)
+    ``answer``  str, the gold answer
+and any task-specific columns (``numbers``, ``target``...). Every column is passed to
+reward functions as a keyword argument (TRL's convention), one list entry per completion.
+
+A task is defined once, with its reward next to its data (nanochat's ``tasks/gsm8k.py`` shape).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable, Literal, Optional
+
+Split = Literal["train", "test", "ood"]
+RewardFunction = Callable[..., list[Optional[float]]]
+
+
+class Task(ABC):
+    """A named set of problems in splits, plus the verifier that scores completions."""
+
+    name: str = "task"
+
+    @abstractmethod
+    def load(self, split: Split) -> list[dict]:
+        """Return the problems of ``split``. Raises ``ValueError`` naming the file/row on bad data."""
+
+    @abstractmethod
+    def reward(self, prompts: list[str], completions: list[str], **columns) -> list[Optional[float]]:
+        """TRL-signature reward: 1.0 for a verified-correct completion, 0.0 otherwise."""
+
+    def demonstration(self, problem: dict) -> str:
+        """A correct completion written by a solver (synthetic tasks only)."""
+        raise NotImplementedError(f"task {self.name!r} has no solver to write demonstrations")
+
+    def __getstate__(self) -> dict:
+        """Pickle without the cached problems: reward workers need the verifier, not the data."""
+        state = dict(self.__dict__)
+        state.pop("_problems", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_problems", {})
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return ("train", "test", "ood")

@@ -1,0 +1,106 @@
+"""The embedded default policy: tiny causal LMs built from a config, with a project-made tokenizer.
+
+Nothing is downloaded. A built-in model id such as ``rloop/tiny-llama`` resolves to a directory in
+the local cache holding a randomly initialised model and a character-level tokenizer, both saved
+in Hugging Face format (safetensors), so the exact ``from_pretrained`` path that serves real hub
+models serves these too. The warm-up that makes the model useful is an RFT run on solver
+demonstrations (``configs/base/tiny_countdown.yaml``).
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+# digits, operators, whitespace, letters and ASCII punctuation: enough for the built-in tasks
+CHARACTERS = string.digits + "+-*/()=<>" + " \n" + string.ascii_letters + ".,:;?!#'\"_[]{}\\$%&@|~^"
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    """Architecture of a built-in tiny model (Hugging Face config fields)."""
+
+    architecture: str = "llama"  # "llama" or "qwen3"
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 384
+    max_position_embeddings: int = 256
+    seed: int = 0
+
+
+# Qwen2 itself is not offered: transformers 5 forces ``Qwen2Tokenizer`` (byte-level BPE) on any
+# ``model_type: qwen2`` directory, which would discard our character tokenizer. Qwen3 is the same
+# family (GQA, RoPE, SwiGLU, plus q/k norms) and respects the saved tokenizer class.
+BUILTIN_MODELS: dict[str, TinyModelSpec] = {
+    "rloop/tiny-llama": TinyModelSpec(),
+    "rloop/tiny-qwen3": TinyModelSpec(architecture="qwen3"),
+    "rloop/micro-llama": TinyModelSpec(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       num_key_value_heads=1, intermediate_size=64),
+}
+
+
+def cache_dir() -> Path:
+    """Where built-in models are materialised (``$RLOOP_CACHE`` or ``~/.cache/rloop_lightning``)."""
+    return Path(os.environ.get("RLOOP_CACHE", Path.home() / ".cache" / "rloop_lightning"))
+
+
+def build_tokenizer():
+    """A character-level ``PreTrainedTokenizerFast``: one token per character, plus specials."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: index for index, token in enumerate([PAD, BOS, EOS, UNK, *CHARACTERS])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK,
+        padding_side="left", clean_up_tokenization_spaces=False,
+    )
+
+
+def build_model(spec: TinyModelSpec, vocab_size: int, pad_token_id: int, bos_token_id: int, eos_token_id: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+    if spec.architecture not in classes:
+        raise ValueError(f"unknown tiny architecture {spec.architecture!r}; choose from {sorted(classes)}")
+    config_class, model_class = classes[spec.architecture]
+    config = config_class(
+        vocab_size=vocab_size, hidden_size=spec.hidden_size, num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads,
+        intermediate_size=spec.intermediate_size, max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=True, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+    )
+    torch.manual_seed(spec.seed)
+    return model_class(config)
+
+
+def materialize(name: str, directory: str | os.PathLike | None = None) -> Path:
+    """Build the built-in model ``name`` into ``directory`` (default: the cache) unless present."""
+    if name not in BUILTIN_MODELS:
+        raise ValueError(f"unknown built-in model {name!r}; built-ins: {sorted(BUILTIN_MODELS)}")
+    target = Path(directory) if directory else cache_dir() / name.replace("/", "--")
+    if (target / "config.json").exists():
+        return target
+    tokenizer = build_tokenizer()
+    model = build_model(
+        BUILTIN_MODELS[name], len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+    )
+    staging = target.with_name(target.name + f".tmp-{os.getpid()}")
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    staging.rename(target)  # atomic: a half-built model is never picked up
+    return target
+
+
+def is_builtin(name: str) -> bool:
+    return name in BUILTIN_MODELS
