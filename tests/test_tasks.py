@@ -1,0 +1,208 @@
+"""Synthetic tasks (Countdown, MultiStepArithmetic) and the answer-extraction helpers."""
+
+from __future__ import annotations
+
+import pytest
+
+from rloop_lightning.tasks import Countdown, MultiStepArithmetic, Task
+from rloop_lightning.tasks.answers import after_marker, final_integer, last_boxed, last_tagged
+from rloop_lightning.tasks.arithmetic import evaluate, write_solution
+from rloop_lightning.tasks.countdown import extract_expression, problem_key, solve, verify_expression
+
+
+@pytest.fixture(scope="module")
+def countdown() -> Countdown:
+    return Countdown(seed=3, num_train=2000, num_test=100, num_ood=40)
+
+
+def keys(problems):
+    return {problem_key(p["numbers"], p["target"]) for p in problems}
+
+
+# --------------------------------------------------------------------------- Countdown
+
+
+def test_countdown_is_a_task_with_the_documented_columns(countdown):
+    assert isinstance(countdown, Task)
+    problem = countdown.load("train")[17]
+    assert problem["id"] == "countdown-train-17"
+    assert set(problem) == {"id", "prompt", "answer", "numbers", "target"}
+    assert problem["prompt"] == " ".join(map(str, problem["numbers"])) + f" -> {problem['target']}\n"
+    assert problem["answer"] == str(problem["target"])
+    assert len(problem["numbers"]) == 3 and all(1 <= n <= 9 for n in problem["numbers"])
+    assert all(len(p["numbers"]) == 4 for p in countdown.load("ood"))
+
+
+def test_countdown_is_deterministic_by_seed(countdown):
+    again = Countdown(seed=3, num_train=2000, num_test=100, num_ood=40)
+    for split in ("train", "test", "ood"):
+        assert again.load(split) == countdown.load(split)
+    assert Countdown(seed=4, num_train=2000, num_test=100, num_ood=40).load("test") != countdown.load("test")
+
+
+def test_countdown_splits_are_disjoint_and_held_out_splits_distinct(countdown):
+    train, test, ood = (countdown.load(split) for split in ("train", "test", "ood"))
+    assert (len(train), len(test), len(ood)) == (2000, 100, 40)
+    assert not keys(train) & keys(test) and not keys(train) & keys(ood) and not keys(test) & keys(ood)
+    assert len(keys(test)) == len(test) and len(keys(ood)) == len(ood)
+    same_size = Countdown(seed=3, num_train=2000, num_test=100, num_ood=40, ood_num_numbers=3)
+    assert not keys(same_size.load("train")) & keys(same_size.load("ood"))
+    assert not keys(same_size.load("test")) & keys(same_size.load("ood"))
+
+
+def test_countdown_targets_respect_the_range(countdown):
+    assert all(0 <= p["target"] <= 100 for p in countdown.load("train"))
+
+
+def test_every_problem_is_solvable_and_demonstrations_verify(countdown):
+    problems = countdown.load("test") + countdown.load("train")[:300] + countdown.load("ood")[:15]
+    for problem in problems:
+        demonstration = countdown.demonstration(problem)
+        assert demonstration in solve(problem["numbers"], problem["target"])
+        assert verify_expression(demonstration, problem["numbers"], problem["target"]), problem
+        assert countdown.reward(
+            [problem["prompt"]], [demonstration], **{k: [v] for k, v in problem.items()}
+        ) == [1.0]
+
+
+def test_solver_finds_all_solutions_with_minimal_parentheses():
+    assert solve([3, 5, 7], 22) == ["3*5+7", "5*3+7", "7+3*5", "7+5*3"]
+    assert "(7-3)*5" in solve([7, 3, 5], 20) and "5*(7-3)" in solve([7, 3, 5], 20)
+    assert "6/(1-3/4)" in solve([1, 3, 4, 6], 24)  # exact fractional intermediate
+    assert solve([1, 1], 5) == []
+    for text in solve([2, 3, 4], 10):
+        assert verify_expression(text, [2, 3, 4], 10)
+
+
+def test_problems_usually_have_several_solutions(countdown):
+    counts = sorted(len(solve(p["numbers"], p["target"])) for p in countdown.load("test"))
+    assert counts[0] >= 1 and counts[len(counts) // 2] >= 4
+
+
+def test_demonstrations_are_diverse_yet_deterministic(countdown):
+    train = countdown.load("train")
+    by_key: dict = {}
+    for problem in train:
+        by_key.setdefault(problem_key(problem["numbers"], problem["target"]), []).append(problem)
+    repeated = max(by_key.values(), key=len)
+    assert len({countdown.demonstration(p) for p in repeated}) > 1
+    assert countdown.demonstration(train[5]) == countdown.demonstration(dict(train[5]))
+
+
+@pytest.mark.parametrize(
+    "text, numbers, target, expected",
+    [
+        ("(7-3)*5", [7, 3, 5], 20, True),
+        (" 5 * ( 7 - 3 ) ", [3, 5, 7], 20, True),
+        ("(7-3)*5", [7, 3, 5], 21, False),  # wrong target
+        ("7*3-1", [7, 3, 5], 20, False),  # 1 is not a given number, 5 missing
+        ("7+7+5+1", [7, 5, 1], 20, False),  # 7 reused
+        ("7+5", [7, 3, 5], 12, False),  # 3 missing
+        ("8/4+3", [8, 4, 3], 5, True),
+        ("8/3+3", [8, 3, 3], 5, False),  # exact division: 8/3+3 is 17/3
+        ("6/(3-3)", [6, 3, 3], 0, False),  # division by zero
+        ("6/4*2", [6, 4, 2], 3, True),  # fractional intermediate, exact result
+        ("-3+8+5", [3, 8, 5], 10, False),  # unary minus is not allowed
+        ("2**99", [2, 99], 2**99, False),
+        ("__import__('os')", [], 0, False),
+        ("(1).real+2", [1, 2], 3, False),  # attribute access
+        ("abs(1)+2", [1, 2], 3, False),  # call
+        ("x+1", [1], 1, False),
+        ("1.5*2", [2], 3, False),  # float literal
+        ("True+2", [2], 3, False),  # bool is not a number here
+        ("1000000+1", [1000000, 1], 1000001, False),  # more than 6 digits
+        ("+".join(["1"] * 150), [1] * 150, 150, False),  # over 200 characters
+        ("1+" * 5 + "(", [1], 1, False),  # syntax error
+        ("7\x00", [7], 7, False),  # null byte
+    ],
+)
+def test_verify_expression(text, numbers, target, expected):
+    assert verify_expression(text, numbers, target) is expected
+
+
+def test_extract_expression():
+    assert extract_expression("(7-3)*5\nsome more text") == "(7-3)*5"
+    assert extract_expression("  3*5+7 = 22") == "3*5+7"
+    assert extract_expression("think <answer>1+2</answer> no <answer> 7-3 </answer>\n9") == "7-3"
+
+
+def test_countdown_reward_scores_and_aligns():
+    numbers, target = [[7, 3, 5], [7, 3, 5], [7, 3, 5]], [20, 20, 20]
+    completions = ["(7-3)*5", "(7-3)*5=20", "7*3-1"]
+    rewards = Countdown().reward(["p"] * 3, completions, numbers=numbers, target=target, id=["a", "b", "c"])
+    assert rewards == [1.0, 1.0, 0.0]
+    with pytest.raises(ValueError):
+        Countdown().reward(["p"], ["1+2"], numbers=[[1, 2], [1, 2]], target=[3])
+
+
+# --------------------------------------------------------------------------- MultiStepArithmetic
+
+
+def test_arithmetic_solution_respects_precedence():
+    assert write_solution("3+4*2-5") == "4*2=8 3+8=11 11-5=6 #### 6"
+    assert write_solution("2*3*4-9-9") == "2*3=6 6*4=24 24-9=15 15-9=6 #### 6"
+    assert write_solution("1-8+2") == "1-8=-7 -7+2=-5 #### -5"
+    for expression in ("3+4*2-5", "9-2*3*4+1", "1-8+2", "7*7"):
+        assert evaluate(expression) == eval(expression)  # trusted literals; checks the step order
+
+
+def test_arithmetic_splits_and_demonstrations():
+    task = MultiStepArithmetic(seed=1, num_train=1000, num_test=100, num_ood=50)
+    train, test, ood = (task.load(split) for split in ("train", "test", "ood"))
+    assert train[0]["prompt"] == train[0]["expression"] + "=\n"
+    assert train[0]["id"] == "arithmetic-train-0"
+    assert all(
+        p["expression"].count("+") + p["expression"].count("-") + p["expression"].count("*") == 3 for p in ood
+    )
+    expressions = [{p["expression"] for p in split} for split in (train, test, ood)]
+    assert not expressions[0] & expressions[1] and not expressions[0] & expressions[2]
+    assert len(expressions[1]) == len(test)
+    assert MultiStepArithmetic(seed=1, num_train=1000, num_test=100, num_ood=50).load("test") == test
+    problems = train[:200] + test + ood
+    demonstrations = [task.demonstration(p) for p in problems]
+    answers = [p["answer"] for p in problems]
+    assert task.reward(["p"] * len(problems), demonstrations, answer=answers) == [1.0] * len(problems)
+
+
+def test_arithmetic_reward_reads_the_final_answer():
+    rewards = MultiStepArithmetic().reward(
+        ["p"] * 5,
+        ["4*2=8 #### 6", "4*2=8 3+8=11 11-5=6", "#### 7", "nothing", "#### -6"],
+        answer=["6"] * 4 + ["-6"],
+    )
+    assert rewards == [1.0, 1.0, 0.0, 0.0, 1.0]
+
+
+# --------------------------------------------------------------------------- answers
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("so \\boxed{42}.", "42"),
+        ("\\boxed{1} then \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+        ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),
+        ("\\boxed {x^{2}+1}", "x^{2}+1"),
+        ("$\\boxed 5$", "5"),
+        ("\\fbox{7}", "7"),
+        ("\\boxed{unclosed", None),
+        ("no box here", None),
+    ],
+)
+def test_last_boxed(text, expected):
+    assert last_boxed(text) == expected
+
+
+def test_marker_tag_and_integer_helpers():
+    assert after_marker("a\n#### 1,234") == "1,234" and after_marker("none") is None
+    assert last_tagged("<answer>1</answer><answer>2</answer>") == "2" and last_tagged("x") is None
+    assert final_integer("steps 3 #### 1,234 later 5") == 1234
+    assert final_integer("x=3, y=-12") == -12
+    assert final_integer("#### " + "9" * 5000) is None and final_integer("none") is None
+
+
+def test_a_split_larger_than_the_problem_space_fails_clearly():
+    with pytest.raises(ValueError, match="could only draw"):
+        Countdown(num_numbers=2, max_number=3, num_test=50).load("test")
+    with pytest.raises(ValueError, match="could only draw"):
+        MultiStepArithmetic(num_operations=1, max_operand=3, num_test=50).load("test")
