@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rloop_lightning.algorithms.advantages import group_advantages
-from rloop_lightning.algorithms.policy_loss import aggregate, clipped_policy_loss
+from rloop_lightning.algorithms.policy_loss import aggregate, clipped_policy_loss, micro_batch_weight
 
 VALUES = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
 MASK = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool)
@@ -192,3 +192,21 @@ def test_policy_loss_errors():
         clipped_policy_loss(logprobs, old, advantages, mask, clip_eps_low=1.0)
     with pytest.raises(ValueError, match=r"\[N, T\]"):
         clipped_policy_loss(logprobs, old[:, :2], advantages, mask)
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+def test_micro_batch_weights_recombine_to_full_batch_loss(mode):
+    # 4 sequences of uneven length split 1 + 3: the weighted micro losses must equal the full loss
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [5.0, 6.0, 0.0], [7.0, 8.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 1]], dtype=torch.float32)
+    full = aggregate(values, mask, mode, max_completion_length=3)
+    parts = [slice(0, 1), slice(1, 4)]
+    recombined = sum(
+        micro_batch_weight(mode, mask[p], mask) * aggregate(values[p], mask[p], mode, max_completion_length=3)
+        for p in parts
+    )
+    assert torch.allclose(recombined, full)
+    # token_mean by hand: 45 / 9 = 5; weights 3/9 and 6/9
+    if mode == "token_mean":
+        assert full.item() == pytest.approx(5.0)
+        assert micro_batch_weight(mode, mask[:1], mask) == pytest.approx(3 / 9)

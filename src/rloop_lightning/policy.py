@@ -51,6 +51,12 @@ class PolicyBatch:
     completion_mask: Tensor  # [N, C]  1 on real completion tokens (including EOS)
     prompt_length: int  # P
 
+    def select(self, rows) -> "PolicyBatch":
+        """The rows ``rows`` (indices), keeping the layout (columns are not trimmed)."""
+        rows = torch.as_tensor(rows, device=self.input_ids.device)
+        return PolicyBatch(self.input_ids[rows], self.attention_mask[rows], self.completion_mask[rows],
+                           self.prompt_length)
+
     def to(self, device) -> "PolicyBatch":
         return PolicyBatch(self.input_ids.to(device), self.attention_mask.to(device),
                            self.completion_mask.to(device), self.prompt_length)
@@ -84,6 +90,18 @@ def completion_logprobs_from_logits(logits: Tensor, targets: Tensor) -> tuple[Te
     chosen = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1)
     return chosen, entropy
+
+
+def keep_trainable_4bit_layout(model: nn.Module) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for its AVX512-BF16 CPU inference kernel.
+
+    bitsandbytes >= 0.48 repacks a ``Linear4bit`` weight on its first eval-mode, no-grad forward on
+    CPU (e.g. a rollout) and never unpacks it; that kernel has no backward, so every later training
+    step silently gets wrong LoRA gradients below the top layer. One layout serves both.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 class Policy(nn.Module):
@@ -187,6 +205,7 @@ class Policy(nn.Module):
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=self.gradient_checkpointing
             )
+            keep_trainable_4bit_layout(model)
         elif self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if adapter:
@@ -204,6 +223,7 @@ class Policy(nn.Module):
         if self.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
         model.config.use_cache = False
+        model.train()  # from_pretrained returns eval mode; the phases train it
         self.model = model
         return model
 

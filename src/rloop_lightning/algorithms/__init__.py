@@ -17,6 +17,7 @@ from rloop_lightning.algorithms.policy_loss import (
     RatioLevel,
     aggregate,
     clipped_policy_loss,
+    micro_batch_weight,
 )
 from rloop_lightning.algorithms.sampling import (
     DynamicSample,
@@ -38,6 +39,7 @@ __all__ = [
     "aggregate",
     "avg_at_n",
     "clipped_policy_loss",
+    "micro_batch_weight",
     "distinct_count",
     "forgetting_rate",
     "group_advantages",

@@ -185,3 +185,17 @@ def clipped_policy_loss(
             ratio_mean=_masked_mean(ratio.detach(), mask),
             kl_mean=None if kl is None else _masked_mean(kl.detach(), mask),
         )
+
+
+def micro_batch_weight(mode: LossAggregation, micro_mask: Tensor, full_mask: Tensor) -> float:
+    """Weight of a micro-batch's ``aggregate`` so that weighted micro losses sum to the full batch's.
+
+    ``token_mean`` normalises by tokens, so a micro-batch weighs its share of the unmasked tokens;
+    the per-sequence modes normalise by sequences, so it weighs its share of the sequences.
+    (With equal-size micro-batches a plain average would bias ``token_mean`` towards short ones.)
+    """
+    if mode == "token_mean":
+        return float(micro_mask.sum() / full_mask.sum().clamp(min=1))
+    if mode in ("seq_mean_token_mean", "seq_mean_token_sum_norm"):
+        return micro_mask.shape[0] / max(full_mask.shape[0], 1)
+    raise ValueError(f"unknown aggregation {mode!r}; choose one of {sorted(AGGREGATIONS)}")

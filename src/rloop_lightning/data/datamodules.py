@@ -149,3 +149,59 @@ class DemonstrationDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, collate_fn=collate_records,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+
+class ProblemDataset(Dataset):
+    def __init__(self, problems: list[dict]):
+        self.problems = problems
+
+    def __len__(self) -> int:
+        return len(self.problems)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.problems[index]
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Problems of a task split, ``batch_size`` prompts per RL step (per rank).
+
+    Under DDP, Lightning's distributed sampler gives each rank its own prompts, so the groups of
+    completions a rank samples never straddle ranks.
+
+    Args:
+        task: the task whose problems are prompts; its ``reward`` is the GRPO default reward.
+        split: the split to train on.
+        batch_size: prompts per step per rank (each gets ``num_generations`` completions).
+        limit: use only the first ``limit`` problems (a small prompt pool revisits prompts, which
+            the forgetting metric needs).
+        seed: seed of the refill draws of dynamic sampling.
+    """
+
+    def __init__(self, task: Task, split: Split = "train", batch_size: int = 16, limit: Optional[int] = None,
+                 seed: int = 0):
+        super().__init__()
+        self.task = task
+        self.split = split
+        self.batch_size = batch_size
+        self.limit = limit
+        self.seed = seed
+        self.problems: list[dict] = []
+        self._refill_rng = random.Random(seed)
+
+    def setup(self, stage: str) -> None:
+        problems = self.task.load(self.split)
+        self.problems = problems[: self.limit] if self.limit else problems
+        if not self.problems:
+            raise ValueError(f"task {self.task.name!r} split {self.split!r} is empty: nothing to train on")
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        self._refill_rng = random.Random(self.seed * 7919 + rank)  # each rank refills differently
+        if stage == "fit" and len(self.problems) < self.batch_size:
+            raise ValueError(f"{len(self.problems)} problems cannot fill a batch of {self.batch_size} prompts")
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(ProblemDataset(self.problems), batch_size=self.batch_size, shuffle=True,
+                          drop_last=True, collate_fn=collate_records)
+
+    def refill(self, count: int) -> list[dict]:
+        """``count`` random extra problems (dynamic sampling tops up batches with these)."""
+        return [self.problems[self._refill_rng.randrange(len(self.problems))] for _ in range(count)]

@@ -1,0 +1,30 @@
+"""Save the trained policy in Hugging Face format (safetensors) when a fit ends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+
+
+class ExportPolicy(L.Callback):
+    """Write ``pl_module.policy`` to ``dirpath`` at the end of ``fit``.
+
+    Args:
+        dirpath: output directory, loadable as ``Policy(model_name_or_path=dirpath)``;
+            default ``{trainer.default_root_dir}/policy``.
+        merged: under LoRA, merge adapters into the base weights instead of saving the adapter only.
+    """
+
+    def __init__(self, dirpath: Optional[str] = None, merged: bool = False):
+        self.dirpath = dirpath
+        self.merged = merged
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            dirpath = self.dirpath or Path(trainer.default_root_dir) / "policy"
+            path = pl_module.policy.save(dirpath, merged=self.merged)
+            rank_zero_info(f"policy saved to {path}")
+        trainer.strategy.barrier("export_policy")

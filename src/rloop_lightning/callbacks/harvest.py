@@ -1,0 +1,58 @@
+"""Expert harvesting: keep every verified-correct trajectory of every RL step on disk.
+
+RLoop's *explore* step. ``GRPOModule.training_step`` returns all trajectories of the step; this
+callback appends the correct ones to ``{dirpath}/rank{R}/step{S}.jsonl`` (one file per rank and
+rollout step, written atomically, so a crash never leaves a partial record and DDP ranks never
+share a file) and keeps per-prompt solve statistics in ``{dirpath}/prompt_stats.rank{R}.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+
+from rloop_lightning.data.records import write_jsonl_atomic
+
+EXPERT_FIELDS = ("prompt_id", "prompt", "completion", "answer", "step", "reward", "logprob", "num_tokens")
+
+
+def write_json_atomic(path: Path, data) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(data))
+    os.replace(temporary, path)
+
+
+class ExpertHarvester(L.Callback):
+    """Store the correct trajectories of every step and the per-prompt solve statistics.
+
+    Args:
+        dirpath: where shards go; default ``{trainer.default_root_dir}/experts``.
+        keep_truncated: also keep correct completions that hit ``max_new_tokens``.
+    """
+
+    def __init__(self, dirpath: Optional[str] = None, keep_truncated: bool = False):
+        self.dirpath = dirpath
+        self.keep_truncated = keep_truncated
+        self.num_harvested = 0
+        self.num_seen = 0
+
+    def root(self, trainer: L.Trainer) -> Path:
+        return Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "experts"
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        records = (outputs or {}).get("trajectories", [])
+        if not records:
+            return
+        self.num_seen += len(records)
+        experts = [{key: r[key] for key in EXPERT_FIELDS} for r in records
+                   if r["correct"] and (self.keep_truncated or not r["truncated"])]
+        rank_dir = self.root(trainer) / f"rank{trainer.global_rank:02d}"
+        if experts:
+            self.num_harvested += write_jsonl_atomic(rank_dir / f"step{records[0]['step']:07d}.jsonl", experts)
+        rank_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.root(trainer) / f"prompt_stats.rank{trainer.global_rank:02d}.json",
+                          pl_module.prompt_stats.to_dict())

@@ -1,0 +1,367 @@
+"""GRPO / DAPO / Dr.GRPO / GSPO exploration phase as a LightningModule (manual optimization).
+
+One training step: sample G completions for each of the batch's prompts with the rollout engine,
+score them, keep informative groups (dynamic sampling, optional), compute group advantages, then
+``num_iterations`` passes over the rollout batch, each split into ``num_mini_batches`` optimizer
+steps with gradient accumulation over ``micro_batch_size`` completions:
+
+    loss = aggregate_t,i( -min(rho_it A_i, clip(rho_it, 1-eps_low, 1+eps_high) A_i) + beta KL_it )
+
+The maths lives in ``rloop_lightning.algorithms``; this module wires it. Every completion of every
+step is returned from ``training_step`` as a trajectory record, which ``ExpertHarvester`` stores.
+Departures from the GRPO paper: KL off by default (DAPO, Dr.GRPO); with ``num_iterations ==
+num_mini_batches == 1`` the behaviour policy equals the current one, so ``old_logprobs`` are the
+detached current log-probs (ratio 1) and no extra forward pass is spent on them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from rloop_lightning.algorithms import (
+    AdvantageEstimator, DynamicSamplingBuffer, KLEstimator, LossAggregation, RatioLevel, clipped_policy_loss,
+    group_advantages, kl_penalty, micro_batch_weight, overlong_mask, soft_overlong_penalty, solution_diversity,
+    zero_variance_groups,
+)
+from rloop_lightning.grpo.groups import Group, ScoringStats, flatten, score_groups, trajectories
+from rloop_lightning.policy import Policy, PolicyBatch
+from rloop_lightning.prompt_stats import PromptStats
+from rloop_lightning.rewards.runner import RewardRunner, check_reward_output, function_name
+from rloop_lightning.rollout.base import RolloutEngine, SamplingParams
+from rloop_lightning.rollout.hf import HFGenerateEngine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LossSettings:
+    """The policy-gradient objective. Defaults: GRPO advantages, DAPO token-mean, symmetric clip."""
+
+    advantage: AdvantageEstimator = "grpo"
+    aggregation: LossAggregation = "token_mean"
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2  # DAPO clip-higher: 0.28
+    ratio_level: RatioLevel = "token"  # "sequence" = GSPO
+    kl_coef: float = 0.0
+    kl_estimator: KLEstimator = "k3"
+
+
+@dataclass
+class OverlongSettings:
+    """Completions that hit ``max_new_tokens``: ``mask`` drops their tokens from the loss;
+    ``soft_penalty`` subtracts DAPO's length penalty over the last ``buffer_length`` tokens."""
+
+    mode: Literal["none", "mask", "soft_penalty"] = "none"
+    buffer_length: int = 4
+    penalty_factor: float = 1.0
+
+
+class GRPOModule(L.LightningModule):
+    """Group-relative policy optimisation with the DAPO/Dr.GRPO/GSPO variants.
+
+    Args:
+        policy: the policy to train.
+        engine: rollout engine (default: Hugging Face ``generate``).
+        sampling: sampling parameters of the rollouts.
+        num_generations: G, completions per prompt (>= 2: advantages are relative within a group).
+        loss: the objective's variant.
+        overlong: handling of truncated completions.
+        dynamic_sampling: keep only groups whose rewards differ, refilling from the datamodule.
+        max_sampling_rounds: cap on sampling rounds per step under dynamic sampling.
+        num_iterations: mu, passes over each rollout batch.
+        num_mini_batches: optimizer steps per pass.
+        micro_batch_size: completions per forward/backward (gradient accumulation).
+        max_grad_norm: gradient clipping; 0 disables it.
+        reward_functions: TRL-signature rewards; default: the datamodule task's verifier.
+        reward_weights: one weight per reward function.
+        correctness_function: name of the reward function whose score decides correctness
+            (harvesting, accuracy); default: the total reward.
+        correct_threshold: score at or above which a completion is correct.
+        reward_workers: verification worker processes (0 = in-process).
+        reward_timeout: seconds per verification call.
+        max_bad_steps: abort after this many consecutive non-finite losses (each is skipped).
+        optimizer: optimizer factory.
+        lr_scheduler: optional scheduler factory, stepped per optimizer step.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        engine: Optional[RolloutEngine] = None,
+        sampling: Optional[SamplingParams] = None,
+        num_generations: int = 8,
+        loss: Optional[LossSettings] = None,
+        overlong: Optional[OverlongSettings] = None,
+        dynamic_sampling: bool = False,
+        max_sampling_rounds: int = 3,
+        num_iterations: int = 1,
+        num_mini_batches: int = 1,
+        micro_batch_size: int = 64,
+        max_grad_norm: float = 1.0,
+        reward_functions: Optional[list[Callable]] = None,
+        reward_weights: Optional[list[float]] = None,
+        correctness_function: Optional[str] = None,
+        correct_threshold: float = 1.0,
+        reward_workers: int = 0,
+        reward_timeout: float = 10.0,
+        max_bad_steps: int = 3,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
+    ):
+        super().__init__()
+        if num_generations < 2:
+            raise ValueError(f"num_generations must be >= 2 (advantages are relative within a group), "
+                             f"got {num_generations}")
+        for name, value in (("num_iterations", num_iterations), ("num_mini_batches", num_mini_batches),
+                            ("micro_batch_size", micro_batch_size), ("max_sampling_rounds", max_sampling_rounds)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.save_hyperparameters(ignore=["policy", "engine", "reward_functions", "optimizer", "lr_scheduler"])
+        self.automatic_optimization = False
+        self.policy = policy
+        self.engine = engine or HFGenerateEngine()
+        self.sampling = sampling or SamplingParams()
+        self.num_generations = num_generations
+        self.loss_settings = loss or LossSettings()
+        self.overlong = overlong or OverlongSettings()
+        self.dynamic_sampling = dynamic_sampling
+        self.max_sampling_rounds = max_sampling_rounds
+        self.num_iterations = num_iterations
+        self.num_mini_batches = num_mini_batches
+        self.micro_batch_size = micro_batch_size
+        self.max_grad_norm = max_grad_norm
+        self.reward_functions = reward_functions
+        self.reward_weights = reward_weights
+        self.correctness_function = correctness_function
+        self.correct_threshold = correct_threshold
+        self.reward_workers = reward_workers
+        self.reward_timeout = reward_timeout
+        self.max_bad_steps = max_bad_steps
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.runner: Optional[RewardRunner] = None
+        self.prompt_stats = PromptStats()
+        self.scoring_stats = ScoringStats()
+        self.bad_steps_in_a_row = 0
+        self.rollout_step = 0  # rollout batches sampled so far; optimizer steps may be more or fewer
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rloop_grpo"] = {"rollout_step": self.rollout_step, "prompt_stats": self.prompt_stats.to_dict()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("rloop_grpo", {})
+        self.rollout_step = state.get("rollout_step", 0)
+        self.prompt_stats = PromptStats.from_dict(state.get("prompt_stats", {}))
+
+    # ------------------------------------------------------------------ set-up
+    def configure_model(self) -> None:
+        self.policy.load_model()
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        datamodule = self.trainer.datamodule
+        functions = self.reward_functions or [datamodule.task.reward]
+        self.runner = RewardRunner(functions, self.reward_weights, self.reward_workers, self.reward_timeout)
+        if self.correctness_function and self.correctness_function not in self.runner.names:
+            raise ValueError(f"correctness_function {self.correctness_function!r} is not one of the reward "
+                             f"functions {self.runner.names}")
+        self._validate_before_training(datamodule, functions)
+
+    def _validate_before_training(self, datamodule, functions) -> None:
+        """Catch configuration errors before any sampling: batch shapes, prompt lengths, reward arity."""
+        completions = datamodule.batch_size * self.num_generations
+        if completions % self.num_mini_batches:
+            raise ValueError(f"{datamodule.batch_size} prompts x {self.num_generations} generations = "
+                             f"{completions} completions do not split into {self.num_mini_batches} mini-batches")
+        problems = datamodule.problems
+        max_context = getattr(self.policy.tokenizer, "model_max_length", None)
+        config_context = getattr(getattr(self.policy.model, "config", None), "max_position_embeddings", None)
+        self.engine.check_prompt_lengths(self.policy, self.policy.encode_prompts([p["prompt"] for p in problems]),
+                                         self.sampling, config_context or max_context)
+        probe = problems[:2]
+        columns = {key: [p[key] for p in probe] for key in probe[0] if key != "prompt"}
+        for function in functions:
+            output = function([p["prompt"] for p in probe], ["" for _ in probe], **columns)
+            check_reward_output(function, output, len(probe))
+        log.info("GRPO set-up checked: %d prompts, reward functions %s", len(problems),
+                 [function_name(f) for f in functions])
+
+    # ------------------------------------------------------------------ sampling
+    def _sample(self, problems: list[dict]) -> list[Group]:
+        rollouts = self.engine.generate(self.policy, [p["prompt"] for p in problems], self.num_generations,
+                                        self.sampling)
+        groups = score_groups(problems, rollouts, self.num_generations, self.runner, self.correctness_function,
+                              self.correct_threshold, self.scoring_stats)
+        if self.overlong.mode == "soft_penalty":
+            for group in groups:
+                lengths = torch.tensor([len(ids) for ids in group.completion_ids])
+                group.rewards = group.rewards + soft_overlong_penalty(
+                    lengths, self.sampling.max_new_tokens, self.overlong.buffer_length, self.overlong.penalty_factor)
+        return groups
+
+    def sample_groups(self, problems: list[dict]) -> tuple[list[Group], list[Group]]:
+        """(groups to train on, every group sampled). Dynamic sampling refills dropped groups."""
+        groups = self._sample(problems)
+        if not self.dynamic_sampling:
+            return groups, groups
+        buffer = DynamicSamplingBuffer(target_groups=len(problems), max_rounds=self.max_sampling_rounds)
+        sampled = list(groups)
+        buffer.add(groups, torch.stack([g.rewards for g in groups]))
+        while buffer.needs_more:
+            groups = self._sample(self.trainer.datamodule.refill(len(problems) - buffer.num_groups))
+            sampled.extend(groups)
+            buffer.add(groups, torch.stack([g.rewards for g in groups]))
+        return buffer.take().groups, sampled
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, problems: list[dict], batch_index: int) -> dict:
+        started = time.perf_counter()
+        train_groups, sampled = self.sample_groups(problems)
+        rollout_seconds = time.perf_counter() - started
+        step = self.rollout_step
+        self.rollout_step += 1
+        records = trajectories(sampled, step)
+        metrics = self._sampling_metrics(sampled, rollout_seconds, step)
+        if train_groups:
+            metrics.update(self._train_on(train_groups))
+        else:
+            log.warning("step %d: every sampled group has equal rewards; no update", step)
+            metrics["train/skipped_update"] = 1.0
+        metrics["perf/step_seconds"] = time.perf_counter() - started
+        self.log_dict(metrics, on_step=True, batch_size=len(records))
+        self.log("reward", metrics["train/reward_mean"], prog_bar=True, on_step=True, batch_size=len(records))
+        self.log("acc", metrics["train/accuracy"], prog_bar=True, on_step=True, batch_size=len(records))
+        return {"trajectories": records}
+
+    def _train_on(self, groups: list[Group]) -> dict:
+        flat = flatten(groups)
+        advantages = group_advantages(flat["rewards"], self.loss_settings.advantage).flatten()  # [N]
+        batch = self.policy.make_batch(flat["prompt_ids"], flat["completion_ids"]).to(self.device)
+        mask = batch.completion_mask.float()  # [N, C]
+        if self.overlong.mode == "mask":
+            mask = mask * overlong_mask(flat["truncated"]).to(self.device)[:, None]
+        reuses_batch = self.num_iterations > 1 or self.num_mini_batches > 1
+        old_logprobs = self._logprobs_without_grad(batch) if reuses_batch else None
+        ref_logprobs = self._reference_logprobs(batch) if self.loss_settings.kl_coef > 0 else None
+        started = time.perf_counter()
+        stats = self._optimize(batch, mask, advantages.to(self.device), old_logprobs, ref_logprobs)
+        stats["perf/train_tokens_per_s"] = (
+            float(batch.attention_mask.sum()) * self.num_iterations / max(time.perf_counter() - started, 1e-9))
+        stats["train/advantage_abs_mean"] = float(advantages.abs().mean())
+        return stats
+
+    @torch.no_grad()
+    def _logprobs_without_grad(self, batch: PolicyBatch) -> torch.Tensor:
+        chunks = [self.policy.completion_logprobs(batch.select(rows))[0] for rows in self._chunks(batch)]
+        return torch.cat(chunks)
+
+    @torch.no_grad()
+    def _reference_logprobs(self, batch: PolicyBatch) -> torch.Tensor:
+        return torch.cat([self.policy.reference_logprobs(batch.select(rows)) for rows in self._chunks(batch)])
+
+    def _chunks(self, batch: PolicyBatch, rows: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+        rows = torch.arange(batch.input_ids.shape[0]) if rows is None else rows
+        return list(rows.split(self.micro_batch_size))
+
+    def _optimize(self, batch, mask, advantages, old_logprobs, ref_logprobs) -> dict:
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        settings = self.loss_settings
+        totals: dict[str, list[float]] = {}
+        size = batch.input_ids.shape[0]
+        for _ in range(self.num_iterations):
+            order = torch.randperm(size) if self.num_mini_batches > 1 else torch.arange(size)
+            for mini in order.chunk(self.num_mini_batches):
+                optimizer.zero_grad(set_to_none=True)
+                finite = True
+                for rows in self._chunks(batch, mini):
+                    micro = batch.select(rows)
+                    logprobs, entropy = self.policy.completion_logprobs(micro, with_entropy=True)
+                    micro_mask = mask[rows]
+                    old = old_logprobs[rows] if old_logprobs is not None else logprobs.detach()
+                    kl = (kl_penalty(logprobs, ref_logprobs[rows], settings.kl_estimator)
+                          if ref_logprobs is not None else None)
+                    out = clipped_policy_loss(
+                        logprobs, old, advantages[rows], micro_mask, settings.clip_eps_low, settings.clip_eps_high,
+                        settings.ratio_level, settings.aggregation, self.sampling.max_new_tokens, kl, settings.kl_coef)
+                    if not torch.isfinite(out.loss):
+                        finite = False
+                        break
+                    self.manual_backward(out.loss * micro_batch_weight(settings.aggregation, micro_mask, mask[mini]))
+                    stats = {f"train/{k}": float(v) for k, v in out.stats().items()}
+                    stats["train/loss"] = float(out.loss)
+                    stats["train/entropy"] = float((entropy * micro_mask).sum() / micro_mask.sum().clamp(min=1))
+                    for key, value in stats.items():
+                        totals.setdefault(key, []).append(value)
+                grad_norm = self._clip_gradients() if finite else float("nan")
+                if not (finite and math.isfinite(grad_norm)):
+                    self._skip_bad_update(optimizer)
+                    continue
+                self.bad_steps_in_a_row = 0
+                totals.setdefault("train/grad_norm", []).append(grad_norm)
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+        return {key: sum(values) / len(values) for key, values in totals.items()}
+
+    def _clip_gradients(self) -> float:
+        parameters = [p for p in self.policy.parameters() if p.grad is not None]
+        max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+
+    def _skip_bad_update(self, optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        self.bad_steps_in_a_row += 1
+        self.log("train/skipped_nonfinite", float(self.bad_steps_in_a_row), on_step=True)
+        log.warning("non-finite loss or gradient: update skipped (%d in a row)", self.bad_steps_in_a_row)
+        if self.bad_steps_in_a_row >= self.max_bad_steps:
+            raise RuntimeError(f"{self.bad_steps_in_a_row} consecutive non-finite updates (max_bad_steps="
+                               f"{self.max_bad_steps}); lower the learning rate or check the rewards")
+
+    # ------------------------------------------------------------------ metrics
+    def _sampling_metrics(self, groups: list[Group], rollout_seconds: float, step: int) -> dict:
+        rewards = torch.stack([g.rewards for g in groups])  # [B, G]
+        correct = torch.stack([g.correct for g in groups])  # [B, G]
+        lengths = torch.tensor([len(ids) for g in groups for ids in g.completion_ids], dtype=torch.float32)
+        truncated = torch.tensor([t for g in groups for t in g.truncated], dtype=torch.float32)
+        metrics = {
+            "train/reward_mean": float(rewards.mean()), "train/reward_std": float(rewards.std()),
+            "train/accuracy": float(correct.float().mean()),
+            "train/zero_variance_share": float(zero_variance_groups(rewards).float().mean()),
+            "train/completion_length_mean": float(lengths.mean()),
+            "train/completion_length_max": float(lengths.max()),
+            "train/clipped_share": float(truncated.mean()),
+            "perf/rollout_tokens_per_s": float(lengths.sum()) / max(rollout_seconds, 1e-9),
+            "rewards/timeouts": float(self.scoring_stats.num_timeouts),
+            "rewards/errors": float(self.scoring_stats.num_errors),
+        }
+        forgetting = self.prompt_stats.update(
+            step, [g.problem["id"] for g in groups], [int(g.correct.sum()) for g in groups],
+            [len(g.completions) for g in groups])
+        if forgetting is not None:
+            metrics["rloop/forgetting_rate"] = forgetting
+        diversity = solution_diversity({
+            g.problem["id"]: [c for c, ok in zip(g.completions, g.correct.tolist()) if ok] for g in groups})
+        metrics["rloop/distinct_correct_per_prompt"] = diversity["mean_distinct_correct"]
+        metrics["rloop/correct_ngram_similarity"] = diversity["mean_ngram_similarity"]
+        return metrics
+
+    def on_fit_end(self) -> None:
+        if self.runner is not None:
+            self.runner.close()

@@ -1,0 +1,81 @@
+"""The RFT phase: supervised fine-tuning on verified (prompt, completion) records.
+
+Objective (per batch):  L = - sum_{i,t} m_it log pi(y_it | x_i, y_i<t) / sum_{i,t} m_it
+                            + beta * mean_{i,t} KL_k3(pi || pi_ref)      (beta = ``kl_coef``, default 0)
+where m masks completion tokens (the prompt carries no loss) and pi_ref is the policy the phase
+started from. In RLoop this is the *exploit* step: starting again from theta_k, fit the expert
+set harvested during exploration. The same module warms up the tiny base on solver demonstrations.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from rloop_lightning.algorithms.kl import kl_penalty
+from rloop_lightning.policy import Policy
+
+
+class RFTModule(L.LightningModule):
+    """SFT with the loss on completion tokens only.
+
+    Args:
+        policy: the model to fine-tune.
+        optimizer: optimizer factory (``class_path`` in YAML).
+        lr_scheduler: optional scheduler factory, stepped every optimizer step.
+        max_length: cap on prompt + completion tokens (completions are truncated to fit).
+        kl_coef: weight of the k3 KL penalty to the initial policy; 0 disables it.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
+        max_length: Optional[int] = None,
+        kl_coef: float = 0.0,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["policy", "optimizer", "lr_scheduler"])
+        self.policy = policy
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.max_length = max_length
+        self.kl_coef = kl_coef
+        self._step_started = time.perf_counter()
+
+    def configure_model(self) -> None:
+        self.policy.load_model()
+
+    def configure_optimizers(self):
+        parameters = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(parameters)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+
+    def training_step(self, records: list[dict], batch_index: int) -> torch.Tensor:
+        batch = self.policy.encode_pairs(
+            [r["prompt"] for r in records], [r["completion"] for r in records], self.max_length
+        ).to(self.device)
+        logprobs, entropy = self.policy.completion_logprobs(batch, with_entropy=True)
+        mask = batch.completion_mask.to(logprobs.dtype)
+        tokens = mask.sum().clamp(min=1)
+        nll = -(logprobs * mask).sum() / tokens
+        loss = nll
+        metrics = {"train/nll": nll.detach(), "train/entropy": (entropy * mask).sum() / tokens}
+        if self.kl_coef > 0:
+            kl = (kl_penalty(logprobs, self.policy.reference_logprobs(batch), "k3") * mask).sum() / tokens
+            loss = loss + self.kl_coef * kl
+            metrics["train/kl"] = kl.detach()
+        elapsed = time.perf_counter() - self._step_started
+        self._step_started = time.perf_counter()
+        metrics["perf/tokens_per_s"] = float(batch.attention_mask.sum()) / max(elapsed, 1e-9)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(records))
+        self.log_dict(metrics, batch_size=len(records))
+        return loss
