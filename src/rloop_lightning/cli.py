@@ -1,5 +1,7 @@
 """The ``rloop`` command line, on LightningCLI and jsonargparse.
 
+    rloop fit  --config configs/tiny_cpu.yaml                    # the RLoop loop (the main job)
+    rloop report RUN_DIR [--baseline OTHER_RUN_DIR]              # markdown + plots of a run
     rloop rft  fit --config configs/base/tiny_countdown.yaml     # RFT / SFT phase
     rloop grpo fit --config configs/grpo/tiny_countdown.yaml     # GRPO / DAPO exploration phase
     rloop eval --config configs/eval/tiny_countdown.yaml         # avg@n, pass@k, greedy accuracy
@@ -10,7 +12,9 @@ Every command accepts ``--config`` (repeatable, later files override), dotted ov
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -76,10 +80,61 @@ def eval_command(args: ArgsType = None) -> dict:
     return CLI(evaluate, args=args, as_positional=False)
 
 
-COMMANDS: dict[str, Callable] = {"rft": rft, "grpo": grpo, "eval": eval_command}
+def fit_command(args: ArgsType = None) -> dict:
+    """``rloop fit``: run RLoop (or, with ``--vanilla true``, the plain-RL baseline)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from rloop_lightning.loop import RLoop
+
+    parser = ArgumentParser(prog="rloop fit", description=RLoop.__doc__)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config (repeatable; later wins)")
+    parser.add_class_arguments(RLoop, None, fail_untyped=True)
+    config = parser.parse_args(args)
+    snapshot = json.loads(parser.dump(config, format="json", skip_none=False))  # what resume compares
+    for runtime_only in ("config", "__path__", "resume"):
+        snapshot.pop(runtime_only, None)
+    phase_files = [snapshot["base"].get("build_config"), snapshot["grpo"]["config"], snapshot["rft"]["config"]]
+    snapshot["phase_file_sha256"] = {
+        path: hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in phase_files if path}
+    init = parser.instantiate_classes(config).as_dict()
+    init.pop("config", None)
+    init.pop("__path__", None)
+    return RLoop(**init).run(snapshot)
+
+
+def report_command(args: ArgsType = None):
+    """``rloop report RUN_DIR [--baseline OTHER]``: write report.md and report.png into RUN_DIR."""
+    from rloop_lightning.loop.report import write_report
+
+    def report(run_dir: str, baseline: Optional[str] = None) -> str:
+        """Write the report of run_dir, comparing with the baseline run if given.
+
+        Args:
+            run_dir: an RLoop run directory.
+            baseline: another run directory (e.g. the vanilla-RL baseline) to plot alongside.
+        """
+        path = write_report(run_dir, baseline)
+        print(path)
+        return str(path)
+
+    return CLI(report, args=args)
+
+
+COMMANDS: dict[str, Callable] = {"fit": fit_command, "report": report_command, "rft": rft, "grpo": grpo,
+                                 "eval": eval_command}
+
+
+def configure_logging() -> None:
+    logger = logging.getLogger("rloop_lightning")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[rloop %(asctime)s] %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def cli_main(args: ArgsType = None):
+    configure_logging()
     argv = list(sys.argv[1:] if args is None else args)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         names = ", ".join(COMMANDS)

@@ -20,6 +20,7 @@ class PromptRecord:
     successes: int = 0
     first_solved_step: Optional[int] = None
     last_solved_step: Optional[int] = None
+    first_seen_step: Optional[int] = None
     last_seen_step: Optional[int] = None
 
     @property
@@ -44,6 +45,8 @@ class PromptStats:
             record.attempts += n
             record.successes += count
             record.last_seen_step = step
+            if record.first_seen_step is None:
+                record.first_seen_step = step
             if count > 0:
                 record.last_solved_step = step
                 if record.first_solved_step is None:
@@ -51,6 +54,11 @@ class PromptStats:
         if not previously_solved:
             return None
         return forgetting_rate(previously_solved, solved_now, set(prompt_ids))
+
+    def failed_at_first_visit(self, prompt_id: str) -> bool:
+        """Whether the phase's starting policy failed the prompt on every sample of its first visit."""
+        record = self.records.get(prompt_id)
+        return record is not None and record.first_solved_step != record.first_seen_step
 
     def success_rate(self, prompt_id: str) -> float:
         record = self.records.get(prompt_id)
@@ -71,6 +79,7 @@ class PromptStats:
             mine = self.records.setdefault(pid, PromptRecord())
             mine.attempts += theirs.attempts
             mine.successes += theirs.successes
-            for name, pick in (("first_solved_step", min), ("last_solved_step", max), ("last_seen_step", max)):
+            for name, pick in (("first_solved_step", min), ("last_solved_step", max), ("first_seen_step", min),
+                               ("last_seen_step", max)):
                 values = [v for v in (getattr(mine, name), getattr(theirs, name)) if v is not None]
                 setattr(mine, name, pick(values) if values else None)

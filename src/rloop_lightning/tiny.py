@@ -10,6 +10,7 @@ demonstrations (``configs/base/tiny_countdown.yaml``).
 from __future__ import annotations
 
 import os
+import shutil
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +99,13 @@ def materialize(name: str, directory: str | os.PathLike | None = None) -> Path:
     staging = target.with_name(target.name + f".tmp-{os.getpid()}")
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    staging.rename(target)  # atomic: a half-built model is never picked up
+    try:
+        staging.rename(target)  # atomic: a half-built model is never picked up
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").exists():
+            raise
+        # another process (a DDP rank) materialised it first: same seed, same model; keep theirs
     return target
 
 

@@ -8,22 +8,14 @@ share a file) and keeps per-prompt solve statistics in ``{dirpath}/prompt_stats.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Optional
 
 import lightning as L
 
-from rloop_lightning.data.records import write_jsonl_atomic
+from rloop_lightning.data.records import write_json_atomic, write_jsonl_atomic
 
 EXPERT_FIELDS = ("prompt_id", "prompt", "completion", "answer", "step", "reward", "logprob", "num_tokens")
-
-
-def write_json_atomic(path: Path, data) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(data))
-    os.replace(temporary, path)
 
 
 class ExpertHarvester(L.Callback):

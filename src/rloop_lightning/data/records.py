@@ -111,3 +111,12 @@ def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> int:
         temporary.unlink(missing_ok=True)  # no stray half-file for a later glob to pick up
         raise
     return count
+
+
+def write_json_atomic(path: str | os.PathLike, data) -> None:
+    """Write ``data`` as JSON to ``path`` via a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(temporary, path)

@@ -305,7 +305,7 @@ class GRPOModule(L.LightningModule):
                         break
                     self.manual_backward(out.loss * micro_batch_weight(settings.aggregation, micro_mask, mask[mini]))
                     stats = {f"train/{k}": float(v) for k, v in out.stats().items()}
-                    stats["train/loss"] = float(out.loss)
+                    stats["train/loss"] = float(out.loss.detach())
                     stats["train/entropy"] = float((entropy * micro_mask).sum() / micro_mask.sum().clamp(min=1))
                     for key, value in stats.items():
                         totals.setdefault(key, []).append(value)

@@ -1,0 +1,26 @@
+"""Record every step's logged metrics to a jsonl file (what the RLoop report plots)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+class MetricsRecorder(L.Callback):
+    """Append ``{"step": ..., metric: value, ...}`` per training batch to ``path`` (rank zero only)."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not trainer.is_global_zero:
+            return
+        row = {"step": trainer.global_step}
+        for key, value in trainer.callback_metrics.items():
+            row[key] = float(value) if isinstance(value, torch.Tensor) else value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")

@@ -1,0 +1,247 @@
+"""The RLoop controller: iterative policy initialisation (Zeng et al., 2025).
+
+    for k in 0..K-1:
+        explore  GRPO from theta_k, harvesting every verified-correct trajectory of every step
+        filter   expert set = hard prompts' distinct correct trajectories (+ optional replay)
+        exploit  RFT on the expert set, starting again from theta_k (not from the RL end point)
+        theta_{k+1} = the RFT result, saved in Hugging Face format and evaluated
+
+Each phase is a fresh Lightning Trainer built from its own YAML (the same file that drives
+``rloop grpo fit`` / ``rloop rft fit``) plus per-iteration overrides: policy path, run directory,
+seed. ``vanilla=True`` runs the baseline one flag away: the same K GRPO phases chained from each
+other's end points, no expert set, no RFT, no re-initialisation.
+
+Resume: the manifest records completed phases; a rerun skips them, wipes a half-done phase's
+directory and redoes it with the same seed, so expert sets never gain or lose trajectories.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+
+from rloop_lightning.callbacks import ExpertHarvester, ExportPolicy, PassAtKEvaluation
+from rloop_lightning.callbacks.metrics import MetricsRecorder
+from rloop_lightning.data.records import iter_records, write_json_atomic, write_jsonl_atomic
+from rloop_lightning.evaluation import Evaluator
+from rloop_lightning.grpo import GRPOModule
+from rloop_lightning.loop.expert_set import ExpertSetSettings, build_expert_set
+from rloop_lightning.loop.manifest import Manifest
+from rloop_lightning.policy import Policy
+from rloop_lightning.prompt_stats import PromptStats
+from rloop_lightning.rft import RFTModule
+from rloop_lightning.rollout.hf import HFGenerateEngine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PhaseConfig:
+    """A phase's YAML (as for ``rloop grpo fit`` / ``rloop rft fit``) and dotted overrides on top."""
+
+    config: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BaseConfig:
+    """theta_0: a hub id or local directory; built by ``build_config`` (an RFT YAML) when missing."""
+
+    policy: str = "runs/base/tiny_countdown/policy"
+    build_config: Optional[str] = None
+
+
+def override_args(overrides: dict[str, Any]) -> list[str]:
+    return [f"--{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in overrides.items()]
+
+
+def build_phase(module_class: type[L.LightningModule], phase: PhaseConfig, overrides: dict[str, Any]):
+    """A LightningCLI (not run) for one phase: its YAML, its overrides, then the loop's."""
+    from rloop_lightning.cli import lightning_cli
+
+    args = ["--config", phase.config, *override_args(phase.overrides), *override_args(overrides)]
+    return lightning_cli(module_class, args, run=False)
+
+
+def ensure_callback(trainer: L.Trainer, kind: type, make) -> None:
+    if not any(isinstance(c, kind) for c in trainer.callbacks):
+        trainer.callbacks.append(make())
+
+
+class RLoop:
+    """Run RLoop (or the vanilla-RL baseline) for ``iterations`` iterations in ``run_dir``.
+
+    Args:
+        run_dir: where every iteration and phase writes; also the resume state.
+        base: the starting policy theta_0.
+        grpo: the exploration phase.
+        rft: the exploitation phase.
+        evaluators: held-out evaluations of theta_0 and of every theta_{k+1}.
+        iterations: K.
+        expert_set: how harvested trajectories become the RFT set.
+        vanilla: the plain-RL baseline: chained GRPO phases, no RFT, no re-initialisation.
+        evaluate_rl_end: also evaluate each GRPO phase's end point (RLoop runs).
+        seed: base seed; phase k uses ``seed + 1000 k`` (+1 for RFT).
+        resume: continue a run directory that has a manifest (same configuration only).
+    """
+
+    def __init__(self, run_dir: str, base: BaseConfig, grpo: PhaseConfig, rft: PhaseConfig,
+                 evaluators: list[Evaluator], iterations: int = 2,
+                 expert_set: Optional[ExpertSetSettings] = None, vanilla: bool = False,
+                 evaluate_rl_end: bool = False, seed: int = 0, resume: bool = True):
+        if iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {iterations}")
+        self.run_dir = Path(run_dir)
+        self.base = base
+        self.grpo = grpo
+        self.rft = rft
+        self.evaluators = evaluators
+        self.iterations = iterations
+        self.expert_set = expert_set or ExpertSetSettings()
+        self.vanilla = vanilla
+        self.evaluate_rl_end = evaluate_rl_end
+        self.seed = seed
+        self.resume = resume
+        self.manifest = Manifest(self.run_dir)
+
+    # ------------------------------------------------------------------ driver
+    def run(self, config: Optional[dict] = None) -> dict:
+        if self.manifest.exists and not self.resume:
+            raise FileExistsError(f"{self.run_dir} already holds a run; pass --resume true or another run_dir")
+        self.manifest.check_config(config if config is not None else self.describe())
+        theta = self.build_base()
+        self.phase("eval/theta_0", lambda d: self.evaluate(theta, d / "eval.json"))
+        for k in range(self.iterations):
+            theta = self.iteration(k, theta)
+        from rloop_lightning.loop.report import write_report
+
+        report = write_report(self.run_dir)
+        log.info("RLoop finished: report at %s", report)
+        return self.results()
+
+    def iteration(self, k: int, theta: str) -> str:
+        root = f"iter_{k:02d}"
+        grpo_dir = self.run_dir / root / "grpo"
+        self.phase(f"{root}/grpo", lambda d: self.run_grpo(theta, d, seed=self.seed + 1000 * k))
+        if self.vanilla:
+            rl_end = str(grpo_dir / "policy")
+            self.phase(f"{root}/eval", lambda d: self.evaluate(rl_end, d / "eval.json"))
+            return rl_end
+        if self.evaluate_rl_end:
+            self.phase(f"{root}/eval_rl_end", lambda d: self.evaluate(str(grpo_dir / "policy"), d / "eval.json"))
+        self.phase(f"{root}/expert_set", lambda d: self.build_experts(k, grpo_dir, d))
+        summary = self.manifest.info(f"{root}/expert_set")
+        if summary["size"] == 0:
+            log.warning("iteration %d: empty expert set (nothing hard was solved); RFT skipped, theta_%d "
+                        "carried forward", k, k)
+            return theta
+        rft_dir = self.run_dir / root / "rft"
+        self.phase(f"{root}/rft", lambda d: self.run_rft(theta, k, d, seed=self.seed + 1000 * k + 1))
+        next_theta = str(rft_dir / "policy")
+        self.phase(f"{root}/eval", lambda d: self.evaluate(next_theta, d / "eval.json"))
+        return next_theta
+
+    def phase(self, name: str, work) -> None:
+        """Run ``work(directory)`` unless the manifest says ``name`` is done; mark it done after."""
+        if self.manifest.done(name):
+            return
+        directory = self.run_dir / name
+        if directory.exists():  # left by a crash mid-phase: redo it from scratch with the same seed
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True)
+        started = time.perf_counter()
+        info = work(directory) or {}
+        self.manifest.mark_done(name, {**info, "seconds": round(time.perf_counter() - started, 2)})
+
+    # ------------------------------------------------------------------ phases
+    def build_base(self) -> str:
+        path = Path(self.base.policy)
+        if self.base.build_config is None or (path / "config.json").exists() or (path / "adapter_config.json").exists():
+            return self.base.policy
+        if path.name != "policy":
+            raise ValueError(f"base.policy must end in '/policy' to be built by {self.base.build_config} "
+                             f"(the export goes to {{default_root_dir}}/policy); got {path}")
+        log.info("building the base policy %s with %s", path, self.base.build_config)
+        cli = build_phase(RFTModule, PhaseConfig(self.base.build_config), {"trainer.default_root_dir": str(path.parent)})
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        return self.base.policy
+
+    def _fit(self, cli, directory: Path) -> None:
+        trainer = cli.trainer
+        trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, PassAtKEvaluation)]
+        ensure_callback(trainer, ExportPolicy, ExportPolicy)
+        trainer.callbacks.append(MetricsRecorder(str(directory / "metrics.jsonl")))
+        trainer.fit(cli.model, datamodule=cli.datamodule)
+
+    def run_grpo(self, theta: str, directory: Path, seed: int) -> dict:
+        cli = build_phase(GRPOModule, self.grpo, {
+            "model.policy.model_name_or_path": theta, "trainer.default_root_dir": str(directory),
+            "seed_everything": seed})
+        ensure_callback(cli.trainer, ExpertHarvester, ExpertHarvester)
+        self._fit(cli, directory)
+        return {"policy": str(directory / "policy"), "steps": cli.model.rollout_step}
+
+    def build_experts(self, k: int, grpo_dir: Path, directory: Path) -> dict:
+        experts = grpo_dir / "experts"
+        stats = PromptStats()
+        for path in sorted(experts.glob("prompt_stats.rank*.json")):
+            stats.merge(PromptStats.from_dict(json.loads(path.read_text())))
+        shards = sorted(experts.glob("rank*/*.jsonl"))
+        records, summary = build_expert_set(iter_records(shards) if shards else [], stats, self.expert_set)
+        if self.expert_set.replay:
+            for j in range(k):
+                earlier = self.run_dir / f"iter_{j:02d}" / "expert_set" / "experts.jsonl"
+                if earlier.exists():
+                    records.extend(iter_records(earlier))
+            summary["size_with_replay"] = len(records)
+        write_jsonl_atomic(directory / "experts.jsonl", records)
+        write_json_atomic(directory / "summary.json", summary)
+        log.info("iteration %d expert set: %s", k, summary)
+        return summary
+
+    def run_rft(self, theta: str, k: int, directory: Path, seed: int) -> dict:
+        experts = self.run_dir / f"iter_{k:02d}" / "expert_set" / "experts.jsonl"
+        cli = build_phase(RFTModule, self.rft, {
+            "model.policy.model_name_or_path": theta, "trainer.default_root_dir": str(directory),
+            "data.init_args.paths": [str(experts)], "seed_everything": seed})
+        self._fit(cli, directory)
+        return {"policy": str(directory / "policy"), "started_from": theta}
+
+    def evaluate(self, policy_path: str, output: Path) -> dict:
+        policy = Policy(policy_path, **self._policy_settings())
+        policy.load_model()
+        engine = HFGenerateEngine()
+        results = {}
+        for evaluator in self.evaluators:
+            torch.manual_seed(self.seed)  # the same sampling noise for every policy
+            result = evaluator.evaluate(policy, engine)
+            evaluator.close()
+            results[f"{result.task}/{result.split}"] = result.metrics
+        write_json_atomic(output, {"policy": policy_path, "metrics": results})
+        log.info("evaluation of %s: %s", policy_path, results)
+        return {"metrics": results}
+
+    def _policy_settings(self) -> dict:
+        """Evaluation loads theta like the GRPO phase does (dtype, quantisation, templates)."""
+        cli = build_phase(GRPOModule, self.grpo, {"model.policy.model_name_or_path": self.base.policy})
+        policy = cli.model.policy
+        return {"dtype": policy.dtype_name, "load_in_4bit": policy.load_in_4bit, "lora": policy.lora,
+                "use_chat_template": policy.use_chat_template, "prompt_template": policy.prompt_template,
+                "system_prompt": policy.system_prompt, "trust_remote_code": policy.trust_remote_code}
+
+    # ------------------------------------------------------------------ results
+    def describe(self) -> dict:
+        return {"run_dir": str(self.run_dir), "base": asdict(self.base), "grpo": asdict(self.grpo),
+                "rft": asdict(self.rft), "iterations": self.iterations, "expert_set": asdict(self.expert_set),
+                "vanilla": self.vanilla, "seed": self.seed}
+
+    def results(self) -> dict:
+        return {name: info for name, info in self.manifest.data["completed"].items()}

@@ -1,0 +1,80 @@
+"""RLoop's *filter* step: build the expert set from the trajectories harvested during exploration.
+
+From every verified-correct trajectory of every RL step of iteration k:
+1. keep prompts that are hard for the policy: success rate over the phase <= ``hard_threshold``
+   (``filter="success_rate"``), or failed by theta_k on its first visit (``filter="failed_by_start"``),
+   or every solved prompt (``filter="none"``);
+2. drop duplicate completions of a prompt (after whitespace normalisation);
+3. keep at most ``max_per_prompt`` completions per prompt, chosen at random (seeded) so that
+   solutions found early and late in the phase are equally likely;
+4. optionally replay the expert sets of earlier iterations.
+The paper favours hard prompts because easy ones are already solved reliably by theta_k: fitting
+them again adds little and crowds out the rare solutions exploration found.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Iterable, Literal
+
+from rloop_lightning.prompt_stats import PromptStats
+
+
+@dataclass
+class ExpertSetSettings:
+    """How harvested trajectories become the RFT training set."""
+
+    filter: Literal["success_rate", "failed_by_start", "none"] = "success_rate"
+    hard_threshold: float = 0.5  # with filter="success_rate": keep prompts solved at most this often
+    dedup: bool = True
+    max_per_prompt: int = 4  # 0 keeps every (distinct) completion
+    replay: bool = False  # add the expert sets of earlier iterations
+    seed: int = 0
+
+
+def is_hard(prompt_id: str, stats: PromptStats, settings: ExpertSetSettings) -> bool:
+    if settings.filter == "none":
+        return True
+    if settings.filter == "failed_by_start":
+        return stats.failed_at_first_visit(prompt_id)
+    return stats.success_rate(prompt_id) <= settings.hard_threshold
+
+
+def build_expert_set(trajectories: Iterable[dict], stats: PromptStats,
+                     settings: ExpertSetSettings) -> tuple[list[dict], dict]:
+    """Filter, deduplicate and cap correct trajectories; return (records, summary).
+
+    Records are returned sorted by (prompt id, step, completion) so the set does not depend on the
+    order shards were read in.
+    """
+    by_prompt: dict[str, list[dict]] = defaultdict(list)
+    total = 0
+    for record in trajectories:
+        total += 1
+        by_prompt[record["prompt_id"]].append(record)
+    rng = random.Random(settings.seed)
+    kept: list[dict] = []
+    hard_prompts = duplicates = 0
+    for prompt_id in sorted(by_prompt):
+        if not is_hard(prompt_id, stats, settings):
+            continue
+        hard_prompts += 1
+        candidates = sorted(by_prompt[prompt_id], key=lambda r: (r["step"], r["completion"]))
+        if settings.dedup:
+            seen: dict[str, dict] = {}
+            for record in candidates:
+                seen.setdefault(" ".join(record["completion"].split()), record)
+            duplicates += len(candidates) - len(seen)
+            candidates = list(seen.values())
+        if settings.max_per_prompt and len(candidates) > settings.max_per_prompt:
+            candidates = sorted(rng.sample(candidates, settings.max_per_prompt),
+                                key=lambda r: (r["step"], r["completion"]))
+        kept.extend(candidates)
+    summary = {
+        "harvested": total, "prompts_solved": len(by_prompt), "prompts_kept": hard_prompts,
+        "hard_share": hard_prompts / len(by_prompt) if by_prompt else 0.0,
+        "duplicates_removed": duplicates, "size": len(kept),
+    }
+    return kept, summary

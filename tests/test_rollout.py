@@ -1,0 +1,118 @@
+"""Rollout engines: the SamplingParams contract and the Hugging Face ``generate`` engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rloop_lightning.rollout.base import Rollouts, SamplingParams
+from rloop_lightning.rollout.hf import HFGenerateEngine
+
+PROMPTS = ["3 5 7 -> 22\n", "1 2 -> 3\n"]  # different lengths: the batch is left-padded
+
+
+def check_grouping(rollouts: Rollouts, policy, num_samples: int) -> None:
+    prompt_ids = policy.encode_prompts(PROMPTS)
+    assert rollouts.prompt_index == [i for i in range(len(PROMPTS)) for _ in range(num_samples)]
+    assert rollouts.prompt_ids == [prompt_ids[i] for i in rollouts.prompt_index]
+    assert len(rollouts) == len(rollouts.completion_ids) == len(rollouts.sampler_logprobs) == len(
+        rollouts.truncated) == len(PROMPTS) * num_samples
+    assert rollouts.completions == [policy.decode(ids) for ids in rollouts.completion_ids]
+    assert rollouts.num_completion_tokens == sum(len(ids) for ids in rollouts.completion_ids)
+
+
+def test_generate_groups_samples_prompt_by_prompt(micro_policy):
+    torch.manual_seed(0)
+    rollouts = HFGenerateEngine().generate(micro_policy, PROMPTS, 3, SamplingParams(max_new_tokens=8))
+    check_grouping(rollouts, micro_policy, 3)
+    assert rollouts.prompt_index == [0, 0, 0, 1, 1, 1]
+
+
+def test_completions_end_with_eos_unless_truncated(micro_policy):
+    torch.manual_seed(0)
+    sampling = SamplingParams(max_new_tokens=16)
+    rollouts = HFGenerateEngine().generate(micro_policy, PROMPTS, 8, sampling)
+    eos = micro_policy.tokenizer.eos_token_id
+    for ids, truncated in zip(rollouts.completion_ids, rollouts.truncated):
+        assert eos not in ids[:-1]  # nothing is kept after the first EOS
+        if truncated:
+            assert len(ids) == sampling.max_new_tokens and ids[-1] != eos
+        else:
+            assert ids[-1] == eos and 1 <= len(ids) <= sampling.max_new_tokens
+    assert any(rollouts.truncated) and not all(rollouts.truncated)  # both branches were exercised
+
+
+def test_sampler_logprobs_match_policy_logprobs(micro_policy):
+    torch.manual_seed(1)
+    rollouts = HFGenerateEngine().generate(micro_policy, PROMPTS, 3, SamplingParams(temperature=1.0, max_new_tokens=12))
+    batch = micro_policy.make_batch(rollouts.prompt_ids, rollouts.completion_ids)
+    with torch.no_grad():
+        logprobs, _ = micro_policy.completion_logprobs(batch)
+    for row, sampler in enumerate(rollouts.sampler_logprobs):
+        assert len(sampler) == len(rollouts.completion_ids[row])
+        torch.testing.assert_close(logprobs[row, : len(sampler)], torch.tensor(sampler), atol=1e-4, rtol=0)
+
+
+def test_greedy_is_deterministic_and_independent_of_chunking(micro_policy):
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=10)
+    torch.manual_seed(0)
+    first = HFGenerateEngine().generate(micro_policy, PROMPTS, 2, sampling)
+    torch.manual_seed(1)
+    second = HFGenerateEngine().generate(micro_policy, PROMPTS, 2, sampling)
+    assert first.completion_ids == second.completion_ids
+    assert first.completion_ids[0] == first.completion_ids[1] and first.completion_ids[2] == first.completion_ids[3]
+    for prompt_ids, completion_ids in zip(first.prompt_ids, first.completion_ids):  # each token is the argmax
+        ids = torch.tensor(prompt_ids + completion_ids)
+        with torch.no_grad():
+            logits = micro_policy.model(input_ids=ids[None]).logits[0]
+        assert logits[len(prompt_ids) - 1: -1].argmax(-1).tolist() == completion_ids
+    chunked = HFGenerateEngine(batch_size=3).generate(micro_policy, PROMPTS, 2, sampling)
+    assert chunked.completion_ids == first.completion_ids
+    assert chunked.prompt_index == first.prompt_index == [0, 0, 1, 1]
+
+
+def test_batch_size_chunking_keeps_every_request(micro_policy):
+    torch.manual_seed(0)
+    rollouts = HFGenerateEngine(batch_size=4).generate(micro_policy, PROMPTS, 3, SamplingParams(max_new_tokens=6))
+    check_grouping(rollouts, micro_policy, 3)
+
+
+def test_a_prompt_too_long_for_the_context_fails_before_generating(micro_policy, monkeypatch):
+    engine = HFGenerateEngine()
+
+    def must_not_generate(*args, **kwargs):
+        raise AssertionError("generate ran for a prompt that cannot fit")
+
+    monkeypatch.setattr(engine, "_generate_chunk", must_not_generate)
+    too_long = "1" * 250  # micro-llama: max_position_embeddings = 256
+    with pytest.raises(ValueError, match="prompt 1 has 250 tokens; with max_new_tokens=8 it exceeds the model "
+                                         "context of 256 tokens"):
+        engine.generate(micro_policy, ["1 -> 1\n", too_long], 2, SamplingParams(max_new_tokens=8))
+    with pytest.raises(ValueError, match="prompt 0 has 1000 tokens"):
+        engine.generate(micro_policy, ["1" * 1000], 1, SamplingParams(max_new_tokens=1))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("temperature", -0.1, "temperature must be >= 0"),
+    ("top_p", 0.0, r"top_p must be in \(0, 1\]"),
+    ("top_p", 1.5, r"top_p must be in \(0, 1\]"),
+    ("max_new_tokens", 0, "max_new_tokens must be >= 1"),
+])
+def test_sampling_params_validation(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**{field: value})
+
+
+def test_engine_batch_size_validation():
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        HFGenerateEngine(batch_size=0)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_generation_restores_training_mode(micro_policy, training):
+    micro_policy.model.train(training)
+    HFGenerateEngine().generate(micro_policy, PROMPTS[:1], 1, SamplingParams(max_new_tokens=2))
+    assert micro_policy.model.training is training
+    assert all(module.training is training for module in micro_policy.model.modules())
+    assert torch.is_grad_enabled()
+    assert micro_policy.model.config.use_cache is False
