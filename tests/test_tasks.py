@@ -206,3 +206,12 @@ def test_a_split_larger_than_the_problem_space_fails_clearly():
         Countdown(num_numbers=2, max_number=3, num_test=50).load("test")
     with pytest.raises(ValueError, match="could only draw"):
         MultiStepArithmetic(num_operations=1, max_operand=3, num_test=50).load("test")
+
+
+def test_countdown_draws_cover_several_solutions_of_one_problem():
+    countdown = Countdown(num_train=200, num_test=10, num_ood=10)
+    problem = max(countdown.load("train"), key=lambda p: len(solve(p["numbers"], p["target"])))
+    drawn = {countdown.demonstration(problem, draw=d) for d in range(20)}
+    assert len(drawn) > 1
+    assert all(verify_expression(e, problem["numbers"], problem["target"]) for e in drawn)
+    assert countdown.demonstration(problem, draw=3) == countdown.demonstration(problem, draw=3)

@@ -142,4 +142,4 @@ def cli_main(args: ArgsType = None):
         if argv and argv[0] not in ("-h", "--help"):
             raise SystemExit(f"rloop: unknown command {argv[0]!r}; choose from {names}")
         return None
-    return COMMANDS[argv[0]](argv[1:])
+    COMMANDS[argv[0]](argv[1:])  # nothing returned: console scripts print a non-int return value

@@ -182,6 +182,20 @@ class Policy(nn.Module):
         return tokenizer
 
     @property
+    def context_length(self) -> Optional[int]:
+        """The model's maximum sequence length (from its config; no weights needed)."""
+        if self.model is not None:
+            config = self.model.config
+        else:
+            from transformers import AutoConfig
+
+            adapter = self._adapter_config()
+            source = self._resolve_source(adapter["base_model_name_or_path"]) if adapter else self.source
+            config = AutoConfig.from_pretrained(source, revision=self.revision,
+                                                trust_remote_code=self.trust_remote_code)
+        return getattr(config, "max_position_embeddings", None)
+
+    @property
     def torch_dtype(self):
         return "auto" if self.dtype_name == "auto" else getattr(torch, self.dtype_name)
 

@@ -107,19 +107,22 @@ class ExpertDataModule(L.LightningDataModule):
 
 
 class DemonstrationDataset(Dataset):
-    """A task's problems paired with solver demonstrations, drawn afresh per problem and epoch."""
+    """A task's problems paired with solver demonstrations; each visit of a problem draws anew,
+    so a problem with many solutions is shown several of them over the epochs."""
 
-    def __init__(self, task: Task, problems: list[dict], seed: int = 0):
+    def __init__(self, task: Task, problems: list[dict]):
         self.task = task
         self.problems = problems
-        self.seed = seed
+        self.visits = [0] * len(problems)
 
     def __len__(self) -> int:
         return len(self.problems)
 
     def __getitem__(self, index: int) -> dict:
         problem = self.problems[index]
-        return {"prompt": problem["prompt"], "completion": self.task.demonstration(problem), "id": problem["id"]}
+        completion = self.task.demonstration(problem, draw=self.visits[index])
+        self.visits[index] += 1
+        return {"prompt": problem["prompt"], "completion": completion, "id": problem["id"]}
 
 
 class DemonstrationDataModule(L.LightningDataModule):

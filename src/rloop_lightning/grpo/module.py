@@ -190,10 +190,8 @@ class GRPOModule(L.LightningModule):
             raise ValueError(f"{datamodule.batch_size} prompts x {self.num_generations} generations = "
                              f"{completions} completions do not split into {self.num_mini_batches} mini-batches")
         problems = datamodule.problems
-        max_context = getattr(self.policy.tokenizer, "model_max_length", None)
-        config_context = getattr(getattr(self.policy.model, "config", None), "max_position_embeddings", None)
         self.engine.check_prompt_lengths(self.policy, self.policy.encode_prompts([p["prompt"] for p in problems]),
-                                         self.sampling, config_context or max_context)
+                                         self.sampling, self.policy.context_length)
         probe = problems[:2]
         columns = {key: [p[key] for p in probe] for key in probe[0] if key != "prompt"}
         for function in functions:

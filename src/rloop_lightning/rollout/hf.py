@@ -23,10 +23,6 @@ def inference_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
-def max_context_of(model: torch.nn.Module) -> Optional[int]:
-    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
-
-
 class HFGenerateEngine(RolloutEngine):
     """Batched sampling through ``model.generate``.
 
@@ -43,7 +39,7 @@ class HFGenerateEngine(RolloutEngine):
                  sampling: SamplingParams) -> Rollouts:
         model = policy.require_model()
         prompt_ids = policy.encode_prompts(prompts)
-        self.check_prompt_lengths(policy, prompt_ids, sampling, max_context_of(model))
+        self.check_prompt_lengths(policy, prompt_ids, sampling, policy.context_length)
         requests = [(index, prompt_ids[index]) for index in range(len(prompts)) for _ in range(num_samples)]
         result = Rollouts([], [], [], [], [], [])
         with inference_mode(model):

@@ -176,5 +176,5 @@ class MultiStepArithmetic(Task):
     def reward(self, prompts, completions, **columns) -> list[float | None]:
         return arithmetic_reward(prompts, completions, **columns)
 
-    def demonstration(self, problem: dict) -> str:
+    def demonstration(self, problem: dict, draw: int = 0) -> str:
         return write_solution(problem["expression"])

@@ -32,8 +32,11 @@ class Task(ABC):
     def reward(self, prompts: list[str], completions: list[str], **columns) -> list[Optional[float]]:
         """TRL-signature reward: 1.0 for a verified-correct completion, 0.0 otherwise."""
 
-    def demonstration(self, problem: dict) -> str:
-        """A correct completion written by a solver (synthetic tasks only)."""
+    def demonstration(self, problem: dict, draw: int = 0) -> str:
+        """A correct completion written by a solver (synthetic tasks only).
+
+        Tasks with several solutions per problem return a different one for different ``draw``.
+        """
         raise NotImplementedError(f"task {self.name!r} has no solver to write demonstrations")
 
     def __getstate__(self) -> dict:

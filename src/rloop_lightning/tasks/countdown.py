@@ -274,9 +274,9 @@ class Countdown(Task):
     def reward(self, prompts, completions, **columns) -> list[float | None]:
         return countdown_reward(prompts, completions, **columns)
 
-    def demonstration(self, problem: dict) -> str:
-        """One solution, picked at random (seeded by the problem id) among all solutions."""
+    def demonstration(self, problem: dict, draw: int = 0) -> str:
+        """One solution, picked at random (seeded by the problem id and ``draw``) among all solutions."""
         solutions = solve(problem["numbers"], problem["target"])
         if not solutions:
             raise ValueError(f"countdown problem {problem['id']!r} has no solution")
-        return random.Random(problem["id"]).choice(solutions)
+        return random.Random(f"{problem['id']}:{draw}").choice(solutions)

@@ -1,0 +1,150 @@
+"""GRPOModule end to end on the micro model: it learns, updates every weight, and rejects bad set-ups early."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+import rloop_lightning.grpo.module as grpo_module
+from rloop_lightning.data.datamodules import PromptDataModule
+from rloop_lightning.grpo import GRPOModule, LossSettings
+from rloop_lightning.policy import Policy
+from rloop_lightning.rollout.base import SamplingParams
+from rloop_lightning.tasks import Countdown
+
+
+def digit_share(prompts, completions, **columns):
+    """Share of digit characters: easy to raise for a random model, so learning shows in few steps."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def wrong_length(prompts, completions, **columns):
+    return [0.0]
+
+
+class Recorder(L.Callback):
+    def __init__(self):
+        self.rewards = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.rewards.append(sum(r["reward"] for r in outputs["trajectories"]) / len(outputs["trajectories"]))
+
+
+def make_module(**overrides) -> GRPOModule:
+    settings = dict(
+        policy=Policy("rloop/micro-llama"), sampling=SamplingParams(max_new_tokens=8), num_generations=4,
+        reward_functions=[digit_share], correct_threshold=0.5,
+        optimizer=lambda params: torch.optim.Adam(params, lr=1e-2),
+    )
+    settings.update(overrides)
+    return GRPOModule(**settings)
+
+
+def make_data(batch_size: int = 8, **task) -> PromptDataModule:
+    return PromptDataModule(Countdown(num_train=64, num_test=8, num_ood=8, **task), batch_size=batch_size)
+
+
+def fit(module, data, steps: int, callbacks=()):
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks))
+    trainer.fit(module, data)
+    return trainer
+
+
+def test_grpo_raises_the_reward():
+    torch.manual_seed(0)
+    recorder = Recorder()
+    fit(make_module(), make_data(), steps=30, callbacks=[recorder])
+    first, last = recorder.rewards[:5], recorder.rewards[-5:]
+    assert sum(last) / 5 > sum(first) / 5 + 0.2, recorder.rewards
+
+
+def test_one_step_changes_every_trainable_parameter():
+    torch.manual_seed(0)
+    module = make_module()
+    module.policy.load_model()
+    before = {n: p.detach().clone() for n, p in module.policy.named_parameters() if p.requires_grad}
+    fit(module, make_data(), steps=1)
+    unchanged = [n for n, p in module.policy.named_parameters() if p.requires_grad and torch.equal(p, before[n])]
+    assert not unchanged
+
+
+def test_several_iterations_and_mini_batches_take_that_many_optimizer_steps():
+    torch.manual_seed(0)
+    module = make_module(num_iterations=2, num_mini_batches=2, micro_batch_size=8)
+    trainer = fit(module, make_data(), steps=4)  # global_step counts optimizer steps: 2 x 2 per batch
+    assert trainer.global_step == 4
+    assert module.rollout_step == 1
+
+
+@pytest.mark.parametrize("variant", [
+    LossSettings(advantage="dr_grpo", aggregation="seq_mean_token_sum_norm"),
+    LossSettings(ratio_level="sequence", clip_eps_low=3e-4, clip_eps_high=4e-4),
+    LossSettings(kl_coef=0.1, kl_estimator="k3"),
+])
+def test_loss_variants_train(variant):
+    torch.manual_seed(0)
+    module = make_module(loss=variant)
+    fit(module, make_data(), steps=2)
+    assert module.bad_steps_in_a_row == 0
+
+
+def test_num_generations_below_two_is_refused():
+    with pytest.raises(ValueError, match="num_generations must be >= 2"):
+        make_module(num_generations=1)
+
+
+def test_mini_batches_that_do_not_divide_are_refused_before_sampling(monkeypatch):
+    module = make_module(num_mini_batches=3)  # 8 prompts x 4 = 32 completions
+    monkeypatch.setattr(module.engine, "generate", lambda *a, **k: pytest.fail("sampled before the check"))
+    with pytest.raises(ValueError, match="do not split into 3 mini-batches"):
+        fit(module, make_data(), steps=1)
+
+
+def test_prompt_longer_than_the_context_is_refused_before_sampling(monkeypatch):
+    module = make_module(sampling=SamplingParams(max_new_tokens=250))  # context is 256 tokens
+    monkeypatch.setattr(module.engine, "generate", lambda *a, **k: pytest.fail("sampled before the check"))
+    with pytest.raises(ValueError, match="exceeds the model context"):
+        fit(module, make_data(), steps=1)
+
+
+def test_reward_function_with_wrong_output_length_is_refused_before_sampling(monkeypatch):
+    module = make_module(reward_functions=[wrong_length])
+    monkeypatch.setattr(module.engine, "generate", lambda *a, **k: pytest.fail("sampled before the check"))
+    with pytest.raises(ValueError, match="wrong_length"):
+        fit(module, make_data(), steps=1)
+
+
+def test_non_finite_losses_are_skipped_then_abort(monkeypatch):
+    real = grpo_module.clipped_policy_loss
+
+    def nan_loss(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(grpo_module, "clipped_policy_loss", nan_loss)
+    module = make_module(max_bad_steps=2)
+    module.policy.load_model()
+    before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
+    with pytest.raises(RuntimeError, match="2 consecutive non-finite updates"):
+        fit(module, make_data(), steps=5)
+    assert all(torch.equal(p, before[n]) for n, p in module.policy.named_parameters())  # nothing applied
+
+
+def test_dynamic_sampling_trains_only_on_groups_with_reward_spread(monkeypatch):
+    trained = []
+    real = GRPOModule._train_on
+
+    def spy(self, groups):
+        trained.append([g.rewards.clone() for g in groups])
+        return real(self, groups)
+
+    monkeypatch.setattr(GRPOModule, "_train_on", spy)
+    torch.manual_seed(0)
+    module = make_module(dynamic_sampling=True, max_sampling_rounds=4)
+    fit(module, make_data(), steps=3)
+    groups = [r for step in trained for r in step]
+    assert groups and all(float(r.max() - r.min()) > 1e-6 for r in groups)
+    assert all(len(step) <= 8 for step in trained)
