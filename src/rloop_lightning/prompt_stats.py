@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
-from rloop_lightning.algorithms.metrics import forgetting_rate
-
 
 @dataclass
 class PromptRecord:
@@ -34,12 +32,16 @@ class PromptStats:
     def __init__(self):
         self.records: dict[str, PromptRecord] = {}
 
+    def forgetting_counts(self, prompt_ids: Sequence[str], correct_counts: Sequence[int]) -> tuple[int, int]:
+        """(forgotten, previously solved) among ``prompt_ids``, before this step is recorded."""
+        previously_solved = {pid for pid in prompt_ids if pid in self.records and self.records[pid].successes > 0}
+        solved_now = {pid for pid, c in zip(prompt_ids, correct_counts) if c > 0}
+        return len(previously_solved - solved_now), len(previously_solved)
+
     def update(self, step: int, prompt_ids: Sequence[str], correct_counts: Sequence[int],
                samples: Sequence[int]) -> Optional[float]:
         """Record one step; return its forgetting rate (``None`` when no solved prompt was revisited)."""
-        previously_solved = {pid for pid in prompt_ids
-                             if pid in self.records and self.records[pid].successes > 0}
-        solved_now = {pid for pid, c in zip(prompt_ids, correct_counts) if c > 0}
+        forgotten, previously_solved = self.forgetting_counts(prompt_ids, correct_counts)
         for pid, count, n in zip(prompt_ids, correct_counts, samples):
             record = self.records.setdefault(pid, PromptRecord())
             record.attempts += n
@@ -51,9 +53,7 @@ class PromptStats:
                 record.last_solved_step = step
                 if record.first_solved_step is None:
                     record.first_solved_step = step
-        if not previously_solved:
-            return None
-        return forgetting_rate(previously_solved, solved_now, set(prompt_ids))
+        return forgotten / previously_solved if previously_solved else None
 
     def failed_at_first_visit(self, prompt_id: str) -> bool:
         """Whether the phase's starting policy failed the prompt on every sample of its first visit."""

@@ -28,10 +28,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from rloop_lightning.algorithms import (
     AdvantageEstimator, DynamicSamplingBuffer, KLEstimator, LossAggregation, RatioLevel, clipped_policy_loss,
-    group_advantages, kl_penalty, micro_batch_weight, overlong_mask, soft_overlong_penalty, solution_diversity,
-    zero_variance_groups,
+    group_advantages, kl_penalty, micro_batch_weight, overlong_mask, soft_overlong_penalty,
 )
 from rloop_lightning.grpo.groups import Group, ScoringStats, flatten, score_groups, trajectories
+from rloop_lightning.grpo.metrics import step_metrics, step_sums
 from rloop_lightning.policy import Policy, PolicyBatch
 from rloop_lightning.prompt_stats import PromptStats
 from rloop_lightning.rewards.runner import RewardRunner, check_reward_output, function_name
@@ -225,7 +225,12 @@ class GRPOModule(L.LightningModule):
             groups = self._sample(self.trainer.datamodule.refill(len(problems) - buffer.num_groups))
             sampled.extend(groups)
             buffer.add(groups, torch.stack([g.rewards for g in groups]))
-        return buffer.take().groups, sampled
+        informative = buffer.take().groups
+        if self.trainer.world_size > 1 and len(informative) < len(problems):
+            # equal batch shapes on every rank (DDP): pad with zero-advantage groups, which add no gradient
+            uninformative = [g for g in sampled if all(g is not kept for kept in informative)]
+            informative = informative + uninformative[: len(problems) - len(informative)]
+        return informative, sampled
 
     # ------------------------------------------------------------------ training
     def training_step(self, problems: list[dict], batch_index: int) -> dict:
@@ -236,8 +241,8 @@ class GRPOModule(L.LightningModule):
         self.rollout_step += 1
         records = trajectories(sampled, step)
         metrics = self._sampling_metrics(sampled, rollout_seconds, step)
-        if train_groups:
-            metrics.update(self._train_on(train_groups))
+        if train_groups or self.trainer.world_size > 1:  # DDP ranks must run the same backward passes
+            metrics.update(self._train_on(train_groups or sampled[: len(problems)]))
         else:
             log.warning("step %d: every sampled group has equal rewards; no update", step)
             metrics["train/skipped_update"] = 1.0
@@ -334,30 +339,24 @@ class GRPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------ metrics
     def _sampling_metrics(self, groups: list[Group], rollout_seconds: float, step: int) -> dict:
-        rewards = torch.stack([g.rewards for g in groups])  # [B, G]
-        correct = torch.stack([g.correct for g in groups])  # [B, G]
-        lengths = torch.tensor([len(ids) for g in groups for ids in g.completion_ids], dtype=torch.float32)
-        truncated = torch.tensor([t for g in groups for t in g.truncated], dtype=torch.float32)
-        metrics = {
-            "train/reward_mean": float(rewards.mean()), "train/reward_std": float(rewards.std()),
-            "train/accuracy": float(correct.float().mean()),
-            "train/zero_variance_share": float(zero_variance_groups(rewards).float().mean()),
-            "train/completion_length_mean": float(lengths.mean()),
-            "train/completion_length_max": float(lengths.max()),
-            "train/clipped_share": float(truncated.mean()),
-            "perf/rollout_tokens_per_s": float(lengths.sum()) / max(rollout_seconds, 1e-9),
-            "rewards/timeouts": float(self.scoring_stats.num_timeouts),
-            "rewards/errors": float(self.scoring_stats.num_errors),
-        }
-        forgetting = self.prompt_stats.update(
-            step, [g.problem["id"] for g in groups], [int(g.correct.sum()) for g in groups],
-            [len(g.completions) for g in groups])
-        if forgetting is not None:
-            metrics["rloop/forgetting_rate"] = forgetting
-        diversity = solution_diversity({
-            g.problem["id"]: [c for c, ok in zip(g.completions, g.correct.tolist()) if ok] for g in groups})
-        metrics["rloop/distinct_correct_per_prompt"] = diversity["mean_distinct_correct"]
-        metrics["rloop/correct_ngram_similarity"] = diversity["mean_ngram_similarity"]
+        prompt_ids = [g.problem["id"] for g in groups]
+        correct_counts = [int(g.correct.sum()) for g in groups]
+        sums = step_sums(groups, *self.prompt_stats.forgetting_counts(prompt_ids, correct_counts))
+        self.prompt_stats.update(step, prompt_ids, correct_counts, [len(g.completions) for g in groups])
+        length_max = max(len(ids) for g in groups for ids in g.completion_ids)
+        rollout_tokens = sums["length"]
+        if self.trainer.world_size > 1:  # one all-reduce of the additive sums, one of the maximum
+            keys = sorted(sums)
+            reduced = self.trainer.strategy.reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64,
+                                                                device=self.device), reduce_op="sum")
+            sums = dict(zip(keys, reduced.tolist()))
+            longest = torch.tensor(float(length_max), device=self.device)
+            torch.distributed.all_reduce(longest, op=torch.distributed.ReduceOp.MAX)
+            length_max = float(longest)
+        metrics = step_metrics(sums, length_max)
+        metrics["perf/rollout_tokens_per_s"] = rollout_tokens / max(rollout_seconds, 1e-9)  # this rank
+        metrics["rewards/timeouts"] = float(self.scoring_stats.num_timeouts)
+        metrics["rewards/errors"] = float(self.scoring_stats.num_errors)
         return metrics
 
     def on_fit_end(self) -> None:
