@@ -1,0 +1,80 @@
+"""The run manifest: config comparison on resume and persistence of completed phases."""
+
+from __future__ import annotations
+
+import pytest
+
+from rloop_lightning.loop.manifest import Manifest, config_differences, flatten
+
+CONFIG = {"run_dir": "runs/x", "iterations": 2, "expert_set": {"filter": "success_rate", "max_per_prompt": 4},
+          "grpo": {"config": "g.yaml", "overrides": {"trainer.max_steps": 3}}, "evaluators": [1, 2]}
+
+
+def changed(**dotted) -> dict:
+    """A deep copy of CONFIG with dotted fields set (a value of ``...`` deletes the field)."""
+    import copy
+
+    config = copy.deepcopy(CONFIG)
+    for key, value in dotted.items():
+        *parents, leaf = key.split("__")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        if value is ...:
+            del node[leaf]
+        else:
+            node[leaf] = value
+    return config
+
+
+def test_flatten_uses_dotted_keys_and_keeps_lists_as_leaves():
+    assert flatten({"a": {"b": 1, "c": {"d": [1, {"e": 2}]}}, "f": None}) == {
+        "a.b": 1, "a.c.d": [1, {"e": 2}], "f": None}
+
+
+def test_config_differences_lists_exactly_the_differing_fields():
+    assert config_differences(CONFIG, changed()) == []
+    lines = config_differences(CONFIG, changed(expert_set__max_per_prompt=2, iterations=3, evaluators=[1]))
+    assert lines == ["evaluators: [1, 2] -> [1]", "expert_set.max_per_prompt: 4 -> 2", "iterations: 2 -> 3"]
+
+
+def test_config_differences_reports_added_and_removed_fields():
+    lines = config_differences(CONFIG, changed(expert_set__filter=..., vanilla=True))
+    assert lines == ["expert_set.filter: 'success_rate' -> '<absent>'", "vanilla: '<absent>' -> True"]
+    # a dotted key inside a nested dict is one field, not split further
+    assert config_differences(CONFIG, changed(grpo__overrides={"trainer.max_steps": 4})) == [
+        "grpo.overrides.trainer.max_steps: 3 -> 4"]
+
+
+def test_check_config_records_the_first_config_and_accepts_it_again(tmp_path):
+    manifest = Manifest(tmp_path)
+    assert not manifest.exists
+    manifest.check_config(CONFIG)
+    assert manifest.exists
+    Manifest(tmp_path).check_config(changed())  # equal config: accepted
+
+
+def test_check_config_refuses_a_different_config_naming_the_fields(tmp_path):
+    Manifest(tmp_path).check_config(CONFIG)
+    with pytest.raises(ValueError, match="refusing to resume") as error:
+        Manifest(tmp_path).check_config(changed(expert_set__max_per_prompt=2, seed=1))
+    message = str(error.value)
+    assert "expert_set.max_per_prompt: 4 -> 2" in message
+    assert "seed: '<absent>' -> 1" in message
+    assert "iterations" not in message and "grpo" not in message
+    assert Manifest(tmp_path).data["config"] == CONFIG  # the refused config did not overwrite it
+
+
+def test_mark_done_persists_across_instances(tmp_path):
+    first = Manifest(tmp_path)
+    first.check_config(CONFIG)
+    first.mark_done("iter_00/grpo", {"steps": 3, "seconds": 1.5})
+    assert first.done("iter_00/grpo") and not first.done("iter_00/rft")
+    second = Manifest(tmp_path)
+    assert second.done("iter_00/grpo")
+    assert second.info("iter_00/grpo") == {"steps": 3, "seconds": 1.5}
+    second.mark_done("iter_00/expert_set", {"size": 0})
+    third = Manifest(tmp_path)
+    assert sorted(third.data["completed"]) == ["iter_00/expert_set", "iter_00/grpo"]  # saved with sorted keys
+    assert third.data["config"] == CONFIG
+    assert not list(tmp_path.glob(".manifest.json.tmp-*"))  # atomic writes leave no temporary file
