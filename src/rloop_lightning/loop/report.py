@@ -48,29 +48,44 @@ def metric_table(run: dict) -> tuple[list[str], list[list[str]]]:
     return keys, rows
 
 
+def _smooth(values: list[float], window: int = 5) -> list[float]:
+    return [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
+            for i in range(len(values))]
+
+
 def _plot_steps(axis, runs: list[dict], key: str, title: str) -> None:
     for run in runs:
-        points = [(s["rl_step"], s[key]) for s in run["steps"] if key in s]
+        points = [(s["rl_step"], s[key]) for s in run["steps"] if key in s and s[key] == s[key]]
         if points:
             xs, ys = zip(*points)
-            axis.plot(xs, ys, label=run["name"], linewidth=1)
+            line, = axis.plot(xs, _smooth(list(ys)), label=f"{run['name']} (5-step mean)", linewidth=1.5)
+            axis.scatter(xs, ys, s=4, alpha=0.3, color=line.get_color())
+    starts = {}
+    for run in runs:
+        for row in run["steps"]:
+            starts.setdefault((run["name"], row["iteration"]), row["rl_step"])
+    for boundary in {step for step in starts.values() if step > 0}:
+        axis.axvline(boundary, color="grey", linewidth=0.5, linestyle=":")
     axis.set_title(title)
-    axis.set_xlabel("RL step")
+    axis.set_xlabel("RL step (dotted: new iteration)")
     axis.legend(fontsize=7)
 
 
-def _plot_evals(axis, runs: list[dict], metric_suffixes: list[str], title: str) -> None:
+def _plot_evals(axis, runs: list[dict], prefix: str, title: str) -> None:
+    """One line per run, task/split and metric starting with ``prefix``; splits differ by line style."""
+    styles = ["-", "--", ":", "-."]
     for run in runs:
-        for suffix in metric_suffixes:
-            ys = []
-            for _, results in run["evals"]:
-                values = [v for name, ms in results.items() for m, v in ms.items() if m == suffix]
-                ys.append(values[0] if values else float("nan"))
-            if ys:
-                axis.plot(range(len(ys)), ys, marker="o", label=f"{run['name']} {suffix}")
+        splits = list(run["evals"][0][1]) if run["evals"] else []
+        for style, split in zip(styles, splits):
+            metrics = sorted({m for _, results in run["evals"] for m in results.get(split, {}) if m.startswith(prefix)},
+                             key=lambda m: int(m.split("@")[1]))
+            for metric in metrics:
+                ys = [results.get(split, {}).get(metric, float("nan")) for _, results in run["evals"]]
+                axis.plot(range(len(ys)), ys, style, marker="o", label=f"{run['name']} {split} {metric}")
     axis.set_title(title)
     axis.set_xlabel("iteration (theta_k)")
-    axis.legend(fontsize=7)
+    axis.set_xticks(range(max((len(run["evals"]) for run in runs), default=0)))
+    axis.legend(fontsize=6)
 
 
 def plot(runs: list[dict], path: Path) -> None:
@@ -81,20 +96,19 @@ def plot(runs: list[dict], path: Path) -> None:
 
     figure, axes = plt.subplots(2, 3, figsize=(15, 8))
     _plot_steps(axes[0][0], runs, "train/reward_mean", "training reward")
-    pass_keys = sorted({m for run in runs for _, results in run["evals"] for ms in results.values() for m in ms
-                        if m.startswith("pass@")}, key=lambda m: int(m.split("@")[1]))
-    avg_keys = sorted({m for run in runs for _, results in run["evals"] for ms in results.values() for m in ms
-                       if m.startswith("avg@")})
-    _plot_evals(axes[0][1], runs, avg_keys, "held-out avg@n (first task/split)")
-    _plot_evals(axes[0][2], runs, pass_keys, "held-out pass@k (first task/split)")
+    _plot_evals(axes[0][1], runs, "avg@", "held-out avg@n")
+    _plot_evals(axes[0][2], runs, "pass@", "held-out pass@k")
     _plot_steps(axes[1][0], runs, "rloop/forgetting_rate", "forgetting rate")
     _plot_steps(axes[1][1], runs, "rloop/distinct_correct_per_prompt", "distinct correct solutions / prompt")
     axis = axes[1][2]
-    for run in runs:
+    width = 0.8 / max(len(runs), 1)
+    for index, run in enumerate(runs):
         if run["experts"]:
-            axis.bar([k for k, _ in run["experts"]], [s["size"] for _, s in run["experts"]], label=run["name"])
+            axis.bar([k + index * width for k, _ in run["experts"]], [s["size"] for _, s in run["experts"]],
+                     width=width, label=run["name"])
     axis.set_title("expert-set size")
     axis.set_xlabel("iteration")
+    axis.set_xticks(sorted({k for run in runs for k, _ in run["experts"]}))
     figure.tight_layout()
     figure.savefig(path, dpi=90)
     plt.close(figure)
