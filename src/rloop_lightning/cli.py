@@ -80,8 +80,8 @@ def eval_command(args: ArgsType = None) -> dict:
     return CLI(evaluate, args=args, as_positional=False)
 
 
-def fit_command(args: ArgsType = None) -> dict:
-    """``rloop fit``: run RLoop (or, with ``--vanilla true``, the plain-RL baseline)."""
+def fit_parser():
+    """The ``rloop fit`` parser: every ``RLoop`` argument, YAML configs and dotted overrides."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     from rloop_lightning.loop import RLoop
@@ -89,6 +89,14 @@ def fit_command(args: ArgsType = None) -> dict:
     parser = ArgumentParser(prog="rloop fit", description=RLoop.__doc__)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config (repeatable; later wins)")
     parser.add_class_arguments(RLoop, None, fail_untyped=True)
+    return parser
+
+
+def fit_command(args: ArgsType = None) -> dict:
+    """``rloop fit``: run RLoop (or, with ``--vanilla true``, the plain-RL baseline)."""
+    from rloop_lightning.loop import RLoop
+
+    parser = fit_parser()
     config = parser.parse_args(args)
     snapshot = json.loads(parser.dump(config, format="json", skip_none=False))  # what resume compares
     for runtime_only in ("config", "__path__", "resume"):
