@@ -16,7 +16,7 @@ import operator
 import random
 
 from rloop_lightning.tasks.answers import final_integer
-from rloop_lightning.tasks.base import Split, Task
+from rloop_lightning.tasks.base import GeneratedTask
 
 _APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 
@@ -105,7 +105,7 @@ def draw_expressions(
     return drawn
 
 
-class MultiStepArithmetic(Task):
+class MultiStepArithmetic(GeneratedTask):
     """Integer expressions with ``+ - *`` to evaluate step by step, generated from a seed.
 
     Args:
@@ -136,42 +136,17 @@ class MultiStepArithmetic(Task):
             raise ValueError("arithmetic needs at least 1 operation per expression")
         if max_operand < 1:
             raise ValueError(f"max_operand must be >= 1, got {max_operand}")
-        self.seed = seed
-        self.num_train, self.num_test, self.num_ood = num_train, num_test, num_ood
+        super().__init__(seed, {"train": num_train, "test": num_test, "ood": num_ood})
         self.num_operations, self.ood_num_operations = num_operations, ood_num_operations
         self.max_operand = max_operand
         self.template = template
-        self._problems: dict[str, list[dict]] = {}
 
-    def load(self, split: Split) -> list[dict]:
-        if split not in self.splits:
-            raise ValueError(f"arithmetic has no split {split!r}; choose from {self.splits}")
-        if not self._problems:
-            self._generate()
-        return [dict(problem) for problem in self._problems[split]]
-
-    def _generate(self) -> None:
-        sizes = {"train": self.num_train, "test": self.num_test, "ood": self.num_ood}
-        excluded: set = set()
-        for split in ("test", "ood", "train"):  # held-out first, train excludes them
-            drawn = draw_expressions(
-                random.Random(f"arithmetic:{self.seed}:{split}"),
-                sizes[split],
-                self.ood_num_operations if split == "ood" else self.num_operations,
-                self.max_operand,
-                exclude=excluded,
-                distinct=split != "train",
-            )
-            excluded |= set(drawn)
-            self._problems[split] = [
-                {
-                    "id": f"arithmetic-{split}-{index}",
-                    "prompt": self.template.format(expression=expression),
-                    "answer": str(evaluate(expression)),
-                    "expression": expression,
-                }
-                for index, expression in enumerate(drawn)
-            ]
+    def draw(self, split: str, rng: random.Random, count: int, exclude: set) -> list[tuple[object, dict]]:
+        operations = self.ood_num_operations if split == "ood" else self.num_operations
+        drawn = draw_expressions(rng, count, operations, self.max_operand, exclude=exclude, distinct=split != "train")
+        return [(expression, {"prompt": self.template.format(expression=expression),
+                              "answer": str(evaluate(expression)), "expression": expression})
+                for expression in drawn]
 
     def reward(self, prompts, completions, **columns) -> list[float | None]:
         return arithmetic_reward(prompts, completions, **columns)

@@ -12,6 +12,8 @@ A task is defined once, with its reward next to its data (nanochat's ``tasks/gsm
 
 from __future__ import annotations
 
+import copy
+import random
 from abc import ABC, abstractmethod
 from typing import Callable, Literal, Optional
 
@@ -52,3 +54,32 @@ class Task(ABC):
     @property
     def splits(self) -> tuple[str, ...]:
         return ("train", "test", "ood")
+
+
+class GeneratedTask(Task):
+    """A synthetic task whose splits are drawn from a seed.
+
+    Held-out splits are drawn first (each without repeats) and train excludes their keys, so no
+    test or OOD problem is ever trained on. Subclasses draw problems; this class caches and copies.
+    """
+
+    def __init__(self, seed: int, sizes: dict[str, int]):
+        self.seed = seed
+        self.sizes = sizes
+        self._problems: dict[str, list[dict]] = {}
+
+    @abstractmethod
+    def draw(self, split: str, rng: random.Random, count: int, exclude: set) -> list[tuple[object, dict]]:
+        """``count`` (key, problem without id) pairs of ``split``, none with a key in ``exclude``."""
+
+    def load(self, split: Split) -> list[dict]:
+        if split not in self.splits:
+            raise ValueError(f"{self.name} has no split {split!r}; choose from {self.splits}")
+        if not self._problems:
+            excluded: set = set()
+            for name in ("test", "ood", "train"):
+                drawn = self.draw(name, random.Random(f"{self.name}:{self.seed}:{name}"), self.sizes[name], excluded)
+                excluded |= {key for key, _ in drawn}
+                self._problems[name] = [{"id": f"{self.name}-{name}-{index}", **problem}
+                                        for index, (_, problem) in enumerate(drawn)]
+        return copy.deepcopy(self._problems[split])

@@ -24,7 +24,7 @@ from fractions import Fraction
 from functools import lru_cache
 
 from rloop_lightning.tasks.answers import last_tagged
-from rloop_lightning.tasks.base import Split, Task
+from rloop_lightning.tasks.base import GeneratedTask
 
 MAX_EXPRESSION_CHARS = 200
 MAX_LITERAL = 999_999  # literals with more than 6 digits are rejected
@@ -197,7 +197,7 @@ def draw_problems(
     return drawn
 
 
-class Countdown(Task):
+class Countdown(GeneratedTask):
     """Countdown problems generated from a seed.
 
     Args:
@@ -230,46 +230,20 @@ class Countdown(Task):
             raise ValueError("countdown needs at least 2 numbers per problem")
         if max_number < 1:
             raise ValueError(f"max_number must be >= 1, got {max_number}")
-        self.seed = seed
-        self.num_train, self.num_test, self.num_ood = num_train, num_test, num_ood
+        super().__init__(seed, {"train": num_train, "test": num_test, "ood": num_ood})
         self.num_numbers, self.ood_num_numbers = num_numbers, ood_num_numbers
         self.max_number = max_number
         self.max_target = max_target
         self.template = template
-        self._problems: dict[str, list[dict]] = {}
 
-    def load(self, split: Split) -> list[dict]:
-        if split not in self.splits:
-            raise ValueError(f"countdown has no split {split!r}; choose from {self.splits}")
-        if not self._problems:
-            self._generate()
-        return [dict(problem, numbers=list(problem["numbers"])) for problem in self._problems[split]]
-
-    def _generate(self) -> None:
-        sizes = {"train": self.num_train, "test": self.num_test, "ood": self.num_ood}
-        excluded: set = set()
-        for split in ("test", "ood", "train"):  # held-out first, train excludes their keys
-            drawn = draw_problems(
-                random.Random(f"countdown:{self.seed}:{split}"),
-                sizes[split],
-                self.ood_num_numbers if split == "ood" else self.num_numbers,
-                self.max_number,
-                self.max_target,
-                exclude=excluded,
-                distinct=split != "train",
-            )
-            excluded |= {problem_key(numbers, target) for numbers, target in drawn}
-            self._problems[split] = [self._problem(split, index, n, t) for index, (n, t) in enumerate(drawn)]
-
-    def _problem(self, split: str, index: int, numbers: list[int], target: int) -> dict:
-        prompt = self.template.format(numbers=" ".join(map(str, numbers)), target=target)
-        return {
-            "id": f"countdown-{split}-{index}",
-            "prompt": prompt,
-            "answer": str(target),
-            "numbers": numbers,
-            "target": target,
-        }
+    def draw(self, split: str, rng: random.Random, count: int, exclude: set) -> list[tuple[object, dict]]:
+        num_numbers = self.ood_num_numbers if split == "ood" else self.num_numbers
+        drawn = draw_problems(rng, count, num_numbers, self.max_number, self.max_target, exclude=exclude,
+                              distinct=split != "train")
+        return [(problem_key(numbers, target), {
+            "prompt": self.template.format(numbers=" ".join(map(str, numbers)), target=target),
+            "answer": str(target), "numbers": list(numbers), "target": target,
+        }) for numbers, target in drawn]
 
     def reward(self, prompts, completions, **columns) -> list[float | None]:
         return countdown_reward(prompts, completions, **columns)
