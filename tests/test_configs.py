@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from lightning.pytorch.cli import LightningCLI
 
-from rloop_lightning.cli import fit_parser, lightning_cli
+from rloop_lightning.cli import PhaseCLI, fit_parser, lightning_cli
 from rloop_lightning.grpo import GRPOModule
 from rloop_lightning.rft import RFTModule
 from test_recipes import parse
@@ -20,6 +20,7 @@ PHASES = {"base": RFTModule, "rft": RFTModule, "grpo": GRPOModule}
 @pytest.fixture(autouse=True)
 def no_instantiation(monkeypatch):
     monkeypatch.setattr(LightningCLI, "instantiate_classes", lambda self: None)
+    monkeypatch.setattr(PhaseCLI, "before_instantiate_classes", lambda self: None)  # GPU checks: tested apart
 
 
 @pytest.mark.parametrize("path", sorted(p for d in PHASES for p in (CONFIGS / d).glob("*.yaml")), ids=str)

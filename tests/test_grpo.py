@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import pytest
 import torch
 
 import rloop_lightning.grpo.module as grpo_module
 from rloop_lightning.data.datamodules import PromptDataModule
-from rloop_lightning.grpo import GRPOModule, LossSettings
+from rloop_lightning.grpo import GRPOModule, ImportanceSettings, LossSettings
 from rloop_lightning.policy import Policy
 from rloop_lightning.rollout.base import SamplingParams
+from rloop_lightning.rollout.hf import HFGenerateEngine
 from rloop_lightning.tasks import Countdown
 
 
@@ -148,3 +151,33 @@ def test_dynamic_sampling_trains_only_on_groups_with_reward_spread(monkeypatch):
     groups = [r for step in trained for r in step]
     assert groups and all(float(r.max() - r.min()) > 1e-6 for r in groups)
     assert all(len(step) <= 8 for step in trained)
+
+
+class ShiftedSamplerEngine(HFGenerateEngine):
+    """Reports sampler log-probs 1 nat above the truth, like a sampler whose kernels disagree."""
+
+    needs_importance_correction = True
+
+    def generate(self, policy, prompts, num_samples, sampling):
+        rollouts = super().generate(policy, prompts, num_samples, sampling)
+        rollouts.sampler_logprobs = [[lp + 1.0 for lp in row] for row in rollouts.sampler_logprobs]
+        return rollouts
+
+
+def test_importance_correction_weights_tokens_by_the_sampler_mismatch():
+    torch.manual_seed(0)
+    module = make_module(engine=ShiftedSamplerEngine())  # enabled by the engine's default
+    trainer = fit(module, make_data(), steps=1)
+    metrics = trainer.callback_metrics
+    # pi_old / mu = exp(-1) on every token: below the cap, so the weight is exactly exp(-1)
+    assert float(metrics["importance/logprob_diff_mean"]) == pytest.approx(1.0, abs=1e-4)
+    assert float(metrics["importance/weight_mean"]) == pytest.approx(math.exp(-1), abs=1e-4)
+    assert float(metrics["importance/capped_fraction"]) == 0.0
+
+
+def test_importance_correction_is_off_for_the_hf_engine_unless_asked():
+    torch.manual_seed(0)
+    trainer = fit(make_module(), make_data(), steps=1)
+    assert "importance/weight_mean" not in trainer.callback_metrics
+    trainer = fit(make_module(importance=ImportanceSettings(enabled=True)), make_data(), steps=1)
+    assert float(trainer.callback_metrics["importance/weight_mean"]) == pytest.approx(1.0, abs=1e-4)

@@ -30,12 +30,32 @@ from rloop_lightning.policy import Policy
 from rloop_lightning.rollout.base import RolloutEngine
 from rloop_lightning.rollout.hf import HFGenerateEngine
 from rloop_lightning.rft import RFTModule
+from rloop_lightning.strategies import check_strategy
+
+
+class PhaseCLI(LightningCLI):
+    """LightningCLI that refuses strategies this machine cannot run before anything is built."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.get("trainer")
+        if trainer is not None:
+            check_strategy(trainer.get("accelerator", "auto"), _class_path_or_value(trainer.get("strategy", "auto")))
+            if self.model_class is GRPOModule and "FSDP" in str(_class_path_or_value(trainer.get("strategy"))):
+                raise NotImplementedError(
+                    "GRPO under FSDPStrategy is not supported yet: its manual backward runs inside FSDP's outer "
+                    "forward, after which full weights cannot be gathered (vLLM sync, export). Use DDP with "
+                    "LoRA/QLoRA for now; FSDP2 (ModelParallelStrategy) is the planned route. RFT supports FSDP.")
+
+
+def _class_path_or_value(value):
+    return getattr(value, "class_path", value) if value is not None else "auto"
 
 
 def lightning_cli(module_class: type[L.LightningModule], args: ArgsType, run: bool = True) -> LightningCLI:
     # ``rloop`` strips its own sub-command and passes the rest as ``args``; that is intended
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    return LightningCLI(
+    return PhaseCLI(
         module_class, L.LightningDataModule, subclass_mode_data=True, args=args, run=run,
         save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
     )

@@ -24,7 +24,8 @@ class PassAtKEvaluation(L.Callback):
         evaluators: one per (task, split) to evaluate.
         every_n_steps: evaluation period in optimizer steps; 0 evaluates only at the end.
         at_start: also evaluate before the first step.
-        engine: rollout engine (default: Hugging Face ``generate``).
+        engine: rollout engine (default: the module's own engine if it has one, so vLLM runs are
+            evaluated with the synced vLLM copy; else Hugging Face ``generate``).
     """
 
     def __init__(self, evaluators: list[Evaluator], every_n_steps: int = 0, at_start: bool = False,
@@ -32,7 +33,7 @@ class PassAtKEvaluation(L.Callback):
         self.evaluators = evaluators
         self.every_n_steps = every_n_steps
         self.at_start = at_start
-        self.engine = engine or HFGenerateEngine()
+        self.engine = engine
         self.history: list[dict] = []
         self._last_step = -1
 
@@ -41,7 +42,8 @@ class PassAtKEvaluation(L.Callback):
         if step == self._last_step:
             return []
         self._last_step = step
-        results = [e.evaluate(pl_module.policy, self.engine) for e in self.evaluators]
+        engine = self.engine or getattr(pl_module, "engine", None) or HFGenerateEngine()
+        results = [e.evaluate(pl_module.policy, engine) for e in self.evaluators]
         metrics = {f"{r.split}/{k}": v for r in results for k, v in r.metrics.items()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)

@@ -67,6 +67,7 @@ def flatten(groups: Sequence[Group]) -> dict:
     return {
         "prompt_ids": [g.prompt_ids for g in groups for _ in g.completions],
         "completion_ids": [ids for g in groups for ids in g.completion_ids],
+        "sampler_logprobs": [lp for g in groups for lp in g.sampler_logprobs],
         "truncated": torch.tensor([t for g in groups for t in g.truncated], dtype=torch.bool),  # [N]
         "rewards": torch.stack([g.rewards for g in groups]),  # [B, G]
         "correct": torch.stack([g.correct for g in groups]),  # [B, G]

@@ -30,6 +30,9 @@ from rloop_lightning.algorithms import (
     AdvantageEstimator, DynamicSamplingBuffer, KLEstimator, LossAggregation, RatioLevel, clipped_policy_loss,
     group_advantages, kl_penalty, micro_batch_weight, overlong_mask, soft_overlong_penalty,
 )
+from rloop_lightning.algorithms.importance import (
+    ImportanceLevel, ImportanceMode, pad_logprobs, truncated_importance_weights,
+)
 from rloop_lightning.grpo.groups import Group, ScoringStats, flatten, score_groups, trajectories
 from rloop_lightning.grpo.metrics import step_metrics, step_sums
 from rloop_lightning.policy import Policy, PolicyBatch
@@ -55,6 +58,18 @@ class LossSettings:
 
 
 @dataclass
+class ImportanceSettings:
+    """Truncated importance sampling for sampler/trainer mismatch (vLLM): tokens are reweighted by
+    min(pi_old / mu_sampler, cap) (``truncate``) or dropped above ``cap`` (``mask``).
+    ``enabled=None`` follows the engine (on for vLLM, off for Hugging Face generate)."""
+
+    enabled: Optional[bool] = None
+    level: ImportanceLevel = "token"
+    mode: ImportanceMode = "truncate"
+    cap: float = 2.0
+
+
+@dataclass
 class OverlongSettings:
     """Completions that hit ``max_new_tokens``: ``mask`` drops their tokens from the loss;
     ``soft_penalty`` subtracts DAPO's length penalty over the last ``buffer_length`` tokens."""
@@ -74,6 +89,7 @@ class GRPOModule(L.LightningModule):
         num_generations: G, completions per prompt (>= 2: advantages are relative within a group).
         loss: the objective's variant.
         overlong: handling of truncated completions.
+        importance: sampler/trainer log-prob mismatch correction (on by default with vLLM).
         dynamic_sampling: keep only groups whose rewards differ, refilling from the datamodule.
         max_sampling_rounds: cap on sampling rounds per step under dynamic sampling.
         num_iterations: mu, passes over each rollout batch.
@@ -100,6 +116,7 @@ class GRPOModule(L.LightningModule):
         num_generations: int = 8,
         loss: Optional[LossSettings] = None,
         overlong: Optional[OverlongSettings] = None,
+        importance: Optional[ImportanceSettings] = None,
         dynamic_sampling: bool = False,
         max_sampling_rounds: int = 3,
         num_iterations: int = 1,
@@ -132,6 +149,7 @@ class GRPOModule(L.LightningModule):
         self.num_generations = num_generations
         self.loss_settings = loss or LossSettings()
         self.overlong = overlong or OverlongSettings()
+        self.importance = importance or ImportanceSettings()
         self.dynamic_sampling = dynamic_sampling
         self.max_sampling_rounds = max_sampling_rounds
         self.num_iterations = num_iterations
@@ -259,11 +277,17 @@ class GRPOModule(L.LightningModule):
         mask = batch.completion_mask.float()  # [N, C]
         if self.overlong.mode == "mask":
             mask = mask * overlong_mask(flat["truncated"]).to(self.device)[:, None]
+        correct_sampler = self.importance.enabled
+        if correct_sampler is None:
+            correct_sampler = self.engine.needs_importance_correction
+        sampler_logprobs = (pad_logprobs(flat["sampler_logprobs"], mask.shape[1]).to(self.device)
+                            if correct_sampler else None)
         reuses_batch = self.num_iterations > 1 or self.num_mini_batches > 1
         old_logprobs = self._logprobs_without_grad(batch) if reuses_batch else None
         ref_logprobs = self._reference_logprobs(batch) if self.loss_settings.kl_coef > 0 else None
         started = time.perf_counter()
-        stats = self._optimize(batch, mask, advantages.to(self.device), old_logprobs, ref_logprobs)
+        stats = self._optimize(batch, mask, advantages.to(self.device), old_logprobs, ref_logprobs,
+                               sampler_logprobs)
         stats["perf/train_tokens_per_s"] = (
             float(batch.attention_mask.sum()) * self.num_iterations / max(time.perf_counter() - started, 1e-9))
         stats["train/advantage_abs_mean"] = float(advantages.abs().mean())
@@ -282,7 +306,7 @@ class GRPOModule(L.LightningModule):
         rows = torch.arange(batch.input_ids.shape[0]) if rows is None else rows
         return list(rows.split(self.micro_batch_size))
 
-    def _optimize(self, batch, mask, advantages, old_logprobs, ref_logprobs) -> dict:
+    def _optimize(self, batch, mask, advantages, old_logprobs, ref_logprobs, sampler_logprobs=None) -> dict:
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         settings = self.loss_settings
@@ -300,14 +324,21 @@ class GRPOModule(L.LightningModule):
                     old = old_logprobs[rows] if old_logprobs is not None else logprobs.detach()
                     kl = (kl_penalty(logprobs, ref_logprobs[rows], settings.kl_estimator)
                           if ref_logprobs is not None else None)
+                    micro_advantages, importance_stats = advantages[rows], {}
+                    if sampler_logprobs is not None:  # w * clipped surrogate, w >= 0 per token
+                        weights, importance_stats = truncated_importance_weights(
+                            old, sampler_logprobs[rows], micro_mask, self.importance.level, self.importance.mode,
+                            self.importance.cap)
+                        micro_advantages = micro_advantages[:, None] * weights
                     out = clipped_policy_loss(
-                        logprobs, old, advantages[rows], micro_mask, settings.clip_eps_low, settings.clip_eps_high,
+                        logprobs, old, micro_advantages, micro_mask, settings.clip_eps_low, settings.clip_eps_high,
                         settings.ratio_level, settings.aggregation, self.sampling.max_new_tokens, kl, settings.kl_coef)
                     if not torch.isfinite(out.loss):
                         finite = False
                         break
                     self.manual_backward(out.loss * micro_batch_weight(settings.aggregation, micro_mask, mask[mini]))
                     stats = {f"train/{k}": float(v) for k, v in out.stats().items()}
+                    stats.update({f"importance/{k}": float(v) for k, v in importance_stats.items()})
                     stats["train/loss"] = float(out.loss.detach())
                     stats["train/entropy"] = float((entropy * micro_mask).sum() / micro_mask.sum().clamp(min=1))
                     for key, value in stats.items():
@@ -358,6 +389,12 @@ class GRPOModule(L.LightningModule):
         metrics["rewards/timeouts"] = float(self.scoring_stats.num_timeouts)
         metrics["rewards/errors"] = float(self.scoring_stats.num_errors)
         return metrics
+
+    def on_train_start(self) -> None:
+        self.engine.sync_weights(self.policy)  # an engine with its own weights starts from the loaded policy
+
+    def on_train_batch_end(self, outputs, batch, batch_index) -> None:
+        self.engine.sync_weights(self.policy)  # once per rollout batch, after all its optimizer steps
 
     def on_fit_end(self) -> None:
         if self.runner is not None:

@@ -51,7 +51,11 @@ class Rollouts:
 
 
 class RolloutEngine(ABC):
-    """Samples completions from a policy. Implementations: ``HFGenerateEngine`` (default)."""
+    """Samples completions from a policy. Implementations: ``HFGenerateEngine`` (default), ``VLLMEngine``."""
+
+    # True when the sampler's log-probs can differ from the trainer's (another kernel, another copy
+    # of the weights): GRPO then reweights tokens by truncated importance sampling by default.
+    needs_importance_correction: bool = False
 
     @abstractmethod
     def generate(self, policy: Policy, prompts: list[str], num_samples: int,
