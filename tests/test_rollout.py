@@ -116,3 +116,16 @@ def test_generation_restores_training_mode(micro_policy, training):
     assert all(module.training is training for module in micro_policy.model.modules())
     assert torch.is_grad_enabled()
     assert micro_policy.model.config.use_cache is False
+
+
+def test_sampler_logprobs_match_the_policy_at_the_sampling_temperature(micro_policy):
+    torch.manual_seed(0)
+    sampling = SamplingParams(temperature=1.7, max_new_tokens=6)
+    rollouts = HFGenerateEngine().generate(micro_policy, ["3 5 7 -> 22\n", "1 2 -> 3\n"], 3, sampling)
+    batch = micro_policy.make_batch(rollouts.prompt_ids, rollouts.completion_ids)
+    logprobs, _ = micro_policy.completion_logprobs(batch, temperature=1.7)
+    untempered, _ = micro_policy.completion_logprobs(batch)
+    mask = batch.completion_mask.bool()
+    sampled = torch.tensor([lp for row in rollouts.sampler_logprobs for lp in row])
+    assert torch.allclose(logprobs[mask], sampled, atol=1e-4)
+    assert not torch.allclose(untempered[mask], sampled, atol=1e-2)

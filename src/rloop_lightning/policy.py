@@ -303,8 +303,12 @@ class Policy(nn.Module):
 
     # ------------------------------------------------------------------ log-probs
     def completion_logprobs(self, batch: PolicyBatch, model: Optional[nn.Module] = None,
-                            with_entropy: bool = False) -> tuple[Tensor, Optional[Tensor]]:
-        """Per-token log-probs [N, C] of the completion tokens (and entropy [N, C], no grad)."""
+                            with_entropy: bool = False, temperature: float = 1.0) -> tuple[Tensor, Optional[Tensor]]:
+        """Per-token log-probs [N, C] of the completion tokens (and entropy [N, C], no grad).
+
+        ``temperature`` divides the logits, so log-probs are those of the distribution that sampled
+        the tokens (as the sampler reported them); 0 (greedy) counts as 1.
+        """
         model = model if model is not None else self.require_model()
         position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
         completion_length = batch.completion_mask.shape[1]
@@ -312,6 +316,8 @@ class Policy(nn.Module):
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
             logits_to_keep=completion_length + 1, use_cache=False,
         ).logits[:, :-1]
+        if temperature and temperature != 1.0:
+            logits = logits / temperature
         targets = batch.input_ids[:, batch.prompt_length:]
         if not with_entropy:
             log_probs = torch.log_softmax(logits.float(), dim=-1)
@@ -335,9 +341,9 @@ class Policy(nn.Module):
         yield self._reference
 
     @torch.no_grad()
-    def reference_logprobs(self, batch: PolicyBatch) -> Tensor:
+    def reference_logprobs(self, batch: PolicyBatch, temperature: float = 1.0) -> Tensor:
         with self.reference() as model:
-            return self.completion_logprobs(batch, model=model)[0]
+            return self.completion_logprobs(batch, model=model, temperature=temperature)[0]
 
     # ------------------------------------------------------------------ saving
     def save(self, directory: str | Path, merged: bool = False) -> Path:

@@ -295,12 +295,14 @@ class GRPOModule(L.LightningModule):
 
     @torch.no_grad()
     def _logprobs_without_grad(self, batch: PolicyBatch) -> torch.Tensor:
-        chunks = [self.policy.completion_logprobs(batch.select(rows))[0] for rows in self._chunks(batch)]
+        chunks = [self.policy.completion_logprobs(batch.select(rows), temperature=self.sampling.temperature)[0]
+                  for rows in self._chunks(batch)]
         return torch.cat(chunks)
 
     @torch.no_grad()
     def _reference_logprobs(self, batch: PolicyBatch) -> torch.Tensor:
-        return torch.cat([self.policy.reference_logprobs(batch.select(rows)) for rows in self._chunks(batch)])
+        return torch.cat([self.policy.reference_logprobs(batch.select(rows), self.sampling.temperature)
+                          for rows in self._chunks(batch)])
 
     def _chunks(self, batch: PolicyBatch, rows: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
         rows = torch.arange(batch.input_ids.shape[0]) if rows is None else rows
@@ -319,7 +321,8 @@ class GRPOModule(L.LightningModule):
                 finite = True
                 for rows in self._chunks(batch, mini):
                     micro = batch.select(rows)
-                    logprobs, entropy = self.policy.completion_logprobs(micro, with_entropy=True)
+                    logprobs, entropy = self.policy.completion_logprobs(
+                        micro, with_entropy=True, temperature=self.sampling.temperature)
                     micro_mask = mask[rows]
                     old = old_logprobs[rows] if old_logprobs is not None else logprobs.detach()
                     kl = (kl_penalty(logprobs, ref_logprobs[rows], settings.kl_estimator)
