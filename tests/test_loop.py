@@ -76,6 +76,8 @@ def write_loop_config(directory: Path, run_dir: Path, digit_reward: bool = True)
     loop.update(run_dir=str(run_dir), iterations=2, base={"policy": "rloop/micro-llama"})
     loop["grpo"] = {"config": str(grpo), "overrides": {"trainer.max_steps": 3}}  # shipped YAML says 100
     loop["rft"] = {"config": str(rft), "overrides": {"trainer.max_epochs": 1}}
+    loop["expert_set"] = {"filter": "success_rate", "hard_threshold": 0.5, "dedup": True, "max_per_prompt": 4,
+                          "replay": False}  # pinned: the tests below count on these, not on shipped defaults
     loop["evaluators"] = [{"task": MICRO_COUNTDOWN, "split": "test", "num_samples": 4, "ks": [1, 4], "limit": 4,
                            "sampling": {"temperature": 1.0, "max_new_tokens": 8}}]
     path = directory / "loop.yaml"
@@ -288,3 +290,15 @@ def test_killed_runs_resume_to_the_same_expert_sets(loop_run, tmp_path):
     assert sorted(resumed) == sorted(reference) and len(reference) >= 10
     assert resumed == reference, f"(c) killed {delay:.3f} s after the first shard of iteration 1"
     assert not list(run_dir.rglob("*.tmp-*"))
+
+
+def test_replay_adds_earlier_expert_sets_and_rft_from_rl_end_is_one_flag(tmp_path):
+    config = write_loop_config(tmp_path / "configs", tmp_path / "run")
+    cli_main(["fit", "--config", str(config), "--expert_set.replay", "true", "--rft_from", "rl_end"])
+    run_dir = tmp_path / "run"
+    first = read_jsonl(run_dir / "iter_00" / "expert_set" / "experts.jsonl")
+    second = read_jsonl(run_dir / "iter_01" / "expert_set" / "experts.jsonl")
+    summary = json.loads((run_dir / "iter_01" / "expert_set" / "summary.json").read_text())
+    assert second[summary["size"]:] == first  # own set first, then the replayed earlier set
+    assert summary["size_with_replay"] == summary["size"] + len(first)
+    assert manifest(run_dir)["completed"]["iter_00/rft"]["started_from"] == str(run_dir / "iter_00" / "grpo" / "policy")

@@ -23,7 +23,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
@@ -89,6 +89,7 @@ class RLoop:
         expert_set: how harvested trajectories become the RFT set.
         vanilla: the plain-RL baseline: chained GRPO phases, no RFT, no re-initialisation.
         evaluate_rl_end: also evaluate each GRPO phase's end point (RLoop runs).
+        rft_from: where RFT starts: ``theta_k`` (RLoop) or ``rl_end``, the GRPO end point (ablation).
         seed: base seed; phase k uses ``seed + 1000 k`` (+1 for RFT).
         resume: continue a run directory that has a manifest (same configuration only).
     """
@@ -96,7 +97,8 @@ class RLoop:
     def __init__(self, run_dir: str, base: BaseConfig, grpo: PhaseConfig, rft: PhaseConfig,
                  evaluators: list[Evaluator], iterations: int = 2,
                  expert_set: Optional[ExpertSetSettings] = None, vanilla: bool = False,
-                 evaluate_rl_end: bool = False, seed: int = 0, resume: bool = True):
+                 evaluate_rl_end: bool = False, rft_from: Literal["theta_k", "rl_end"] = "theta_k",
+                 seed: int = 0, resume: bool = True):
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
         self.run_dir = Path(run_dir)
@@ -108,6 +110,7 @@ class RLoop:
         self.expert_set = expert_set or ExpertSetSettings()
         self.vanilla = vanilla
         self.evaluate_rl_end = evaluate_rl_end
+        self.rft_from = rft_from
         self.seed = seed
         self.resume = resume
         self.manifest = Manifest(self.run_dir)
@@ -144,7 +147,8 @@ class RLoop:
                         "carried forward", k, k)
             return theta
         rft_dir = self.run_dir / root / "rft"
-        self.phase(f"{root}/rft", lambda d: self.run_rft(theta, k, d, seed=self.seed + 1000 * k + 1))
+        start = theta if self.rft_from == "theta_k" else str(grpo_dir / "policy")
+        self.phase(f"{root}/rft", lambda d: self.run_rft(start, k, d, seed=self.seed + 1000 * k + 1))
         next_theta = str(rft_dir / "policy")
         self.phase(f"{root}/eval", lambda d: self.evaluate(next_theta, d / "eval.json"))
         return next_theta
@@ -241,7 +245,7 @@ class RLoop:
     def describe(self) -> dict:
         return {"run_dir": str(self.run_dir), "base": asdict(self.base), "grpo": asdict(self.grpo),
                 "rft": asdict(self.rft), "iterations": self.iterations, "expert_set": asdict(self.expert_set),
-                "vanilla": self.vanilla, "seed": self.seed}
+                "vanilla": self.vanilla, "rft_from": self.rft_from, "seed": self.seed}
 
     def results(self) -> dict:
         return {name: info for name, info in self.manifest.data["completed"].items()}
