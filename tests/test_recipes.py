@@ -14,7 +14,7 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch.cli import LightningCLI
 
-from rloop_lightning.cli import PhaseCLI, evaluate, lightning_cli
+from rloop_lightning.cli import PhaseCLI, evaluate, fit_parser, lightning_cli
 from rloop_lightning.grpo import GRPOModule
 from rloop_lightning.rft import RFTModule
 
@@ -119,12 +119,19 @@ def test_sweep_command_parses_with_sampled_values(path, monkeypatch):
     assert sweep["method"] in ("grid", "random", "bayes") and sweep["metric"]["goal"] in ("maximize", "minimize")
     values = {name: sample_value(spec) for name, spec in sweep["parameters"].items()}
     command = [part for part in sweep["command"] if part not in ("${program}", "${args}")]
-    assert sweep["program"] == "rloop" and command[:2] == ["grpo", "fit"] and "${args}" in sweep["command"]
+    assert sweep["program"] == "rloop" and "${args}" in sweep["command"]
     monkeypatch.chdir(CONFIGS.parent)  # the agent runs from the repository root
     flags = [f"--{name}={value}" for name, value in values.items()]  # how W&B expands ${args}
-    config = parse("grpo", command[2:] + flags)
-    assert config.model.optimizer.init_args.lr == pytest.approx(values["model.optimizer.init_args.lr"])
-    assert config.model.loss.clip_eps_high == values["model.loss.clip_eps_high"]
+    if command[0] == "fit":  # the RLoop loop
+        config = fit_parser().parse_args(command[1:] + flags)
+    else:
+        assert command[:2] == ["grpo", "fit"]
+        config = parse("grpo", command[2:] + flags)
+    for name, value in values.items():
+        parsed = config
+        for part in name.split("."):
+            parsed = getattr(parsed, part)
+        assert parsed == pytest.approx(value) if isinstance(value, float) else parsed == value
 
 
 def test_fsdp_on_this_cpu_machine_is_refused_naming_cuda(monkeypatch):

@@ -71,3 +71,22 @@ def test_offline_grpo_run_logs_a_sample_table_and_no_api_key(tmp_path, monkeypat
     assert list(runs[0].rglob("*.table.json")), "the sample table was not written"
     leaked = [path for path in tmp_path.rglob("*") if path.is_file() and FAKE_KEY.encode() in path.read_bytes()]
     assert leaked == []
+
+
+def test_loop_logs_final_held_out_metrics_to_an_offline_wandb_run(tmp_path, monkeypatch):
+    from test_loop import write_loop_config
+
+    from rloop_lightning.cli import cli_main
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = write_loop_config(tmp_path / "configs", tmp_path / "run")
+    cli_main(["fit", "--config", str(config), "--iterations", "1", "--wandb_project", "rloop-test"])
+    records = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(records) == 1  # offline runs keep history and summary in this record file
+    data = records[0].read_bytes()
+    assert b"final/countdown/test/pass@4" in data and b"eval/countdown/test/avg@4" in data
+    assert b"expert_set/size" in data
+    leaked = [p for p in (tmp_path / "run").rglob("*") if p.is_file() and FAKE_KEY.encode() in p.read_bytes()]
+    assert not leaked

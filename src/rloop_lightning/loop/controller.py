@@ -90,6 +90,8 @@ class RLoop:
         vanilla: the plain-RL baseline: chained GRPO phases, no RFT, no re-initialisation.
         evaluate_rl_end: also evaluate each GRPO phase's end point (RLoop runs).
         rft_from: where RFT starts: ``theta_k`` (RLoop) or ``rl_end``, the GRPO end point (ablation).
+        wandb_project: log held-out metrics per iteration to this W&B project (sweeps optimise
+            ``final/<task>/<split>/<metric>``); in a sweep each run gets ``run_dir/<W&B run id>``.
         seed: base seed; phase k uses ``seed + 1000 k`` (+1 for RFT).
         resume: continue a run directory that has a manifest (same configuration only).
     """
@@ -98,7 +100,7 @@ class RLoop:
                  evaluators: list[Evaluator], iterations: int = 2,
                  expert_set: Optional[ExpertSetSettings] = None, vanilla: bool = False,
                  evaluate_rl_end: bool = False, rft_from: Literal["theta_k", "rl_end"] = "theta_k",
-                 seed: int = 0, resume: bool = True):
+                 seed: int = 0, resume: bool = True, wandb_project: Optional[str] = None):
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
         self.run_dir = Path(run_dir)
@@ -113,13 +115,31 @@ class RLoop:
         self.rft_from = rft_from
         self.seed = seed
         self.resume = resume
+        self.wandb_project = wandb_project
         self.manifest = Manifest(self.run_dir)
 
     # ------------------------------------------------------------------ driver
     def run(self, config: Optional[dict] = None) -> dict:
+        config = config if config is not None else self.describe()
+        tracker = None
+        if self.wandb_project:
+            from rloop_lightning.loop.tracking import WandbTracker
+
+            tracker = WandbTracker(self.wandb_project, config, self.run_dir)
+            if tracker.sweep_run_id:
+                self.run_dir = self.run_dir / tracker.sweep_run_id
+                self.manifest = Manifest(self.run_dir)
+        try:
+            return self._run(config)
+        finally:
+            if tracker is not None:
+                tracker.log_results(self.manifest.data["completed"])
+                tracker.finish()
+
+    def _run(self, config: dict) -> dict:
         if self.manifest.exists and not self.resume:
             raise FileExistsError(f"{self.run_dir} already holds a run; pass --resume true or another run_dir")
-        self.manifest.check_config(config if config is not None else self.describe())
+        self.manifest.check_config(config)
         theta = self.build_base()
         self.phase("eval/theta_0", lambda d: self.evaluate(theta, d / "eval.json"))
         for k in range(self.iterations):

@@ -1,0 +1,163 @@
+"""Seeded side-by-side study on the tiny Countdown setting: RLoop vs plain GRPO, plus ablations.
+
+Every run is ``rloop fit --config configs/tiny_cpu.yaml`` with a different run directory, seed and
+flags, so each row of the results is one command away from being reproduced by hand:
+
+    python scripts/reproduce_tiny.py                 # 3 seeds x {RLoop, vanilla} + ablations (seed 0)
+    python scripts/reproduce_tiny.py --quick         # 1 seed, RLoop vs vanilla only
+    python scripts/reproduce_tiny.py --report-only   # re-aggregate finished runs
+
+Equal compute: the vanilla baseline runs the same K GRPO phases with the same steps, prompts and
+rollouts per step from the same base; RLoop adds the (cheap) RFT phases on top. Results go to
+``docs/results.md`` and ``docs/results/*.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "configs/tiny_cpu.yaml"
+VARIANTS = {  # name -> extra `rloop fit` flags
+    "rloop": [],
+    "vanilla": ["--vanilla", "true"],
+}
+ABLATIONS = {
+    "no_hard_filter": ["--expert_set.filter", "none"],
+    "rft_from_rl_end": ["--rft_from", "rl_end"],
+    "no_replay": ["--expert_set.replay", "false"],
+    "k3": ["--iterations", "3"],
+    "vanilla_k3": ["--iterations", "3", "--vanilla", "true"],
+}
+METRICS = ["avg@32", "pass@1", "pass@4", "pass@16", "pass@32", "greedy_accuracy"]
+
+
+def run_one(out: Path, name: str, seed: int, flags: list[str]) -> Path:
+    run_dir = out / f"{name}_seed{seed}"
+    command = [sys.executable, "-m", "rloop_lightning", "fit", "--config", CONFIG, "--run_dir", str(run_dir),
+               "--seed", str(seed), *flags]
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # parallel runs must not oversubscribe the cores
+    log = out / f"{name}_seed{seed}.log"
+    with open(log, "w") as handle:
+        result = subprocess.run(command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}); see {log}")
+    print(f"done: {name} seed {seed}", flush=True)
+    return run_dir
+
+
+def final_eval(run_dir: Path) -> dict:
+    iterations = sorted(run_dir.glob("iter_*/eval/eval.json"))
+    return json.loads(iterations[-1].read_text())["metrics"]
+
+
+def base_eval(run_dir: Path) -> dict:
+    return json.loads((run_dir / "eval" / "theta_0" / "eval.json").read_text())["metrics"]
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def table(rows: dict[str, list[dict]], split: str) -> list[str]:
+    lines = ["| run | seeds | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    for name, evals in rows.items():
+        cells = [mean_std([e[split][m] for e in evals]) for m in METRICS]
+        lines.append(f"| {name} | {len(evals)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def reward_curve(run_dir: Path) -> list[float]:
+    rows = []
+    for metrics in sorted(run_dir.glob("iter_*/grpo/metrics.jsonl")):
+        rows += [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return [r["train/reward_mean"] for r in rows if "train/reward_mean" in r]
+
+
+def plot_curves(runs: dict[str, list[Path]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for name in ("rloop", "vanilla"):
+        curves = [reward_curve(d) for d in runs.get(name, [])]
+        curves = [c for c in curves if c]
+        if not curves:
+            continue
+        length = min(map(len, curves))
+        mean = [statistics.mean(c[i] for c in curves) for i in range(length)]
+        smooth = [statistics.mean(mean[max(0, i - 4): i + 1]) for i in range(length)]
+        axis.plot(range(length), smooth, label=f"{name} (mean of {len(curves)} seeds, 5-step mean)")
+    axis.set_xlabel("RL step")
+    axis.set_ylabel("training reward")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def write_results(out: Path, runs: dict[str, list[Path]], doc: Path) -> None:
+    figures = doc.parent / "results"
+    figures.mkdir(parents=True, exist_ok=True)
+    evals = {name: [final_eval(d) for d in dirs] for name, dirs in runs.items() if dirs}
+    first = next(iter(runs.values()))[0]
+    rows = {"theta_0 (base)": [base_eval(first)], **evals}
+    splits = list(base_eval(first))
+    lines = ["# Results: RLoop vs plain GRPO on the tiny Countdown setting", "",
+             "Produced by `python scripts/reproduce_tiny.py` (each run is `rloop fit --config "
+             f"{CONFIG} --run_dir ... --seed S` plus the flags named below). Held-out metrics of the "
+             "final policy theta_K; mean ± std over seeds.", ""]
+    for split in splits:
+        lines += [f"## {split}", ""] + table(rows, split) + [""]
+    lines += ["Flags: " + "; ".join(f"`{n}`: `{' '.join(f) or '(defaults)'}`"
+                                    for n, f in {**VARIANTS, **ABLATIONS}.items() if n in runs), ""]
+    plot_curves(runs, figures / "reward_curves.png")
+    for name, dirs in runs.items():
+        from rloop_lightning.loop.report import write_report
+
+        write_report(dirs[0], runs["vanilla"][0] if name == "rloop" and runs.get("vanilla") else None)
+    lines += ["![training reward](results/reward_curves.png)", ""]
+    doc.write_text("\n".join(lines))
+    print(doc)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one seed, RLoop vs vanilla only")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one core each)")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "study")
+    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
+    parser.add_argument("--report-only", action="store_true", help="aggregate finished runs, run nothing")
+    args = parser.parse_args(argv)
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    plan = [(name, seed, flags) for name, flags in VARIANTS.items() for seed in seeds]
+    if not args.quick:
+        plan += [(name, seeds[0], flags) for name, flags in ABLATIONS.items()]
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        # build the shared base once, before the parallel runs race to build it
+        run_one(args.out, "rloop", seeds[0], VARIANTS["rloop"])
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda job: run_one(args.out, *job), plan[1:]))
+    runs: dict[str, list[Path]] = {}
+    for name, seed, _ in plan:
+        run_dir = args.out / f"{name}_seed{seed}"
+        if (run_dir / "manifest.json").exists() and list(run_dir.glob("iter_*/eval/eval.json")):
+            runs.setdefault(name, []).append(run_dir)
+    write_results(args.out, runs, args.doc)
+
+
+if __name__ == "__main__":
+    main()
