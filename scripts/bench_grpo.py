@@ -132,7 +132,7 @@ def fixed_completion_length(model, num_tokens: int):
 
 def rollout_row(policy, prompts: list[str], batch: int, max_new_tokens: int, repeats: int) -> Row:
     """Median tokens/s of the engine and of the bare loop over ``repeats`` interleaved runs each."""
-    from rloop_lightning.policy import pad_left
+    from rloop_lightning.policy import pad
     from rloop_lightning.rollout.base import SamplingParams
     from rloop_lightning.rollout.hf import HFGenerateEngine, inference_mode
 
@@ -140,7 +140,7 @@ def rollout_row(policy, prompts: list[str], batch: int, max_new_tokens: int, rep
     engine = HFGenerateEngine(batch_size=batch)
     sampling = SamplingParams(max_new_tokens=max_new_tokens)
     model, tokenizer = policy.model, policy.tokenizer
-    input_ids, attention_mask = pad_left(policy.encode_prompts(prompts), tokenizer.pad_token_id)
+    input_ids, attention_mask = pad(policy.encode_prompts(prompts), tokenizer.pad_token_id, side="left")
 
     def run_engine() -> int:
         rollouts = engine.generate(policy, prompts, 1, sampling)

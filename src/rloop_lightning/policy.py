@@ -62,25 +62,16 @@ class PolicyBatch:
                            self.completion_mask.to(device), self.prompt_length)
 
 
-def pad_left(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+def pad(rows: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tuple[Tensor, Tensor]:
+    """Token rows padded to one width on ``side`` (``left`` or ``right``): (ids, attention mask)."""
     width = max((len(r) for r in rows), default=0)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         if row:
-            ids[i, width - len(row):] = torch.as_tensor(row)
-            mask[i, width - len(row):] = 1
-    return ids, mask
-
-
-def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    width = max((len(r) for r in rows), default=0)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, : len(row)] = torch.as_tensor(row)
-            mask[i, : len(row)] = 1
+            columns = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+            ids[i, columns] = torch.as_tensor(row)
+            mask[i, columns] = 1
     return ids, mask
 
 
@@ -284,9 +275,9 @@ class Policy(nn.Module):
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def make_batch(self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]) -> PolicyBatch:
-        pad = self.tokenizer.pad_token_id
-        prompt, prompt_mask = pad_left(prompt_ids, pad)
-        completion, completion_mask = pad_right(completion_ids, pad)
+        pad_id = self.tokenizer.pad_token_id
+        prompt, prompt_mask = pad(prompt_ids, pad_id, side="left")
+        completion, completion_mask = pad(completion_ids, pad_id, side="right")
         return PolicyBatch(torch.cat([prompt, completion], 1), torch.cat([prompt_mask, completion_mask], 1),
                            completion_mask, prompt.shape[1])
 

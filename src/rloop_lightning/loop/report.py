@@ -38,9 +38,16 @@ def load_run(run_dir: Path) -> dict:
     return run
 
 
+def metric_order(key: str) -> tuple:
+    """avg@n, then pass@k by k, then the rest, within each task/split."""
+    split, metric = key.rsplit("/", 1)
+    kind, _, k = metric.partition("@")
+    return (split, {"avg": 0, "pass": 1}.get(kind, 2), int(k) if k.isdigit() else 0, metric)
+
+
 def metric_table(run: dict) -> tuple[list[str], list[list[str]]]:
     keys = sorted({f"{name}/{metric}" for _, results in run["evals"] for name, ms in results.items()
-                   for metric in ms})
+                   for metric in ms}, key=metric_order)
     rows = []
     for policy, results in run["evals"]:
         flat = {f"{n}/{m}": v for n, ms in results.items() for m, v in ms.items()}

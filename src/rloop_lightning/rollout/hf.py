@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from rloop_lightning.policy import Policy, pad_left
+from rloop_lightning.policy import Policy, pad
 from rloop_lightning.rollout.base import RolloutEngine, Rollouts, SamplingParams
 
 
@@ -50,7 +50,7 @@ class HFGenerateEngine(RolloutEngine):
     def _generate_chunk(self, policy: Policy, requests, sampling: SamplingParams, result: Rollouts) -> None:
         tokenizer = policy.tokenizer
         device = next(policy.model.parameters()).device
-        input_ids, attention_mask = pad_left([ids for _, ids in requests], tokenizer.pad_token_id)
+        input_ids, attention_mask = pad([ids for _, ids in requests], tokenizer.pad_token_id, side="left")
         greedy = sampling.temperature == 0
         output = policy.model.generate(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
