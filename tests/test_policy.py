@@ -369,3 +369,29 @@ def test_rft_lowers_the_nll_of_demonstrations(tmp_path):
         after = mean_nll(policy, batch).item()
     assert before > math.log(len(policy.tokenizer)) - 0.5  # a random model: about uniform
     assert after < before - 1.0, (before, after)
+
+
+def test_export_under_a_sharded_strategy_saves_the_gathered_weights(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from rloop_lightning.callbacks import ExportPolicy
+
+    policy = Policy("rloop/micro-llama")
+    policy.load_model()
+    gathered = {f"policy.model.{k}": v + 1.0 for k, v in policy.model.state_dict().items()}
+
+    class GatheringStrategy(FSDPStrategy):  # what FSDP's full-state-dict gather hands rank 0
+        def lightning_module_state_dict(self):
+            return gathered
+
+        def barrier(self, name=None):
+            pass
+
+    trainer = SimpleNamespace(strategy=GatheringStrategy(), is_global_zero=True, default_root_dir=str(tmp_path))
+    ExportPolicy().on_fit_end(trainer, SimpleNamespace(policy=policy))
+    reloaded = Policy(str(tmp_path / "policy"))
+    reloaded.load_model()
+    for name, value in reloaded.model.state_dict().items():
+        assert torch.equal(value, gathered[f"policy.model.{name}"]), name

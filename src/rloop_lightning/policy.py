@@ -337,18 +337,24 @@ class Policy(nn.Module):
             return self.completion_logprobs(batch, model=model, temperature=temperature)[0]
 
     # ------------------------------------------------------------------ saving
-    def save(self, directory: str | Path, merged: bool = False) -> Path:
-        """Save in Hugging Face format (safetensors): adapter-only under LoRA unless ``merged``."""
+    def save(self, directory: str | Path, merged: bool = False, state_dict: Optional[dict] = None) -> Path:
+        """Save in Hugging Face format (safetensors): adapter-only under LoRA unless ``merged``.
+
+        ``state_dict``: the model's full weights gathered from a sharded strategy (FSDP), used
+        instead of this process's (sharded) parameters.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         model = self.require_model()
         if self.is_peft and merged:
+            if state_dict is not None:
+                raise ValueError("merged export from gathered FSDP weights is not supported; save the adapter")
             if self.load_in_4bit:
                 raise ValueError("cannot merge LoRA into 4-bit weights; save the adapter (merged=False)")
             model = copy.deepcopy(model).merge_and_unload()
         if self.is_peft and not merged:
             model.peft_config["default"].base_model_name_or_path = self._base_reference()
-        model.save_pretrained(directory)
+        model.save_pretrained(directory, **({"state_dict": state_dict} if state_dict is not None else {}))
         self.tokenizer.save_pretrained(directory)
         (directory / "rloop_policy.json").write_text(json.dumps(self.describe(), indent=2))
         return directory

@@ -6,7 +6,10 @@ from pathlib import Path
 from typing import Optional
 
 import lightning as L
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
+
+SHARDED_STRATEGIES = (FSDPStrategy, ModelParallelStrategy)  # parameters are shards: gather before saving
 
 
 class ExportPolicy(L.Callback):
@@ -23,8 +26,13 @@ class ExportPolicy(L.Callback):
         self.merged = merged
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        state_dict = None
+        if isinstance(trainer.strategy, SHARDED_STRATEGIES):  # every rank joins the gather; rank 0 gets it all
+            prefix = "policy.model."
+            gathered = trainer.strategy.lightning_module_state_dict()
+            state_dict = {key[len(prefix):]: value for key, value in gathered.items() if key.startswith(prefix)}
         if trainer.is_global_zero:
             dirpath = self.dirpath or Path(trainer.default_root_dir) / "policy"
-            path = pl_module.policy.save(dirpath, merged=self.merged)
+            path = pl_module.policy.save(dirpath, merged=self.merged, state_dict=state_dict)
             rank_zero_info(f"policy saved to {path}")
         trainer.strategy.barrier("export_policy")
