@@ -128,6 +128,9 @@ def write_results(out: Path, runs: dict[str, list[Path]], doc: Path) -> None:
 
         write_report(dirs[0], runs["vanilla"][0] if name == "rloop" and runs.get("vanilla") else None)
     lines += ["![training reward](results/reward_curves.png)", ""]
+    notes = doc.with_name(doc.stem + "_notes.md")  # hand-written analysis, kept across reruns
+    if notes.exists():
+        lines += [notes.read_text()]
     doc.write_text("\n".join(lines))
     print(doc)
 
