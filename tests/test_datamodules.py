@@ -140,3 +140,16 @@ def test_demonstrations_of_an_empty_split_fail_at_setup():
     datamodule = DemonstrationDataModule(Countdown(num_train=0, num_test=10, num_ood=10))
     with pytest.raises(ValueError, match="task 'countdown' split 'train' is empty"):
         datamodule.setup("fit")
+
+
+@pytest.mark.parametrize("vary", [True, False])
+def test_demonstrations_vary_across_visits_only_when_asked(vary):
+    data = DemonstrationDataModule(Countdown(num_train=50, num_test=10, num_ood=10), vary_demonstrations=vary)
+    data.setup("fit")
+    dataset = data.dataset
+    from rloop_lightning.tasks.countdown import solve
+
+    index = max(range(len(dataset)), key=lambda i: len(solve(dataset.problems[i]["numbers"],
+                                                                dataset.problems[i]["target"])))
+    shown = {dataset[index]["completion"] for _ in range(12)}
+    assert (len(shown) > 1) == vary

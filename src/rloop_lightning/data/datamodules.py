@@ -110,9 +110,10 @@ class DemonstrationDataset(Dataset):
     """A task's problems paired with solver demonstrations; each visit of a problem draws anew,
     so a problem with many solutions is shown several of them over the epochs."""
 
-    def __init__(self, task: Task, problems: list[dict]):
+    def __init__(self, task: Task, problems: list[dict], vary: bool = True):
         self.task = task
         self.problems = problems
+        self.vary = vary
         self.visits = [0] * len(problems)
 
     def __len__(self) -> int:
@@ -121,7 +122,7 @@ class DemonstrationDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         problem = self.problems[index]
         completion = self.task.demonstration(problem, draw=self.visits[index])
-        self.visits[index] += 1
+        self.visits[index] += self.vary
         return {"prompt": problem["prompt"], "completion": completion, "id": problem["id"]}
 
 
@@ -133,10 +134,14 @@ class DemonstrationDataModule(L.LightningDataModule):
         split: which split's problems to demonstrate.
         batch_size: records per training step (per rank).
         num_workers: dataloader worker processes.
+        vary_demonstrations: show a new solution on each visit of a problem (a broad base); False
+            always shows the same one per problem (a narrow base).
     """
 
-    def __init__(self, task: Task, split: Split = "train", batch_size: int = 64, num_workers: int = 0):
+    def __init__(self, task: Task, split: Split = "train", batch_size: int = 64, num_workers: int = 0,
+                 vary_demonstrations: bool = True):
         super().__init__()
+        self.vary_demonstrations = vary_demonstrations
         self.task = task
         self.split = split
         self.batch_size = batch_size
@@ -147,7 +152,7 @@ class DemonstrationDataModule(L.LightningDataModule):
         problems = self.task.load(self.split)
         if not problems:
             raise ValueError(f"task {self.task.name!r} split {self.split!r} is empty: nothing to train on")
-        self.dataset = DemonstrationDataset(self.task, problems)
+        self.dataset = DemonstrationDataset(self.task, problems, self.vary_demonstrations)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, collate_fn=collate_records,
