@@ -75,14 +75,6 @@ def pad(rows: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tupl
     return ids, mask
 
 
-def completion_logprobs_from_logits(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """Log-prob of ``targets`` [N, C] under ``logits`` [N, C, V], and the entropy per position."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    chosen = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = -(log_probs.exp() * log_probs).sum(-1)
-    return chosen, entropy
-
-
 def keep_trainable_4bit_layout(model: nn.Module) -> None:
     """Stop bitsandbytes repacking 4-bit weights for its AVX512-BF16 CPU inference kernel.
 
@@ -310,11 +302,14 @@ class Policy(nn.Module):
         if temperature and temperature != 1.0:
             logits = logits / temperature
         targets = batch.input_ids[:, batch.prompt_length:]
+        log_probs = torch.log_softmax(logits.float(), dim=-1)  # [N, C, V]
+        chosen = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [N, C]
         if not with_entropy:
-            log_probs = torch.log_softmax(logits.float(), dim=-1)
-            return log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1), None
-        chosen, entropy = completion_logprobs_from_logits(logits, targets)
-        return chosen, entropy.detach()
+            return chosen, None
+        with torch.no_grad():  # a diagnostic: no [N, C, V] graph kept alive until backward
+            detached = log_probs.detach()
+            entropy = -(detached.exp() * detached).sum(-1)
+        return chosen, entropy
 
     @contextmanager
     def reference(self) -> Iterator[nn.Module]:

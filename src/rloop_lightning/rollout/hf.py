@@ -26,6 +26,10 @@ def inference_mode(model: torch.nn.Module):
 class HFGenerateEngine(RolloutEngine):
     """Batched sampling through ``model.generate``.
 
+    ``generate`` keeps every step's processed logits to report sampler log-probs, B x T x V floats
+    per call: ``batch_size`` bounds that; for long completions with a large vocabulary on a GPU, the
+    vLLM engine is the better choice.
+
     Args:
         batch_size: completions generated per ``generate`` call (memory knob).
     """
@@ -61,8 +65,10 @@ class HFGenerateEngine(RolloutEngine):
             output_scores=True, return_dict_in_generate=True, use_cache=True,
         )
         generated = output.sequences[:, input_ids.shape[1]:]  # [B, T]
-        scores = torch.stack(output.scores, dim=1).float()  # [B, T, V] processed (sampling) logits
-        logprobs = torch.log_softmax(scores, -1).gather(-1, generated.unsqueeze(-1)).squeeze(-1)
+        # output.scores: T tensors [B, V] of processed (sampling) logits; gather step by step rather
+        # than stacking a [B, T, V] copy
+        logprobs = torch.stack([torch.log_softmax(step.float(), -1).gather(-1, generated[:, t, None]).squeeze(-1)
+                                for t, step in enumerate(output.scores)], dim=1)  # [B, T]
         eos = generated == tokenizer.eos_token_id
         has_eos = eos.any(1)
         lengths = torch.where(has_eos, eos.int().argmax(1) + 1, torch.full_like(has_eos, generated.shape[1], dtype=torch.long))
