@@ -67,8 +67,8 @@ def test_dapo_recipe_settings():
     assert model.overlong.mode == "soft_penalty" and model.num_generations == 16
     assert model.engine.class_path == "rloop_lightning.rollout.vllm.VLLMEngine"
     strategy = config.trainer.strategy
-    assert strategy.class_path == "lightning.pytorch.strategies.FSDPStrategy"
-    assert strategy.init_args.state_dict_type == "full" and config.trainer.devices == 8
+    assert strategy.class_path == "lightning.pytorch.strategies.ModelParallelStrategy"  # FSDP2
+    assert strategy.init_args.save_distributed_checkpoint is False and config.trainer.devices == 8
     assert config.data.init_args.task.class_path == "rloop_lightning.tasks.DAPOMath"
 
 
@@ -134,14 +134,17 @@ def test_sweep_command_parses_with_sampled_values(path, monkeypatch):
         assert parsed == pytest.approx(value) if isinstance(value, float) else parsed == value
 
 
+FSDP1_GRPO = ["--config", str(CONFIGS / "grpo/tiny_countdown.yaml"), "--config", str(CONFIGS / "strategies/fsdp.yaml")]
+
+
 def test_fsdp_on_this_cpu_machine_is_refused_naming_cuda(monkeypatch):
     monkeypatch.undo()  # the real pre-instantiation checks
     with pytest.raises(RuntimeError, match="needs CUDA"):
-        lightning_cli(GRPOModule, ["--config", str(CONFIGS / "recipes/dapo_qwen2.5_math_7b_grpo.yaml")], run=False)
+        lightning_cli(GRPOModule, FSDP1_GRPO, run=False)
 
 
-def test_grpo_under_fsdp_is_refused_even_with_cuda(monkeypatch):
+def test_grpo_under_fsdp1_is_refused_even_with_cuda_pointing_to_fsdp2(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
-    with pytest.raises(NotImplementedError, match="GRPO under FSDPStrategy"):
-        lightning_cli(GRPOModule, ["--config", str(CONFIGS / "recipes/dapo_qwen2.5_math_7b_grpo.yaml")], run=False)
+    with pytest.raises(NotImplementedError, match="fsdp2.yaml"):
+        lightning_cli(GRPOModule, FSDP1_GRPO, run=False)

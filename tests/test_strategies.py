@@ -208,3 +208,40 @@ def test_grpo_fit_under_ddp_on_two_cpu_processes(tmp_path):
     initial = sum(float(p.detach().double().sum()) for p in Policy("rloop/micro-llama").load_model().parameters())
     assert checksums[0] == pytest.approx(checksums[1], abs=1e-9)  # gradients were averaged across ranks
     assert checksums[0] != pytest.approx(initial, abs=1e-6)  # and the policy did train
+
+
+class ShardingProbe(L.Callback):
+    """Record, per rank, whether the policy's parameters are FSDP2 shards and how many elements it holds."""
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        from torch.distributed.tensor import DTensor
+
+        parameters = list(pl_module.policy.parameters())
+        local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in parameters)
+        path = Path(trainer.default_root_dir) / f"sharding.rank{trainer.global_rank}.json"
+        path.write_text(json.dumps({"dtensor": all(isinstance(p, DTensor) for p in parameters), "local": local}))
+
+
+def test_grpo_fit_under_fsdp2_on_two_cpu_processes_exports_full_weights(tmp_path):
+    config = tmp_path / "run.yaml"
+    root = tmp_path / "run"
+    config.write_text(RUN_CONFIG.format(root=root).replace(
+        "    - class_path: test_strategies.WeightChecksum",
+        "    - class_path: test_strategies.ShardingProbe\n    - class_path: rloop_lightning.callbacks.ExportPolicy"))
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
+                                                                 os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "rloop_lightning", "grpo", "fit", "--config", str(config),
+               "--config", str(ROOT / "configs/strategies/fsdp2_cpu.yaml")]
+    result = subprocess.run(command, check=False, cwd=tmp_path, env=environment, capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    initial = Policy("rloop/micro-llama").load_model()
+    total = sum(p.numel() for p in initial.parameters())
+    probes = [json.loads((root / f"sharding.rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(p["dtensor"] for p in probes) and all(p["local"] < total for p in probes)  # really sharded
+    for rank in ("00", "01"):
+        assert (root / "experts" / f"rank{rank}").is_dir()
+    exported = Policy(str(root / "policy")).load_model()  # full weights, loadable without FSDP
+    shapes = {n: p.shape for n, p in initial.named_parameters()}
+    assert {n: p.shape for n, p in exported.named_parameters()} == shapes
+    assert any(not torch.equal(a, b) for a, b in zip(exported.parameters(), initial.parameters()))  # trained

@@ -43,9 +43,9 @@ class PhaseCLI(LightningCLI):
             check_strategy(trainer.get("accelerator", "auto"), _class_path_or_value(trainer.get("strategy", "auto")))
             if self.model_class is GRPOModule and "FSDP" in str(_class_path_or_value(trainer.get("strategy"))):
                 raise NotImplementedError(
-                    "GRPO under FSDPStrategy is not supported yet: its manual backward runs inside FSDP's outer "
-                    "forward, after which full weights cannot be gathered (vLLM sync, export). Use DDP with "
-                    "LoRA/QLoRA for now; FSDP2 (ModelParallelStrategy) is the planned route. RFT supports FSDP.")
+                    "GRPO under FSDPStrategy (FSDP1) is not supported: its manual backward runs inside FSDP1's root "
+                    "forward, after which full weights cannot be gathered (vLLM sync, export). Use FSDP2 instead: "
+                    "--config configs/strategies/fsdp2.yaml (ModelParallelStrategy), or DDP with LoRA/QLoRA.")
 
 
 def _class_path_or_value(value):

@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from rloop_lightning.algorithms.kl import kl_penalty
 from rloop_lightning.policy import Policy
+from rloop_lightning.strategies import is_sharded, shard_with_fsdp2
 
 
 class RFTModule(L.LightningModule):
@@ -49,7 +50,9 @@ class RFTModule(L.LightningModule):
         self._step_started = time.perf_counter()
 
     def configure_model(self) -> None:
-        self.policy.load_model()
+        model = self.policy.load_model()
+        if self._device_mesh is not None and not is_sharded(model):  # ModelParallelStrategy: FSDP2
+            shard_with_fsdp2(model, self._device_mesh)
 
     def configure_optimizers(self):
         parameters = [p for p in self.policy.parameters() if p.requires_grad]

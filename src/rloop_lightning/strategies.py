@@ -113,3 +113,28 @@ def check_strategy(accelerator: Any, strategy: Any) -> None:
                   else "no CUDA device is visible: check the driver (nvidia-smi) and CUDA_VISIBLE_DEVICES")
         raise RuntimeError(f"strategy {strategy_name!r} needs CUDA GPUs but torch.cuda.is_available() is False: "
                            f"{reason}. On CPU use configs/strategies/ddp_cpu.yaml")
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are FSDP2 shards (DTensors): forwards then all-gather."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def shard_with_fsdp2(model: nn.Module, device_mesh) -> nn.Module:
+    """Apply FSDP2 ``fully_shard`` to every decoder layer, then to the whole model (in place).
+
+    Called from ``configure_model`` under ``ModelParallelStrategy``; sharding is over the mesh's
+    ``data_parallel`` dimension. Unlike FSDP1 under Lightning, FSDP2 has no root forward wrapping
+    ``training_step``, so GRPO's manual backward and the full-weight gathers work.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
+    layers = tuple(decoder_layer_classes(model))
+    for module in model.modules():
+        if isinstance(module, layers):
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model

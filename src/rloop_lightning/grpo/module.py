@@ -36,6 +36,7 @@ from rloop_lightning.algorithms.importance import (
 from rloop_lightning.grpo.groups import Group, ScoringStats, flatten, score_groups, trajectories
 from rloop_lightning.grpo.metrics import step_metrics, step_sums
 from rloop_lightning.policy import Policy, PolicyBatch
+from rloop_lightning.strategies import is_sharded, shard_with_fsdp2
 from rloop_lightning.prompt_stats import PromptStats
 from rloop_lightning.rewards.runner import RewardRunner, check_reward_output, function_name
 from rloop_lightning.rollout.base import RolloutEngine, SamplingParams
@@ -181,7 +182,9 @@ class GRPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------ set-up
     def configure_model(self) -> None:
-        self.policy.load_model()
+        model = self.policy.load_model()
+        if self._device_mesh is not None and not is_sharded(model):  # ModelParallelStrategy: FSDP2
+            shard_with_fsdp2(model, self._device_mesh)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])

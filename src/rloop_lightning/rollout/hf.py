@@ -9,6 +9,7 @@ import torch
 
 from rloop_lightning.policy import Policy, pad
 from rloop_lightning.rollout.base import RolloutEngine, Rollouts, SamplingParams
+from rloop_lightning.strategies import is_sharded
 
 
 @contextmanager
@@ -56,13 +57,16 @@ class HFGenerateEngine(RolloutEngine):
         device = next(policy.model.parameters()).device
         input_ids, attention_mask = pad([ids for _, ids in requests], tokenizer.pad_token_id, side="left")
         greedy = sampling.temperature == 0
+        # FSDP2 shards all-gather in every forward: ranks must run the same number of decoding
+        # steps, so generate keeps stepping until every rank is done (HF's synced_gpus)
+        synced = torch.distributed.is_available() and torch.distributed.is_initialized() and is_sharded(policy.model)
         output = policy.model.generate(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
             max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
             temperature=None if greedy else sampling.temperature,
             top_p=None if greedy else sampling.top_p, top_k=None if greedy else sampling.top_k,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            output_scores=True, return_dict_in_generate=True, use_cache=True,
+            output_scores=True, return_dict_in_generate=True, use_cache=True, synced_gpus=synced,
         )
         generated = output.sequences[:, input_ids.shape[1]:]  # [B, T]
         # output.scores: T tensors [B, V] of processed (sampling) logits; gather step by step rather
