@@ -34,6 +34,8 @@ def offline(monkeypatch):
 
 def parse(command: str, args: list[str]):
     """The validated config namespace of ``rloop <command> fit`` (or ``rloop eval``) with ``args``."""
+    if command == "fit":  # an RLoop loop recipe
+        return fit_parser().parse_args(args)
     if command == "eval":
         parser = ArgumentParser(exit_on_error=False)
         parser.add_argument("--config", action=ActionConfigFile)
@@ -44,14 +46,24 @@ def parse(command: str, args: list[str]):
 
 def command_of(path: Path) -> str:
     """The ``rloop`` command a recipe's header documents (``rloop grpo fit --config ...``)."""
-    match = re.search(r"rloop (grpo|rft|eval)\b", path.read_text())
+    match = re.search(r"rloop (grpo|rft|eval|fit)\b", path.read_text())
     assert match, f"{path.name}: the header should show the rloop command that runs it"
     return match.group(1)
 
 
 def test_there_are_recipes():
-    assert {p.stem for p in RECIPES} >= {"qlora_gsm8k_grpo", "qlora_gsm8k_rft", "dapo_qwen2.5_math_7b_grpo",
-                                         "dapo_qwen2.5_math_7b_rft"}
+    assert {p.stem for p in RECIPES} >= {"qlora_gsm8k_grpo", "qlora_gsm8k_rft", "qlora_gsm8k_rloop",
+                                         "dapo_qwen2.5_math_7b_grpo", "dapo_qwen2.5_math_7b_rft",
+                                         "dapo_qwen2.5_math_7b_rloop"}
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if p.stem.endswith("_rloop")], ids=lambda p: p.stem)
+def test_loop_recipes_name_phase_recipes_that_exist(path, monkeypatch):
+    monkeypatch.chdir(CONFIGS.parent)
+    config = parse("fit", ["--config", str(path)])
+    for phase in (config.grpo.config, config.rft.config):
+        assert (CONFIGS.parent / phase).exists(), phase
+        parse(command_of(CONFIGS.parent / phase), ["--config", phase])
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)

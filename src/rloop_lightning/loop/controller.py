@@ -38,6 +38,7 @@ from rloop_lightning.loop.manifest import Manifest
 from rloop_lightning.policy import Policy
 from rloop_lightning.prompt_stats import PromptStats
 from rloop_lightning.rft import RFTModule
+from rloop_lightning.rollout.base import RolloutEngine
 from rloop_lightning.rollout.hf import HFGenerateEngine
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,8 @@ class RLoop:
         vanilla: the plain-RL baseline: chained GRPO phases, no RFT, no re-initialisation.
         evaluate_rl_end: also evaluate each GRPO phase's end point (RLoop runs).
         rft_from: where RFT starts: ``theta_k`` (RLoop) or ``rl_end``, the GRPO end point (ablation).
+        eval_engine: rollout engine of the held-out evaluations (default: Hugging Face ``generate``;
+            ``VLLMEngine`` for large models).
         wandb_project: log held-out metrics per iteration to this W&B project (sweeps optimise
             ``final/<task>/<split>/<metric>``); in a sweep each run gets ``run_dir/<W&B run id>``.
         seed: base seed; phase k uses ``seed + 1000 k`` (+1 for RFT).
@@ -100,7 +103,8 @@ class RLoop:
                  evaluators: list[Evaluator], iterations: int = 2,
                  expert_set: Optional[ExpertSetSettings] = None, vanilla: bool = False,
                  evaluate_rl_end: bool = False, rft_from: Literal["theta_k", "rl_end"] = "theta_k",
-                 seed: int = 0, resume: bool = True, wandb_project: Optional[str] = None):
+                 seed: int = 0, resume: bool = True, eval_engine: Optional[RolloutEngine] = None,
+                 wandb_project: Optional[str] = None):
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
         self.run_dir = Path(run_dir)
@@ -116,6 +120,7 @@ class RLoop:
         self.seed = seed
         self.resume = resume
         self.wandb_project = wandb_project
+        self.eval_engine = eval_engine
         self.manifest = Manifest(self.run_dir)
 
     # ------------------------------------------------------------------ driver
@@ -242,7 +247,7 @@ class RLoop:
     def evaluate(self, policy_path: str, output: Path) -> dict:
         policy = Policy(policy_path, **self._policy_settings())
         policy.load_model()
-        engine = HFGenerateEngine()
+        engine = self.eval_engine or HFGenerateEngine()
         results = {}
         for evaluator in self.evaluators:
             torch.manual_seed(self.seed)  # the same sampling noise for every policy
