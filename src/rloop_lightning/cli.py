@@ -106,7 +106,7 @@ def fit_parser():
 
     from rloop_lightning.loop import RLoop
 
-    parser = ArgumentParser(prog="rloop fit", description=RLoop.__doc__)
+    parser = ArgumentParser(prog="rloop fit", description=RLoop.__doc__.strip().splitlines()[0])
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config (repeatable; later wins)")
     parser.add_class_arguments(RLoop, None, fail_untyped=True)
     return parser
