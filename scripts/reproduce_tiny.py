@@ -1,15 +1,21 @@
-"""Seeded side-by-side study on the tiny Countdown setting: RLoop vs plain GRPO, plus ablations.
+"""Seeded side-by-side study on a tiny CPU setting: RLoop vs plain GRPO, plus ablations.
 
-Every run is ``rloop fit --config configs/tiny_cpu.yaml`` with a different run directory, seed and
-flags, so each row of the results is one command away from being reproduced by hand:
+Every run is ``rloop fit --config CONFIG`` with a different run directory, seed and flags, so each
+row of the results is one command away from being reproduced by hand. CONFIG is a loop config:
+``configs/tiny_cpu.yaml`` (Countdown, the default) or ``configs/tiny_cpu_arithmetic.yaml``
+(multi-step arithmetic).
 
     python scripts/reproduce_tiny.py                 # 3 seeds x {RLoop, vanilla} + ablations (seed 0)
     python scripts/reproduce_tiny.py --quick         # 1 seed, RLoop vs vanilla only
+    python scripts/reproduce_tiny.py --no-ablations  # 3 seeds x {RLoop, vanilla} only
     python scripts/reproduce_tiny.py --report-only   # re-aggregate finished runs
+    python scripts/reproduce_tiny.py --config configs/tiny_cpu_arithmetic.yaml --no-ablations
 
 Equal compute: the vanilla baseline runs the same K GRPO phases with the same steps, prompts and
-rollouts per step from the same base; RLoop adds the (cheap) RFT phases on top. Results go to
-``docs/results.md`` and ``docs/results/*.png``.
+rollouts per step from the same base; RLoop adds the (cheap) RFT phases on top. Runs of a config go
+to ``runs/study/<config stem>/<name>_seed<S>``; its section of the results to
+``docs/results/<config stem>.md`` (+ ``<config stem>_reward_curves.png``), and ``docs/results.md``
+gathers every config's section, default config first, then ``docs/results_notes.md``.
 """
 
 from __future__ import annotations
@@ -20,11 +26,12 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = "configs/tiny_cpu.yaml"
+DEFAULT_CONFIG = "configs/tiny_cpu.yaml"
 VARIANTS = {  # name -> extra `rloop fit` flags
     "rloop": [],
     "vanilla": ["--vanilla", "true"],
@@ -39,14 +46,15 @@ ABLATIONS = {
 METRICS = ["avg@32", "pass@1", "pass@4", "pass@16", "pass@32", "greedy_accuracy"]
 
 
-def run_one(out: Path, name: str, seed: int, flags: list[str]) -> Path:
+def run_one(config: str, out: Path, name: str, seed: int, flags: list[str]) -> Path:
     run_dir = out / f"{name}_seed{seed}"
-    command = [sys.executable, "-m", "rloop_lightning", "fit", "--config", CONFIG, "--run_dir", str(run_dir),
+    command = [sys.executable, "-m", "rloop_lightning", "fit", "--config", config, "--run_dir", str(run_dir),
                "--seed", str(seed), *flags]
     env = dict(os.environ, OMP_NUM_THREADS="1")  # parallel runs must not oversubscribe the cores
     log = out / f"{name}_seed{seed}.log"
     with open(log, "w") as handle:
-        result = subprocess.run(command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        result = subprocess.run(command, check=False, cwd=ROOT, env=env, stdout=handle,
+                                stderr=subprocess.STDOUT)
     if result.returncode:
         raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}); see {log}")
     print(f"done: {name} seed {seed}", flush=True)
@@ -107,27 +115,46 @@ def plot_curves(runs: dict[str, list[Path]], path: Path) -> None:
     plt.close(figure)
 
 
-def write_results(out: Path, runs: dict[str, list[Path]], doc: Path) -> None:
-    figures = doc.parent / "results"
+def write_section(config: str, runs: dict[str, list[Path]], figures: Path) -> Path:
+    """``figures/<config stem>.md``: this config's tables (one per evaluated split) and reward curves."""
+    from rloop_lightning.loop.report import write_report
+
+    stem = Path(config).stem
     figures.mkdir(parents=True, exist_ok=True)
     evals = {name: [final_eval(d) for d in dirs] for name, dirs in runs.items() if dirs}
     first = next(iter(runs.values()))[0]
     rows = {"theta_0 (base)": [base_eval(first)], **evals}
-    splits = list(base_eval(first))
-    lines = ["# Results: RLoop vs plain GRPO on the tiny Countdown setting", "",
-             "Produced by `python scripts/reproduce_tiny.py` (each run is `rloop fit --config "
-             f"{CONFIG} --run_dir ... --seed S` plus the flags named below). Held-out metrics of the "
-             "final policy theta_K; mean ± std over seeds.", ""]
+    splits = sorted(base_eval(first), key=lambda split: (not split.endswith("/test"), split))  # test first
+    tasks = ", ".join(sorted({split.split("/")[0] for split in splits}))
+    lines = [f"## {tasks} (`{config}`)", "",
+             (f"Produced by `python scripts/reproduce_tiny.py --config {config}` (each run is `rloop fit "
+              f"--config {config} --run_dir ... --seed S` plus the flags named below). Held-out metrics of "
+              "the final policy theta_K; mean ± std over seeds."), ""]
     for split in splits:
-        lines += [f"## {split}", ""] + table(rows, split) + [""]
+        lines += [f"### {split}", ""] + table(rows, split) + [""]
     lines += ["Flags: " + "; ".join(f"`{n}`: `{' '.join(f) or '(defaults)'}`"
                                     for n, f in {**VARIANTS, **ABLATIONS}.items() if n in runs), ""]
-    plot_curves(runs, figures / "reward_curves.png")
+    if "trl" in runs:
+        lines += ["`trl`: plain GRPO in TRL's GRPOTrainer at the same settings (`python scripts/trl_arm.py`), "
+                  "evaluated by the same Evaluator.", ""]
+    plot_curves(runs, figures / f"{stem}_reward_curves.png")
     for name, dirs in runs.items():
-        from rloop_lightning.loop.report import write_report
+        if name != "trl":  # TRL runs have only their final evaluation
+            write_report(dirs[0], runs["vanilla"][0] if name == "rloop" and runs.get("vanilla") else None)
+    lines += [f"![training reward, {tasks}]({figures.name}/{stem}_reward_curves.png)", ""]
+    section = figures / f"{stem}.md"
+    section.write_text("\n".join(lines))
+    return section
 
-        write_report(dirs[0], runs["vanilla"][0] if name == "rloop" and runs.get("vanilla") else None)
-    lines += ["![training reward](results/reward_curves.png)", ""]
+
+def write_results(doc: Path) -> None:
+    """``doc``: every config's section (the default config's first), then the hand-written notes."""
+    default = Path(DEFAULT_CONFIG).stem
+    sections = sorted((doc.parent / "results").glob("*.md"),
+                      key=lambda path: (path.stem != default, path.stem))
+    lines = ["# Results: RLoop vs plain GRPO on the tiny CPU settings", "",
+             "One section per task, each generated by `python scripts/reproduce_tiny.py --config CONFIG`.", ""]
+    lines += [section.read_text() for section in sections]
     notes = doc.with_name(doc.stem + "_notes.md")  # hand-written analysis, kept across reruns
     if notes.exists():
         lines += [notes.read_text()]
@@ -137,29 +164,39 @@ def write_results(out: Path, runs: dict[str, list[Path]], doc: Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="loop config (path from the repository root)")
     parser.add_argument("--quick", action="store_true", help="one seed, RLoop vs vanilla only")
+    parser.add_argument("--no-ablations", action="store_true", help="every seed, RLoop vs vanilla only")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one core each)")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "study")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "study",
+                        help="runs go to OUT/<config stem>/<name>_seed<S>")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
     parser.add_argument("--report-only", action="store_true", help="aggregate finished runs, run nothing")
     args = parser.parse_args(argv)
+    out = args.out / Path(args.config).stem
     seeds = args.seeds[:1] if args.quick else args.seeds
     plan = [(name, seed, flags) for name, flags in VARIANTS.items() for seed in seeds]
-    if not args.quick:
+    if not (args.quick or args.no_ablations):
         plan += [(name, seeds[0], flags) for name, flags in ABLATIONS.items()]
-    args.out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
+        started = time.perf_counter()
         # build the shared base once, before the parallel runs race to build it
-        run_one(args.out, "rloop", seeds[0], VARIANTS["rloop"])
+        run_one(args.config, out, *plan[0])
         with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda job: run_one(args.out, *job), plan[1:]))
+            list(pool.map(lambda job: run_one(args.config, out, *job), plan[1:]))
+        print(f"{len(plan)} runs in {time.perf_counter() - started:.0f} s", flush=True)
     runs: dict[str, list[Path]] = {}
-    for name, seed, _ in plan:
-        run_dir = args.out / f"{name}_seed{seed}"
+    # the TRL arm is run by scripts/trl_arm.py into the same layout; tabulate it when present
+    for name, seed, _ in plan + [("trl", seed, []) for seed in seeds]:
+        run_dir = out / f"{name}_seed{seed}"
         if (run_dir / "manifest.json").exists() and list(run_dir.glob("iter_*/eval/eval.json")):
             runs.setdefault(name, []).append(run_dir)
-    write_results(args.out, runs, args.doc)
+    if not runs:
+        raise SystemExit(f"no finished runs under {out}")
+    write_section(args.config, runs, args.doc.parent / "results")
+    write_results(args.doc)
 
 
 if __name__ == "__main__":

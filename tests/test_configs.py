@@ -13,7 +13,7 @@ from rloop_lightning.rft import RFTModule
 from test_recipes import parse
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-LOOP_CONFIGS = [CONFIGS / "tiny_cpu.yaml"]
+LOOP_CONFIGS = [CONFIGS / "tiny_cpu.yaml", CONFIGS / "tiny_cpu_arithmetic.yaml"]
 PHASES = {"base": RFTModule, "rft": RFTModule, "grpo": GRPOModule}
 
 

@@ -78,3 +78,8 @@ def test_mark_done_persists_across_instances(tmp_path):
     assert sorted(third.data["completed"]) == ["iter_00/expert_set", "iter_00/grpo"]  # saved with sorted keys
     assert third.data["config"] == CONFIG
     assert not list(tmp_path.glob(".manifest.json.tmp-*"))  # atomic writes leave no temporary file
+
+
+def test_a_field_added_later_with_a_null_default_is_no_difference():
+    assert config_differences({"a": 1}, {"a": 1, "eval_engine": None}) == []
+    assert config_differences({"a": 1}, {"a": 1, "eval_engine": "vllm"}) == ["eval_engine: '<absent>' -> 'vllm'"]

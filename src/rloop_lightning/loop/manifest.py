@@ -28,11 +28,16 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
-    """Dotted fields whose values differ between two configs, as readable lines."""
+    """Dotted fields whose values differ between two configs, as readable lines.
+
+    A field absent on one side and null on the other is no difference: a field added to the code
+    later, with a null (off) default, does not change what an older run directory did.
+    """
     old_flat, new_flat = flatten(old), flatten(new)
     lines = []
     for key in sorted(set(old_flat) | set(new_flat)):
-        if old_flat.get(key, "<absent>") != new_flat.get(key, "<absent>"):
+        before, after = old_flat.get(key), new_flat.get(key)
+        if before != after:
             lines.append(f"{key}: {old_flat.get(key, '<absent>')!r} -> {new_flat.get(key, '<absent>')!r}")
     return lines
 
