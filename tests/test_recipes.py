@@ -160,3 +160,11 @@ def test_grpo_under_fsdp1_is_refused_even_with_cuda_pointing_to_fsdp2(monkeypatc
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     with pytest.raises(NotImplementedError, match="fsdp2.yaml"):
         lightning_cli(GRPOModule, FSDP1_GRPO, run=False)
+
+
+def test_grpo_refuses_the_fsdp_shorthand_too(monkeypatch):
+    monkeypatch.undo()
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    with pytest.raises(NotImplementedError, match="fsdp2.yaml"):
+        lightning_cli(GRPOModule, ["--config", str(CONFIGS / "grpo/tiny_countdown.yaml"), "--trainer.accelerator",
+                                   "gpu", "--trainer.strategy", "fsdp"], run=False)

@@ -41,7 +41,7 @@ class PhaseCLI(LightningCLI):
         trainer = config.get("trainer")
         if trainer is not None:
             check_strategy(trainer.get("accelerator", "auto"), _class_path_or_value(trainer.get("strategy", "auto")))
-            if self.model_class is GRPOModule and "FSDP" in str(_class_path_or_value(trainer.get("strategy"))):
+            if self.model_class is GRPOModule and "fsdp" in str(_class_path_or_value(trainer.get("strategy"))).lower():
                 raise NotImplementedError(
                     "GRPO under FSDPStrategy (FSDP1) is not supported: its manual backward runs inside FSDP1's root "
                     "forward, after which full weights cannot be gathered (vLLM sync, export). Use FSDP2 instead: "
