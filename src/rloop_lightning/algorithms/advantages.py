@@ -27,6 +27,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from rloop_lightning.algorithms.registry import pick
+
 AdvantageEstimator = Literal["grpo", "dr_grpo", "batch_std", "none"]
 
 
@@ -76,12 +78,7 @@ def group_advantages(
     """Advantages of ``G`` completions of each of ``B`` prompts; see the module docstring."""
     if rewards.dim() != 2:
         raise ValueError(f"rewards must have shape [B, G], got {tuple(rewards.shape)}")
-    try:
-        fn = ADVANTAGE_ESTIMATORS[estimator]
-    except KeyError:
-        raise ValueError(
-            f"unknown advantage estimator {estimator!r}; choose one of {sorted(ADVANTAGE_ESTIMATORS)}"
-        ) from None
+    fn = pick(ADVANTAGE_ESTIMATORS, estimator, "advantage estimator")
     if not rewards.is_floating_point():
         rewards = rewards.float()
     return fn(rewards, eps)

@@ -25,6 +25,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from rloop_lightning.algorithms.registry import pick
+
 ImportanceLevel = Literal["token", "sequence"]
 ImportanceMode = Literal["truncate", "mask"]
 
@@ -72,11 +74,7 @@ def truncated_importance_weights(
         raise ValueError(f"log-probs must be [N, T], got {tuple(trainer_logprobs.shape)}")
     if cap <= 0:
         raise ValueError(f"cap must be positive, got {cap}")
-    try:
-        log_ratio_fn, weight_fn = LEVELS[level], MODES[mode]
-    except KeyError:
-        raise ValueError(f"unknown level {level!r} or mode {mode!r}; levels {sorted(LEVELS)}, "
-                         f"modes {sorted(MODES)}") from None
+    log_ratio_fn, weight_fn = pick(LEVELS, level, "level"), pick(MODES, mode, "mode")
     with torch.no_grad():
         valid = mask != 0
         zero = torch.zeros((), dtype=torch.float32, device=trainer_logprobs.device)

@@ -24,6 +24,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from rloop_lightning.algorithms.registry import pick
+
 KLEstimator = Literal["k1", "k2", "k3"]
 
 
@@ -50,10 +52,5 @@ def kl_penalty(
     log_ratio_clamp: float = 20.0,
 ) -> Tensor:  # [N, T]
     """Per-token KL penalty; mask and aggregate it like the policy loss (padding is not masked here)."""
-    try:
-        fn = KL_ESTIMATORS[estimator]
-    except KeyError:
-        raise ValueError(
-            f"unknown KL estimator {estimator!r}; choose one of {sorted(KL_ESTIMATORS)}"
-        ) from None
+    fn = pick(KL_ESTIMATORS, estimator, "KL estimator")
     return fn(ref_logprobs - logprobs, log_ratio_clamp)  # x = log(pi_ref / pi_theta), [N, T]

@@ -37,6 +37,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from rloop_lightning.algorithms.registry import pick
+
 LossAggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
 RatioLevel = Literal["token", "sequence"]
 
@@ -84,10 +86,7 @@ def aggregate(
         raise ValueError(
             f"values and mask must both be [N, T]; got {tuple(values.shape)}, {tuple(mask.shape)}"
         )
-    try:
-        fn = AGGREGATIONS[mode]
-    except KeyError:
-        raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {sorted(AGGREGATIONS)}") from None
+    fn = pick(AGGREGATIONS, mode, "loss aggregation")
     return fn(values, mask.to(values.dtype), max_completion_length)
 
 
@@ -159,10 +158,7 @@ def clipped_policy_loss(
         raise ValueError(
             f"need 0 <= clip_eps_low < 1 and clip_eps_high >= 0, got {clip_eps_low}, {clip_eps_high}"
         )
-    try:
-        ratio_fn = RATIOS[ratio_level]
-    except KeyError:
-        raise ValueError(f"unknown ratio level {ratio_level!r}; choose one of {sorted(RATIOS)}") from None
+    ratio_fn = pick(RATIOS, ratio_level, "ratio level")
     mask = mask.to(logprobs.dtype)
     advantages = advantages.to(logprobs.dtype)
     advantages = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages  # [N, 1] or [N, T]
