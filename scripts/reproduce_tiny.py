@@ -8,6 +8,7 @@ row of the results is one command away from being reproduced by hand. CONFIG is 
     python scripts/reproduce_tiny.py                 # 3 seeds x {RLoop, vanilla} + ablations (seed 0)
     python scripts/reproduce_tiny.py --quick         # 1 seed, RLoop vs vanilla only
     python scripts/reproduce_tiny.py --no-ablations  # 3 seeds x {RLoop, vanilla} only
+    python scripts/reproduce_tiny.py --ablation-seeds 3  # ablations over all 3 seeds too
     python scripts/reproduce_tiny.py --report-only   # re-aggregate finished runs
     python scripts/reproduce_tiny.py --config configs/tiny_cpu_arithmetic.yaml --no-ablations
 
@@ -167,6 +168,7 @@ def main(argv=None) -> None:
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="loop config (path from the repository root)")
     parser.add_argument("--quick", action="store_true", help="one seed, RLoop vs vanilla only")
     parser.add_argument("--no-ablations", action="store_true", help="every seed, RLoop vs vanilla only")
+    parser.add_argument("--ablation-seeds", type=int, default=1, help="how many of --seeds the ablations use")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one core each)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "study",
@@ -178,7 +180,7 @@ def main(argv=None) -> None:
     seeds = args.seeds[:1] if args.quick else args.seeds
     plan = [(name, seed, flags) for name, flags in VARIANTS.items() for seed in seeds]
     if not (args.quick or args.no_ablations):
-        plan += [(name, seeds[0], flags) for name, flags in ABLATIONS.items()]
+        plan += [(name, seed, flags) for name, flags in ABLATIONS.items() for seed in seeds[: args.ablation_seeds]]
     out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         started = time.perf_counter()
