@@ -12,16 +12,15 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from rloop_lightning.algorithms.kl import kl_penalty
 from rloop_lightning.policy import Policy
-from rloop_lightning.strategies import is_sharded, shard_with_fsdp2
+from rloop_lightning.policy_module import PolicyModule
 
 
-class RFTModule(L.LightningModule):
+class RFTModule(PolicyModule):
     """SFT with the loss on completion tokens only.
 
     Args:
@@ -40,27 +39,11 @@ class RFTModule(L.LightningModule):
         max_length: Optional[int] = None,
         kl_coef: float = 0.0,
     ):
-        super().__init__()
+        super().__init__(policy, optimizer, lr_scheduler)
         self.save_hyperparameters(ignore=["policy", "optimizer", "lr_scheduler"])
-        self.policy = policy
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = lr_scheduler
         self.max_length = max_length
         self.kl_coef = kl_coef
         self._step_started = time.perf_counter()
-
-    def configure_model(self) -> None:
-        model = self.policy.load_model()
-        if self._device_mesh is not None and not is_sharded(model):  # ModelParallelStrategy: FSDP2
-            shard_with_fsdp2(model, self._device_mesh)
-
-    def configure_optimizers(self):
-        parameters = [p for p in self.policy.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(parameters)
-        if self.scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
 
     def training_step(self, records: list[dict], batch_index: int) -> torch.Tensor:
         batch = self.policy.encode_pairs(

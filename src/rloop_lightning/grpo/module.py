@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
@@ -36,7 +35,7 @@ from rloop_lightning.algorithms.importance import (
 from rloop_lightning.grpo.groups import Group, ScoringStats, flatten, score_groups, trajectories
 from rloop_lightning.grpo.metrics import step_metrics, step_sums
 from rloop_lightning.policy import Policy, PolicyBatch
-from rloop_lightning.strategies import is_sharded, shard_with_fsdp2
+from rloop_lightning.policy_module import PolicyModule
 from rloop_lightning.prompt_stats import PromptStats
 from rloop_lightning.rewards.runner import RewardRunner, check_reward_output, function_name
 from rloop_lightning.rollout.base import RolloutEngine, SamplingParams
@@ -80,7 +79,7 @@ class OverlongSettings:
     penalty_factor: float = 1.0
 
 
-class GRPOModule(L.LightningModule):
+class GRPOModule(PolicyModule):
     """Group-relative policy optimisation with the DAPO/Dr.GRPO/GSPO variants.
 
     Args:
@@ -134,7 +133,7 @@ class GRPOModule(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
     ):
-        super().__init__()
+        super().__init__(policy, optimizer, lr_scheduler)
         if num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (advantages are relative within a group), "
                              f"got {num_generations}")
@@ -144,7 +143,6 @@ class GRPOModule(L.LightningModule):
                 raise ValueError(f"{name} must be >= 1, got {value}")
         self.save_hyperparameters(ignore=["policy", "engine", "reward_functions", "optimizer", "lr_scheduler"])
         self.automatic_optimization = False
-        self.policy = policy
         self.engine = engine or HFGenerateEngine()
         self.sampling = sampling or SamplingParams()
         self.num_generations = num_generations
@@ -164,8 +162,6 @@ class GRPOModule(L.LightningModule):
         self.reward_workers = reward_workers
         self.reward_timeout = reward_timeout
         self.max_bad_steps = max_bad_steps
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = lr_scheduler
         self.runner: Optional[RewardRunner] = None
         self.prompt_stats = PromptStats()
         self.scoring_stats = ScoringStats()
@@ -181,18 +177,6 @@ class GRPOModule(L.LightningModule):
         self.prompt_stats = PromptStats.from_dict(state.get("prompt_stats", {}))
 
     # ------------------------------------------------------------------ set-up
-    def configure_model(self) -> None:
-        model = self.policy.load_model()
-        if self._device_mesh is not None and not is_sharded(model):  # ModelParallelStrategy: FSDP2
-            shard_with_fsdp2(model, self._device_mesh)
-
-    def configure_optimizers(self):
-        optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
-        if self.scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
-
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return

@@ -245,7 +245,7 @@ class RLoop:
         return {"policy": str(directory / "policy"), "started_from": theta}
 
     def evaluate(self, policy_path: str, output: Path) -> dict:
-        policy = Policy(policy_path, **self._policy_settings())
+        policy = self._phase_policy().clone_settings(policy_path)
         policy.load_model()
         engine = self.eval_engine or HFGenerateEngine()
         results = {}
@@ -258,13 +258,11 @@ class RLoop:
         log.info("evaluation of %s: %s", policy_path, results)
         return {"metrics": results}
 
-    def _policy_settings(self) -> dict:
-        """Evaluation loads theta like the GRPO phase does (dtype, quantisation, templates)."""
+    def _phase_policy(self) -> Policy:
+        """The GRPO phase's (unloaded) policy: evaluation loads theta with its settings (dtype, quantisation,
+        templates)."""
         cli = build_phase(GRPOModule, self.grpo, {"model.policy.model_name_or_path": self.base.policy})
-        policy = cli.model.policy
-        return {"dtype": policy.dtype_name, "load_in_4bit": policy.load_in_4bit, "lora": policy.lora,
-                "use_chat_template": policy.use_chat_template, "prompt_template": policy.prompt_template,
-                "system_prompt": policy.system_prompt, "trust_remote_code": policy.trust_remote_code}
+        return cli.model.policy
 
     # ------------------------------------------------------------------ results
     def describe(self) -> dict:
