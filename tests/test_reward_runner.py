@@ -193,3 +193,14 @@ def test_in_process_runner_accepts_lambdas_and_duplicate_names_and_pickles():
     pooled = RewardRunner([length_reward], num_workers=1)
     assert pickle.loads(pickle.dumps(pooled))._pool is None
     assert not math.isnan(result.rewards.item())
+
+
+def test_score_problems_passes_every_field_but_the_prompt_as_aligned_columns():
+    def echo_target(prompts, completions, target, **columns):
+        assert "prompt" not in columns and "id" in columns
+        return [float(t) for t in target]
+
+    problems = [{"id": "a", "prompt": "p0", "target": 3}, {"id": "b", "prompt": "p1", "target": 7}]
+    with RewardRunner([echo_target], num_workers=0) as runner:
+        result = runner.score_problems(problems, [1, 1, 0], ["x", "y", "z"])
+    assert result.rewards.tolist() == [7.0, 7.0, 3.0]

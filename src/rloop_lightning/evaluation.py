@@ -77,10 +77,7 @@ class Evaluator:
                         sampling: SamplingParams) -> list[int]:
         problems = self.problems
         rollouts = engine.generate(policy, [p["prompt"] for p in problems], samples, sampling)
-        prompts = [problems[i]["prompt"] for i in rollouts.prompt_index]
-        columns = {key: [problems[i][key] for i in rollouts.prompt_index]
-                   for key in problems[0] if key != "prompt"}
-        rewards = self.runner(prompts, rollouts.completions, columns).rewards
+        rewards = self.runner.score_problems(problems, rollouts.prompt_index, rollouts.completions).rewards
         counts = [0] * len(problems)
         for index, reward in zip(rollouts.prompt_index, rewards.tolist()):
             counts[index] += reward >= self.correct_threshold - 1e-6

@@ -40,9 +40,7 @@ def score_groups(problems: Sequence[dict], rollouts: Rollouts, num_generations: 
                  correctness_function: Optional[str], correct_threshold: float,
                  stats: ScoringStats) -> list[Group]:
     """Score flat rollouts (grouped prompt by prompt) and split them into one group per problem."""
-    prompts = [problems[i]["prompt"] for i in rollouts.prompt_index]
-    columns = {key: [problems[i][key] for i in rollouts.prompt_index] for key in problems[0] if key != "prompt"}
-    result = runner(prompts, rollouts.completions, columns)
+    result = runner.score_problems(problems, rollouts.prompt_index, rollouts.completions)
     stats.num_timeouts += result.num_timeouts
     stats.num_errors += result.num_errors
     if correctness_function is None:

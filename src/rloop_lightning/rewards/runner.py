@@ -202,6 +202,14 @@ class RewardRunner:
                         f"({error}); define it at module level or use num_workers=0"
                     ) from error
 
+    def score_problems(self, problems: Sequence[dict], prompt_index: Sequence[int],
+                       completions: list[str]) -> RewardResult:
+        """Score completions of ``problems[prompt_index[i]]``: every problem field but ``prompt`` goes to
+        the reward functions as a column (TRL's convention), aligned with the completions."""
+        prompts = [problems[i]["prompt"] for i in prompt_index]
+        columns = {key: [problems[i][key] for i in prompt_index] for key in problems[0] if key != "prompt"}
+        return self(prompts, completions, columns)
+
     def __call__(
         self, prompts: list[str], completions: list[str], columns: dict[str, list] | None = None
     ) -> RewardResult:
