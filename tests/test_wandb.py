@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -85,7 +86,9 @@ def test_loop_logs_final_held_out_metrics_to_an_offline_wandb_run(tmp_path, monk
     cli_main(["fit", "--config", str(config), "--iterations", "1", "--wandb_project", "rloop-test"])
     records = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(records) == 1  # offline runs keep history and summary in this record file
-    data = records[0].read_bytes()
+    deadline = time.monotonic() + 30  # wandb's service process may still be flushing after finish()
+    while b"final/" not in (data := records[0].read_bytes()) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert b"final/countdown/test/pass@4" in data and b"eval/countdown/test/avg@4" in data
     assert b"expert_set/size" in data
     leaked = [p for p in (tmp_path / "run").rglob("*") if p.is_file() and FAKE_KEY.encode() in p.read_bytes()]
