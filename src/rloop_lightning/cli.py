@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import lightning as L
+import torch
 from jsonargparse import CLI
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
@@ -72,7 +73,7 @@ def grpo(args: ArgsType = None) -> LightningCLI:
 
 
 def evaluate(policy: Policy, evaluators: list[Evaluator], engine: Optional[RolloutEngine] = None,
-             output: Optional[str] = None) -> dict:
+             output: Optional[str] = None, seed: int = 0) -> dict:
     """Evaluate a policy on task splits; print and optionally write the metrics as JSON.
 
     Args:
@@ -80,7 +81,9 @@ def evaluate(policy: Policy, evaluators: list[Evaluator], engine: Optional[Rollo
         evaluators: one evaluator per (task, split).
         engine: rollout engine (default: Hugging Face ``generate``).
         output: optional path of a JSON file for the metrics.
+        seed: seeds the sampling, so two policies evaluated with one seed see the same noise.
     """
+    torch.manual_seed(seed)
     policy.load_model()
     engine = engine or HFGenerateEngine()
     report = {}
