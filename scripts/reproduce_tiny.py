@@ -44,7 +44,7 @@ ABLATIONS = {
     "k3": ["--iterations", "3"],
     "vanilla_k3": ["--iterations", "3", "--vanilla", "true"],
 }
-METRICS = ["avg@32", "pass@1", "pass@4", "pass@16", "pass@32", "greedy_accuracy"]
+METRICS = ["avg@n", "pass@1", "pass@4", "pass@16", "pass@32", "greedy_accuracy"]  # avg@n: whatever n the config sets
 
 
 def run_one(config: str, out: Path, name: str, seed: int, flags: list[str]) -> Path:
@@ -72,15 +72,23 @@ def base_eval(run_dir: Path) -> dict:
 
 
 def mean_std(values: list[float]) -> str:
+    if all(value != value for value in values):  # all NaN: the split does not report this metric
+        return "-"
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+def metric(evaluation: dict, name: str) -> float:
+    if name == "avg@n":
+        return next(value for key, value in evaluation.items() if key.startswith("avg@"))
+    return evaluation.get(name, float("nan"))  # greedy accuracy is optional per split
+
+
 def table(rows: dict[str, list[dict]], split: str) -> list[str]:
     lines = ["| run | seeds | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
     for name, evals in rows.items():
-        cells = [mean_std([e[split][m] for e in evals]) for m in METRICS]
+        cells = [mean_std([metric(e[split], m) for e in evals]) for m in METRICS]
         lines.append(f"| {name} | {len(evals)} | " + " | ".join(cells) + " |")
     return lines
 

@@ -67,7 +67,7 @@ def run_seed(seed: int, settings: dict, out: Path) -> Path:
     policy.load_model()
     metrics = {}
     for evaluator in settings["evaluators"]:
-        torch.manual_seed(0)  # what RLoop.evaluate does with the loop's base seed 0
+        torch.manual_seed(seed)  # what RLoop.evaluate does: the run's seed
         result = evaluator.evaluate(policy, HFGenerateEngine())
         metrics[f"{result.task}/{result.split}"] = result.metrics
     write_json_atomic(run_dir / f"iter_{settings['iterations'] - 1:02d}" / "eval" / "eval.json",
