@@ -75,9 +75,8 @@ def test_offline_grpo_run_logs_a_sample_table_and_no_api_key(tmp_path, monkeypat
 
 
 def test_loop_logs_final_held_out_metrics_to_an_offline_wandb_run(tmp_path, monkeypatch):
-    from test_loop import write_loop_config
-
     from rloop_lightning.cli import cli_main
+    from test_loop import write_loop_config
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)

@@ -28,9 +28,9 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 from rloop_lightning.evaluation import Evaluator
 from rloop_lightning.grpo import GRPOModule
 from rloop_lightning.policy import Policy
+from rloop_lightning.rft import RFTModule
 from rloop_lightning.rollout.base import RolloutEngine
 from rloop_lightning.rollout.hf import HFGenerateEngine
-from rloop_lightning.rft import RFTModule
 from rloop_lightning.strategies import check_strategy
 
 
