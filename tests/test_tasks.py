@@ -45,43 +45,39 @@ def test_countdown_splits_are_disjoint_and_held_out_splits_distinct(countdown):
     assert (len(train), len(test), len(ood)) == (2000, 100, 40)
     assert not keys(train) & keys(test) and not keys(train) & keys(ood) and not keys(test) & keys(ood)
     assert len(keys(test)) == len(test) and len(keys(ood)) == len(ood)
-    same_size = Countdown(seed=3, num_train=2000, num_test=100, num_ood=40, ood_max_number=9)
+    same_size = Countdown(seed=3, num_train=2000, num_test=100, num_ood=40, ood_max_target=100)
     assert not keys(same_size.load("train")) & keys(same_size.load("ood"))
     assert not keys(same_size.load("test")) & keys(same_size.load("ood"))
 
 
 def test_countdown_targets_respect_the_range(countdown):
     assert all(0 <= p["target"] <= 100 for p in countdown.load("train"))
-    assert all(0 <= p["target"] <= 100 for p in countdown.load("ood"))
+    assert all(0 <= p["target"] <= 100 for p in countdown.load("test"))
 
 
-def test_countdown_ood_split_has_larger_numbers_and_no_in_distribution_problem():
-    task = Countdown(seed=5, num_train=1000, num_test=200, num_ood=200)
+def test_countdown_ood_split_has_targets_beyond_the_training_range():
+    task = Countdown(seed=5, num_train=1000, num_test=200)  # the default OOD split: 100 problems
     train, test, ood = (task.load(split) for split in ("train", "test", "ood"))
-    assert len(ood) == 200 and len(keys(ood)) == 200
-    assert all(len(p["numbers"]) == 3 for p in ood)
-    assert all(1 <= n <= 15 for p in ood for n in p["numbers"])
-    assert all(max(p["numbers"]) > 9 for p in ood)  # never an in-distribution problem
-    assert {n for p in ood for n in p["numbers"]} == set(range(1, 16))
-    assert all(1 <= n <= 9 for p in train + test for n in p["numbers"])
+    assert len(ood) == 100 and len(keys(ood)) == 100
+    assert all(len(p["numbers"]) == 3 and all(1 <= n <= 9 for n in p["numbers"]) for p in ood)
+    assert all(101 <= p["target"] <= 999 for p in ood)  # never an in-distribution problem
+    assert max(p["target"] for p in ood) == 9 * 9 * 9
     assert not keys(ood) & keys(test) and not keys(ood) & keys(train)
     for problem in ood:
         solutions = solve(problem["numbers"], problem["target"])
-        assert solutions, problem
-        assert verify_expression(solutions[0], problem["numbers"], problem["target"]), problem
-    assert Countdown(seed=5, num_train=1000, num_test=200, num_ood=200).load("ood") == ood
-    assert Countdown(seed=6, num_train=1000, num_test=200, num_ood=200).load("ood") != ood
+        assert solutions and verify_expression(solutions[0], problem["numbers"], problem["target"]), problem
+    assert Countdown(seed=5, num_train=1000, num_test=200).load("ood") == ood
 
 
 def test_countdown_ood_can_still_be_the_older_four_number_split():
-    ood = Countdown(seed=3, num_train=100, num_test=20, num_ood=40, ood_num_numbers=4, ood_max_number=9).load("ood")
+    ood = Countdown(seed=3, num_train=100, num_test=20, num_ood=40, ood_num_numbers=4, ood_max_target=100).load("ood")
     assert all(len(p["numbers"]) == 4 and all(1 <= n <= 9 for n in p["numbers"]) for p in ood)
-    assert all(solve(p["numbers"], p["target"]) for p in ood)
+    assert all(0 <= p["target"] <= 100 and solve(p["numbers"], p["target"]) for p in ood)
 
 
-def test_countdown_rejects_an_ood_range_below_the_train_range():
-    with pytest.raises(ValueError, match="ood_max_number"):
-        Countdown(max_number=9, ood_max_number=8)
+def test_countdown_ood_larger_than_its_problem_space_names_the_range():
+    with pytest.raises(ValueError, match="targets in 101..999"):
+        Countdown(num_ood=150).load("ood")
 
 
 def test_every_problem_is_solvable_and_demonstrations_verify(countdown):

@@ -6,9 +6,10 @@ split is drawn excluding their ``(sorted numbers, target)`` keys, so train never
 OOD problem. With 3 numbers in 1..9 there are only ~2,200 distinct keys, so train is an i.i.d.
 sample that repeats keys (like any RL prompt distribution); test and OOD keys are distinct.
 
-The OOD split asks for the same skill on larger numbers: by default 3 numbers in 1..15 with at least
-one of them in 10..15, so no OOD problem is an in-distribution one (several thousand keys, targets
-still in 0..100). ``ood_num_numbers=4, ood_max_number=9`` gives the older, much harder 4-number split.
+The OOD split asks for the same skill on targets beyond the training range: 3 numbers in 1..9 and a
+target in 101..999 (which needs multiplication; about 110 such keys exist), so no OOD problem is an
+in-distribution one. ``ood_num_numbers=4, ood_max_target=100`` gives the older 4-number split. A tiny
+character-level policy scores exactly 0 on that one, and on two-digit numbers.
 
 The model answers with a bare expression such as ``(7-3)*5``. The verifier parses it with ``ast``
 (never ``eval``), allows only integer literals and binary ``+ - * /`` (no unary minus: the given
@@ -148,19 +149,9 @@ def solve(numbers: Iterable[int], target: int) -> list[str]:
 # --------------------------------------------------------------------------- generating
 
 
-def random_problem(
-    rng: random.Random, num_numbers: int, max_number: int, larger_than: int = 0
-) -> tuple[list[int], int]:
-    """Draw numbers in ``1..max_number`` and the value of a random integer expression over them.
-
-    With ``larger_than`` > 0 at least one number is greater than ``larger_than`` (uniform among such
-    draws, by redrawing the numbers); ``larger_than`` must be below ``max_number``.
-    """
-    if not 0 <= larger_than < max_number:
-        raise ValueError(f"countdown: larger_than must be in 0..{max_number - 1}, got {larger_than}")
+def random_problem(rng: random.Random, num_numbers: int, max_number: int) -> tuple[list[int], int]:
+    """Draw numbers in ``1..max_number`` and the value of a random integer expression over them."""
     numbers = [rng.randint(1, max_number) for _ in range(num_numbers)]
-    while max(numbers) <= larger_than:
-        numbers = [rng.randint(1, max_number) for _ in range(num_numbers)]
     values = rng.sample(numbers, len(numbers))
     while len(values) > 1:
         index = rng.randrange(len(values) - 1)
@@ -187,25 +178,23 @@ def draw_problems(
     max_target: int,
     exclude: set = frozenset(),
     distinct: bool = True,
-    larger_than: int = 0,
+    min_target: int = 0,
 ) -> list[tuple[list[int], int]]:
-    """``count`` problems with targets in ``0..max_target`` whose keys are not in ``exclude``.
+    """``count`` problems with targets in ``min_target..max_target`` whose keys are not in ``exclude``.
 
-    With ``distinct`` no key repeats. With ``larger_than`` > 0 every problem has a number greater
-    than ``larger_than``. Raises ``ValueError`` when the space is too small to fill.
+    With ``distinct`` no key repeats. Raises ``ValueError`` when the space is too small to fill.
     """
     drawn, seen = [], set()
     misses = 0
     while len(drawn) < count:
         if misses > MAX_CONSECUTIVE_MISSES:
-            larger = f" (at least one > {larger_than})" if larger_than else ""
             raise ValueError(
-                f"countdown: could only draw {len(drawn)} of {count} problems with {num_numbers} numbers "
-                f"in 1..{max_number}{larger} and targets <= {max_target}; lower the split size or widen the space"
+                f"countdown: could only draw {len(drawn)} of {count} problems with {num_numbers} numbers in "
+                f"1..{max_number} and targets in {min_target}..{max_target}; lower the split size or widen the space"
             )
-        numbers, target = random_problem(rng, num_numbers, max_number, larger_than)
+        numbers, target = random_problem(rng, num_numbers, max_number)
         key = problem_key(numbers, target)
-        if not 0 <= target <= max_target or key in exclude or (distinct and key in seen):
+        if not min_target <= target <= max_target or key in exclude or (distinct and key in seen):
             misses += 1
             continue
         misses = 0
@@ -221,15 +210,15 @@ class Countdown(GeneratedTask):
         seed: Seed of the generator; the same seed always yields the same splits.
         num_train: Problems in the train split (i.i.d.; keys may repeat, never a test/OOD key).
         num_test: Problems in the test split (distinct keys, same difficulty as train).
-        num_ood: Problems in the OOD split (distinct keys, ``ood_num_numbers`` numbers in
-            ``1..ood_max_number``).
+        num_ood: Problems in the OOD split (distinct keys; with 3 numbers there are only about 110
+            keys with a target above 100).
         num_numbers: How many numbers each train/test problem gives (the difficulty knob).
         ood_num_numbers: How many numbers each OOD problem gives (harder when larger).
-        max_number: Train/test numbers are drawn from ``1..max_number``.
-        max_target: Targets lie in ``0..max_target``.
-        ood_max_number: OOD numbers are drawn from ``1..ood_max_number`` (at least ``max_number``).
-            When larger than ``max_number``, every OOD problem has a number above ``max_number``, so
-            none is an in-distribution problem.
+        max_number: Numbers are drawn from ``1..max_number``.
+        max_target: Train/test targets lie in ``0..max_target``.
+        ood_max_target: OOD targets lie in ``max_target + 1..ood_max_target``, beyond every target
+            seen in training; at ``ood_max_target <= max_target`` they lie in ``0..max_target``
+            like the others.
         template: Prompt format with fields ``numbers`` (space-joined) and ``target``.
     """
 
@@ -240,34 +229,32 @@ class Countdown(GeneratedTask):
         seed: int = 0,
         num_train: int = 20000,
         num_test: int = 200,
-        num_ood: int = 200,
+        num_ood: int = 100,
         num_numbers: int = 3,
         ood_num_numbers: int = 3,
         max_number: int = 9,
         max_target: int = 100,
-        ood_max_number: int = 15,
+        ood_max_target: int = 999,
         template: str = "{numbers} -> {target}\n",
     ):
         if num_numbers < 2 or ood_num_numbers < 2:
             raise ValueError("countdown needs at least 2 numbers per problem")
         if max_number < 1:
             raise ValueError(f"max_number must be >= 1, got {max_number}")
-        if ood_max_number < max_number:
-            raise ValueError(f"ood_max_number must be >= max_number ({max_number}), got {ood_max_number}")
         super().__init__(seed, {"train": num_train, "test": num_test, "ood": num_ood})
         self.num_numbers, self.ood_num_numbers = num_numbers, ood_num_numbers
-        self.max_number, self.ood_max_number = max_number, ood_max_number
-        self.max_target = max_target
+        self.max_number = max_number
+        self.max_target, self.ood_max_target = max_target, ood_max_target
         self.template = template
 
     def draw(self, split: str, rng: random.Random, count: int, exclude: set) -> list[tuple[object, dict]]:
-        if split == "ood":  # larger numbers, and at least one beyond the in-distribution range
-            num_numbers, max_number = self.ood_num_numbers, self.ood_max_number
-            larger_than = self.max_number if max_number > self.max_number else 0
-        else:
-            num_numbers, max_number, larger_than = self.num_numbers, self.max_number, 0
-        drawn = draw_problems(rng, count, num_numbers, max_number, self.max_target, exclude=exclude,
-                              distinct=split != "train", larger_than=larger_than)
+        num_numbers, min_target, max_target = self.num_numbers, 0, self.max_target
+        if split == "ood":
+            num_numbers = self.ood_num_numbers
+            if self.ood_max_target > self.max_target:  # targets beyond every training target
+                min_target, max_target = self.max_target + 1, self.ood_max_target
+        drawn = draw_problems(rng, count, num_numbers, self.max_number, max_target, exclude=exclude,
+                              distinct=split != "train", min_target=min_target)
         return [(problem_key(numbers, target), {
             "prompt": self.template.format(numbers=" ".join(map(str, numbers)), target=target),
             "answer": str(target), "numbers": list(numbers), "target": target,
