@@ -78,17 +78,28 @@ def _plot_steps(axis, runs: list[dict], key: str, title: str) -> None:
     axis.legend(fontsize=7)
 
 
-def _plot_evals(axis, runs: list[dict], prefix: str, title: str) -> None:
-    """One line per run, task/split and metric starting with ``prefix``; splits differ by line style."""
+def _splits(runs: list[dict]) -> list[str]:
+    """Every evaluated task/split, in-distribution test splits first."""
+    splits = dict.fromkeys(split for run in runs for _, results in run["evals"] for split in results)
+    return sorted(splits, key=lambda split: (not split.endswith("/test"), split))
+
+
+def _plot_evals(axis, runs: list[dict], prefix: str, title: str, splits: list[str]) -> None:
+    """One line per (run, split, metric starting with ``prefix``): colour by split and metric, style by run."""
     styles = ["-", "--", ":", "-."]
+    colours = iter(f"C{i}" for i in range(1000))
+    series = {}
     for run in runs:
-        splits = list(run["evals"][0][1]) if run["evals"] else []
-        for style, split in zip(styles, splits):
-            metrics = sorted({m for _, results in run["evals"] for m in results.get(split, {}) if m.startswith(prefix)},
-                             key=lambda m: int(m.split("@")[1]))
-            for metric in metrics:
-                ys = [results.get(split, {}).get(metric, float("nan")) for _, results in run["evals"]]
-                axis.plot(range(len(ys)), ys, style, marker="o", label=f"{run['name']} {split} {metric}")
+        for split in splits:
+            for metric in sorted({m for _, results in run["evals"] for m in results.get(split, {})
+                                  if m.startswith(prefix)}, key=lambda m: int(m.split("@")[1])):
+                series.setdefault((split, metric), next(colours))
+    for style, run in zip(styles * len(runs), runs):
+        for (split, metric), colour in series.items():
+            ys = [results.get(split, {}).get(metric, float("nan")) for _, results in run["evals"]]
+            if any(y == y for y in ys):
+                label = f"{run['name']} {split if len(splits) > 1 else ''} {metric}".replace("  ", " ")
+                axis.plot(range(len(ys)), ys, style, color=colour, marker="o", label=label)
     axis.set_title(title)
     axis.set_xlabel("iteration (theta_k)")
     axis.set_xticks(range(max((len(run["evals"]) for run in runs), default=0)))
@@ -101,10 +112,13 @@ def plot(runs: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(2, 3, figsize=(15, 8))
+    splits = _splits(runs)
+    columns = 2 + max(len(splits), 1)
+    figure, axes = plt.subplots(2, columns, figsize=(5 * columns, 8), squeeze=False)
     _plot_steps(axes[0][0], runs, "train/reward_mean", "training reward")
-    _plot_evals(axes[0][1], runs, "avg@", "held-out avg@n")
-    _plot_evals(axes[0][2], runs, "pass@", "held-out pass@k")
+    _plot_evals(axes[0][1], runs, "avg@", "held-out avg@n", splits)
+    for column, split in enumerate(splits, start=2):
+        _plot_evals(axes[0][column], runs, "pass@", f"held-out pass@k: {split}", [split])
     _plot_steps(axes[1][0], runs, "rloop/forgetting_rate", "forgetting rate")
     _plot_steps(axes[1][1], runs, "rloop/distinct_correct_per_prompt", "distinct correct solutions / prompt")
     axis = axes[1][2]
@@ -116,6 +130,8 @@ def plot(runs: list[dict], path: Path) -> None:
     axis.set_title("expert-set size")
     axis.set_xlabel("iteration")
     axis.set_xticks(sorted({k for run in runs for k, _ in run["experts"]}))
+    for axis in axes[1][3:]:
+        axis.axis("off")
     figure.tight_layout()
     figure.savefig(path, dpi=90)
     plt.close(figure)
