@@ -39,10 +39,11 @@ def load_run(run_dir: Path) -> dict:
 
 
 def metric_order(key: str) -> tuple:
-    """avg@n, then pass@k by k, then the rest, within each task/split."""
+    """Test splits first; within each task/split avg@n, then pass@k by k, then the rest."""
     split, metric = key.rsplit("/", 1)
     kind, _, k = metric.partition("@")
-    return (split, {"avg": 0, "pass": 1}.get(kind, 2), int(k) if k.isdigit() else 0, metric)
+    return (not split.endswith("/test"), split, {"avg": 0, "pass": 1}.get(kind, 2), int(k) if k.isdigit() else 0,
+            metric)
 
 
 def metric_table(run: dict) -> tuple[list[str], list[list[str]]]:
@@ -80,8 +81,8 @@ def _plot_steps(axis, runs: list[dict], key: str, title: str) -> None:
 
 def _splits(runs: list[dict]) -> list[str]:
     """Every evaluated task/split, in-distribution test splits first."""
-    splits = dict.fromkeys(split for run in runs for _, results in run["evals"] for split in results)
-    return sorted(splits, key=lambda split: (not split.endswith("/test"), split))
+    splits = {split for run in runs for _, results in run["evals"] for split in results}
+    return sorted(splits, key=lambda split: metric_order(f"{split}/")[:2])
 
 
 def _plot_evals(axis, runs: list[dict], prefix: str, title: str, splits: list[str]) -> None:
