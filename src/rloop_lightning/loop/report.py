@@ -88,14 +88,14 @@ def _splits(runs: list[dict]) -> list[str]:
 def _plot_evals(axis, runs: list[dict], prefix: str, title: str, splits: list[str]) -> None:
     """One line per (run, split, metric starting with ``prefix``): colour by split and metric, style by run."""
     styles = ["-", "--", ":", "-."]
-    colours = iter(f"C{i}" for i in range(1000))
-    series = {}
+    series = {}  # (split, metric) -> colour
     for run in runs:
         for split in splits:
             for metric in sorted({m for _, results in run["evals"] for m in results.get(split, {})
                                   if m.startswith(prefix)}, key=lambda m: int(m.split("@")[1])):
-                series.setdefault((split, metric), next(colours))
-    for style, run in zip(styles * len(runs), runs):
+                series.setdefault((split, metric), f"C{len(series) % 10}")
+    for index, run in enumerate(runs):
+        style = styles[index % len(styles)]
         for (split, metric), colour in series.items():
             ys = [results.get(split, {}).get(metric, float("nan")) for _, results in run["evals"]]
             if any(y == y for y in ys):
