@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -72,7 +73,7 @@ def base_eval(run_dir: Path) -> dict:
 
 
 def mean_std(values: list[float]) -> str:
-    if all(value != value for value in values):  # all NaN: the split does not report this metric
+    if all(math.isnan(value) for value in values):  # all NaN: the split does not report this metric
         return "-"
     if len(values) == 1:
         return f"{values[0]:.3f}"
@@ -126,14 +127,14 @@ def plot_curves(runs: dict[str, list[Path]], path: Path) -> None:
 
 def write_section(config: str, runs: dict[str, list[Path]], figures: Path) -> Path:
     """``figures/<config stem>.md``: this config's tables (one per evaluated split) and reward curves."""
-    from rloop_lightning.loop.report import write_report
+    from rloop_lightning.loop.report import split_order, write_report
 
     stem = Path(config).stem
     figures.mkdir(parents=True, exist_ok=True)
     evals = {name: [final_eval(d) for d in dirs] for name, dirs in runs.items() if dirs}
     first = next(iter(runs.values()))[0]
     rows = {"theta_0 (base)": [base_eval(first)], **evals}
-    splits = sorted(base_eval(first), key=lambda split: (not split.endswith("/test"), split))  # test first
+    splits = sorted(base_eval(first), key=split_order)  # test first
     tasks = ", ".join(sorted({split.split("/")[0] for split in splits}))
     lines = [f"## {tasks} (`{config}`)", "",
              (f"Produced by `python scripts/reproduce_tiny.py --config {config}` (each run is `rloop fit "

@@ -38,12 +38,16 @@ def load_run(run_dir: Path) -> dict:
     return run
 
 
+def split_order(split: str) -> tuple:
+    """In-distribution test splits first, then the others, each group by name."""
+    return (not split.endswith("/test"), split)
+
+
 def metric_order(key: str) -> tuple:
-    """Test splits first; within each task/split avg@n, then pass@k by k, then the rest."""
+    """Splits by ``split_order``; within each task/split avg@n, then pass@k by k, then the rest."""
     split, metric = key.rsplit("/", 1)
     kind, _, k = metric.partition("@")
-    return (not split.endswith("/test"), split, {"avg": 0, "pass": 1}.get(kind, 2), int(k) if k.isdigit() else 0,
-            metric)
+    return (*split_order(split), {"avg": 0, "pass": 1}.get(kind, 2), int(k) if k.isdigit() else 0, metric)
 
 
 def metric_table(run: dict) -> tuple[list[str], list[list[str]]]:
@@ -82,7 +86,7 @@ def _plot_steps(axis, runs: list[dict], key: str, title: str) -> None:
 def _splits(runs: list[dict]) -> list[str]:
     """Every evaluated task/split, in-distribution test splits first."""
     splits = {split for run in runs for _, results in run["evals"] for split in results}
-    return sorted(splits, key=lambda split: metric_order(f"{split}/")[:2])
+    return sorted(splits, key=split_order)
 
 
 def _plot_evals(axis, runs: list[dict], prefix: str, title: str, splits: list[str]) -> None:
