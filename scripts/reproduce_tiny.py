@@ -199,8 +199,10 @@ def main(argv=None) -> None:
             list(pool.map(lambda job: run_one(args.config, out, *job), plan[1:]))
         print(f"{len(plan)} runs in {time.perf_counter() - started:.0f} s", flush=True)
     runs: dict[str, list[Path]] = {}
-    # the TRL arm is run by scripts/trl_arm.py into the same layout; tabulate it when present
-    for name, seed, _ in plan + [("trl", seed, []) for seed in seeds]:
+    # every finished run of every arm and seed, including ablation seeds an earlier invocation ran
+    # (--ablation-seeds 3) and the TRL arm, which scripts/trl_arm.py runs into the same layout
+    names = [*VARIANTS, *([] if args.quick or args.no_ablations else ABLATIONS), "trl"]
+    for name, seed in ((name, seed) for name in names for seed in seeds):
         run_dir = out / f"{name}_seed{seed}"
         if (run_dir / "manifest.json").exists() and list(run_dir.glob("iter_*/eval/eval.json")):
             runs.setdefault(name, []).append(run_dir)
