@@ -89,6 +89,67 @@ def test_completion_logprobs_carry_gradients(micro_policy):
     assert entropy is None and logprobs.requires_grad and (logprobs < 0).all()
 
 
+def grouped_batch(policy: Policy):
+    """Two prompts of different lengths with 3 completions each, plus one prompt seen once."""
+    prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3 + ["7 7 -> 49\n"]
+    completions = ["12-3", "3", "12+3-6", "1+2", "2+1=3", "", "7*7"]
+    return policy.encode_pairs(prompts, completions)
+
+
+def logprobs_and_gradient(policy: Policy, batch, share_prompts: bool):
+    policy.model.zero_grad(set_to_none=True)
+    logprobs, entropy = policy.completion_logprobs(batch, with_entropy=True, share_prompts=share_prompts)
+    mask = batch.completion_mask.float()
+    (logprobs * mask * torch.linspace(1, 2, mask.numel()).view_as(mask)).sum().backward()
+    gradient = torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None])
+    return logprobs.detach() * mask, entropy * mask, gradient
+
+
+@pytest.mark.parametrize("model", ["rloop/micro-llama", "rloop/tiny-qwen3"])
+def test_shared_prompts_give_the_same_logprobs_and_gradients(model):
+    policy = Policy(model)
+    policy.load_model()
+    batch = grouped_batch(policy)
+    plain, plain_entropy, plain_gradient = logprobs_and_gradient(policy, batch, share_prompts=False)
+    shared, shared_entropy, shared_gradient = logprobs_and_gradient(policy, batch, share_prompts=True)
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared_entropy, plain_entropy, atol=1e-5, rtol=0)
+    assert plain_gradient.abs().max() > 1e-2  # a real gradient, not two zero vectors
+    torch.testing.assert_close(shared_gradient, plain_gradient, atol=1e-4, rtol=1e-4)
+
+
+def test_shared_prompts_run_each_distinct_prompt_once(micro_policy):
+    batch = grouped_batch(micro_policy)
+    seen = []
+    hook = micro_policy.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    with torch.no_grad():
+        micro_policy.completion_logprobs(batch, share_prompts=True)
+    hook.remove()
+    completion_length = batch.completion_mask.shape[1]
+    assert seen == [(3, batch.prompt_length), (7, completion_length)]  # 3 distinct prompts, then 7 completions
+
+
+def test_shared_prompts_under_lora_match_the_plain_forward(lora_policy):
+    batch = grouped_batch(lora_policy)
+    train(lora_policy, batch, steps=2, lr=0.3)  # non-zero adapters
+    plain, _, plain_gradient = logprobs_and_gradient(lora_policy, batch, share_prompts=False)
+    shared, _, shared_gradient = logprobs_and_gradient(lora_policy, batch, share_prompts=True)
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared_gradient, plain_gradient, atol=1e-4, rtol=1e-4)
+
+
+def test_shared_prompts_fall_back_under_gradient_checkpointing():
+    policy = Policy("rloop/micro-llama", gradient_checkpointing=True)
+    policy.load_model()
+    policy.model.train()
+    batch = grouped_batch(policy)
+    plain, _, plain_gradient = logprobs_and_gradient(policy, batch, share_prompts=False)
+    shared, _, shared_gradient = logprobs_and_gradient(policy, batch, share_prompts=True)
+    torch.testing.assert_close(shared, plain, atol=0, rtol=0)  # the plain forward ran: bit-identical
+    torch.testing.assert_close(shared_gradient, plain_gradient, atol=0, rtol=0)
+
+
 def test_require_model_before_loading():
     with pytest.raises(RuntimeError, match="not loaded yet"):
         Policy("rloop/micro-llama").require_model()

@@ -53,6 +53,38 @@ def test_sampler_logprobs_match_policy_logprobs(micro_policy):
         torch.testing.assert_close(logprobs[row, : len(sampler)], torch.tensor(sampler), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_shared_prompt_prefill_samples_the_same_rollouts(lora):
+    """Pre-filling each distinct prompt once changes the cost, not the samples: same seed, same tokens."""
+    from rloop_lightning.policy import LoraSettings, Policy
+
+    torch.manual_seed(0)
+    policy = Policy("rloop/micro-llama", lora=LoraSettings(r=4) if lora else None)
+    policy.load_model()
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=12)
+    runs = []
+    for share in (False, True):
+        torch.manual_seed(3)
+        runs.append(HFGenerateEngine(batch_size=5, share_prompts=share).generate(policy, PROMPTS, 4, sampling))
+    plain, shared = runs
+    assert shared.completion_ids == plain.completion_ids and shared.prompt_ids == plain.prompt_ids
+    assert len(set(map(tuple, plain.completion_ids))) > 2  # real sampling, not one repeated string
+    for a, b in zip(shared.sampler_logprobs, plain.sampler_logprobs):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
+
+
+def test_shared_prompt_prefill_runs_each_distinct_prompt_once(micro_policy):
+    seen = []
+    hook = micro_policy.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    torch.manual_seed(0)
+    HFGenerateEngine().generate(micro_policy, PROMPTS, 4, SamplingParams(max_new_tokens=3))
+    hook.remove()
+    width = max(len(ids) for ids in micro_policy.encode_prompts(PROMPTS))
+    # 2 distinct prompts pre-filled up to their last token, then generate feeds 8 rows one token at a time
+    assert seen[0] == (2, width - 1) and seen[1:] == [(8, 1)] * 3
+
+
 def test_greedy_is_deterministic_and_independent_of_chunking(micro_policy):
     sampling = SamplingParams(temperature=0.0, max_new_tokens=10)
     torch.manual_seed(0)

@@ -14,6 +14,7 @@ completion occupies the same columns in every row and logits are computed for th
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
 from contextlib import contextmanager
@@ -73,6 +74,55 @@ def pad(rows: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tupl
             ids[i, columns] = torch.as_tensor(row)
             mask[i, columns] = 1
     return ids, mask
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The forward argument that takes a KV cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def shared_prefix_cache(model: nn.Module, input_ids: Tensor, attention_mask: Tensor):
+    """Run each distinct row of a left-padded ``input_ids`` once with the KV cache on, then gather the
+    cache to every row (differentiably, so gradients from all rows reach the one pass).
+
+    Returns ``(output, cache, inverse)``, ``output`` holding the last position's logits of the
+    distinct rows and ``inverse`` mapping rows to them; None when no row repeats or the model keeps
+    no cache (gradient checkpointing in training).
+    """
+    rows = torch.cat([input_ids, attention_mask], 1)
+    distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    if distinct.shape[0] == rows.shape[0] or input_ids.shape[1] == 0:
+        return None
+    width = input_ids.shape[1]
+    ids, mask = distinct[:, :width], distinct[:, width:]
+    output = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                   use_cache=True, logits_to_keep=1)
+    cache = next((value for key, value in output.items() if key in ("cache", "past_key_values")), None)
+    if cache is None:
+        return None
+    cache.batch_select_indices(inverse)
+    return output, cache, inverse
+
+
+def shared_prompt_logits(model: nn.Module, batch: PolicyBatch) -> Optional[Tensor]:
+    """Completion logits [N, C, V] with each distinct prompt of the batch run through the model once.
+
+    GRPO batches hold G completions per prompt: the prompts' keys and values are computed once per
+    distinct prompt and the completions run on top of that cache. The logits equal those of a full
+    forward of every row up to float rounding; the prompt tokens cost 1/G. None when no prompt
+    repeats or the model keeps no cache.
+    """
+    length = batch.prompt_length
+    shared = shared_prefix_cache(model, batch.input_ids[:, :length], batch.attention_mask[:, :length])
+    if shared is None:
+        return None
+    prompt_output, cache, inverse = shared
+    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)[:, length:]
+    rest = model(input_ids=batch.input_ids[:, length:], attention_mask=batch.attention_mask, position_ids=positions,
+                 use_cache=True, logits_to_keep=batch.completion_mask.shape[1], **{cache_argument(model): cache})
+    # the prompt's last position predicts the first completion token, completion position t token t + 1
+    return torch.cat([prompt_output.logits[inverse], rest.logits[:, :-1]], dim=1)
 
 
 def keep_trainable_4bit_layout(model: nn.Module) -> None:
@@ -286,19 +336,24 @@ class Policy(nn.Module):
 
     # ------------------------------------------------------------------ log-probs
     def completion_logprobs(self, batch: PolicyBatch, model: Optional[nn.Module] = None,
-                            with_entropy: bool = False, temperature: float = 1.0) -> tuple[Tensor, Optional[Tensor]]:
+                            with_entropy: bool = False, temperature: float = 1.0,
+                            share_prompts: bool = False) -> tuple[Tensor, Optional[Tensor]]:
         """Per-token log-probs [N, C] of the completion tokens (and entropy [N, C], no grad).
 
         ``temperature`` divides the logits, so log-probs are those of the distribution that sampled
-        the tokens (as the sampler reported them); 0 (greedy) counts as 1.
+        the tokens (as the sampler reported them); 0 (greedy) counts as 1. ``share_prompts`` runs
+        each distinct prompt once (see ``shared_prompt_logits``); the result is the same.
         """
         model = model if model is not None else self.require_model()
-        position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-        completion_length = batch.completion_mask.shape[1]
-        logits = model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
-            logits_to_keep=completion_length + 1, use_cache=False,
-        ).logits[:, :-1]
+        # checkpointed training keeps no KV cache: nothing to share
+        share_prompts = share_prompts and not (self.gradient_checkpointing and model.training)
+        logits = shared_prompt_logits(model, batch) if share_prompts else None
+        if logits is None:
+            position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
+                logits_to_keep=batch.completion_mask.shape[1] + 1, use_cache=False,
+            ).logits[:, :-1]
         if temperature and temperature != 1.0:
             logits = logits / temperature
         targets = batch.input_ids[:, batch.prompt_length:]
@@ -327,9 +382,9 @@ class Policy(nn.Module):
         yield self._reference
 
     @torch.no_grad()
-    def reference_logprobs(self, batch: PolicyBatch, temperature: float = 1.0) -> Tensor:
+    def reference_logprobs(self, batch: PolicyBatch, temperature: float = 1.0, share_prompts: bool = False) -> Tensor:
         with self.reference() as model:
-            return self.completion_logprobs(batch, model=model, temperature=temperature)[0]
+            return self.completion_logprobs(batch, model=model, temperature=temperature, share_prompts=share_prompts)[0]
 
     # ------------------------------------------------------------------ saving
     def save(self, directory: str | Path, merged: bool = False, state_dict: Optional[dict] = None) -> Path:

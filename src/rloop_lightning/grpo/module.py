@@ -96,6 +96,8 @@ class GRPOModule(PolicyModule):
         num_mini_batches: optimizer steps per pass.
         micro_batch_size: completions per forward/backward (gradient accumulation).
         max_grad_norm: gradient clipping; 0 disables it.
+        share_prompts: run each distinct prompt of a micro-batch through the model once and the G
+            completions on top of its KV cache (same log-probs and gradients, prompt cost / G).
         reward_functions: TRL-signature rewards; default: the datamodule task's verifier.
         reward_weights: one weight per reward function.
         correctness_function: name of the reward function whose score decides correctness
@@ -123,6 +125,7 @@ class GRPOModule(PolicyModule):
         num_mini_batches: int = 1,
         micro_batch_size: int = 64,
         max_grad_norm: float = 1.0,
+        share_prompts: bool = True,
         reward_functions: Optional[list[Callable]] = None,
         reward_weights: Optional[list[float]] = None,
         correctness_function: Optional[str] = None,
@@ -155,6 +158,7 @@ class GRPOModule(PolicyModule):
         self.num_mini_batches = num_mini_batches
         self.micro_batch_size = micro_batch_size
         self.max_grad_norm = max_grad_norm
+        self.share_prompts = share_prompts
         self.reward_functions = reward_functions
         self.reward_weights = reward_weights
         self.correctness_function = correctness_function
@@ -282,13 +286,15 @@ class GRPOModule(PolicyModule):
 
     @torch.no_grad()
     def _logprobs_without_grad(self, batch: PolicyBatch) -> torch.Tensor:
-        chunks = [self.policy.completion_logprobs(batch.select(rows), temperature=self.sampling.temperature)[0]
+        chunks = [self.policy.completion_logprobs(batch.select(rows), temperature=self.sampling.temperature,
+                                                  share_prompts=self.share_prompts)[0]
                   for rows in self._chunks(batch)]
         return torch.cat(chunks)
 
     @torch.no_grad()
     def _reference_logprobs(self, batch: PolicyBatch) -> torch.Tensor:
-        return torch.cat([self.policy.reference_logprobs(batch.select(rows), self.sampling.temperature)
+        return torch.cat([self.policy.reference_logprobs(batch.select(rows), self.sampling.temperature,
+                                                         share_prompts=self.share_prompts)
                           for rows in self._chunks(batch)])
 
     def _chunks(self, batch: PolicyBatch, rows: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
@@ -309,7 +315,8 @@ class GRPOModule(PolicyModule):
                 for rows in self._chunks(batch, mini):
                     micro = batch.select(rows)
                     logprobs, entropy = self.policy.completion_logprobs(
-                        micro, with_entropy=True, temperature=self.sampling.temperature)
+                        micro, with_entropy=True, temperature=self.sampling.temperature,
+                        share_prompts=self.share_prompts)
                     micro_mask = mask[rows]
                     old = old_logprobs[rows] if old_logprobs is not None else logprobs.detach()
                     kl = (kl_penalty(logprobs, ref_logprobs[rows], settings.kl_estimator)

@@ -6,7 +6,7 @@ from contextlib import contextmanager
 
 import torch
 
-from rloop_lightning.policy import Policy, pad
+from rloop_lightning.policy import Policy, cache_argument, pad, shared_prefix_cache
 from rloop_lightning.rollout.base import RolloutEngine, Rollouts, SamplingParams
 from rloop_lightning.strategies import is_sharded
 
@@ -30,14 +30,20 @@ class HFGenerateEngine(RolloutEngine):
     per call: ``batch_size`` bounds that; for long completions with a large vocabulary on a GPU, the
     vLLM engine is the better choice.
 
+    With ``share_prompts`` (default) the prompts of a call are pre-filled once per distinct prompt
+    and the KV cache is copied to their samples: the same tokens and log-probs as a pre-fill of
+    every row, at 1/n of the pre-fill cost for n samples per prompt.
+
     Args:
         batch_size: completions generated per ``generate`` call (memory knob).
+        share_prompts: pre-fill each distinct prompt once per call.
     """
 
-    def __init__(self, batch_size: int = 256):
+    def __init__(self, batch_size: int = 256, share_prompts: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
+        self.share_prompts = share_prompts
 
     def generate(self, policy: Policy, prompts: list[str], num_samples: int,
                  sampling: SamplingParams) -> Rollouts:
@@ -59,8 +65,15 @@ class HFGenerateEngine(RolloutEngine):
         # FSDP2 shards all-gather in every forward: ranks must run the same number of decoding
         # steps, so generate keeps stepping until every rank is done (HF's synced_gpus)
         synced = torch.distributed.is_available() and torch.distributed.is_initialized() and is_sharded(policy.model)
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        cache = {}
+        if self.share_prompts and input_ids.shape[1] > 1:
+            # all prompt tokens but the last go into the cache; generate runs the last one and samples
+            shared = shared_prefix_cache(policy.model, input_ids[:, :-1], attention_mask[:, :-1])
+            if shared is not None:
+                cache = {cache_argument(policy.model): shared[1]}
         output = policy.model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+            input_ids=input_ids, attention_mask=attention_mask, **cache,
             max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
             temperature=None if greedy else sampling.temperature,
             top_p=None if greedy else sampling.top_p, top_k=None if greedy else sampling.top_k,
