@@ -10,8 +10,10 @@ Two measurements, all taken in one run side by side and printed as one markdown 
    against TRL's ``GRPOTrainer`` at the same settings: same saved model directory, prompts,
    ``countdown_reward``, G, completions per step, completion length, learning rate, beta = 0, one
    optimizer step per rollout batch, fp32, constant learning rate, no weight decay. Ratio ours/TRL;
-   target <= 0.5. Step time is the median over ``--rounds`` runs per trainer (alternating ours and
-   TRL) of ``--steps`` steps each, after ``--warmup`` untimed steps per run.
+   target <= 0.5. Step time is the median over ``--rounds`` runs per trainer (taking turns) of
+   ``--steps`` steps each, after ``--warmup`` untimed steps per run. A second row per setting times
+   ours against ours with ``share_prompts=False`` in the engine and the module (every row's prompt
+   run through the model), the gain of pre-filling and running each distinct prompt once.
 
     python scripts/bench_grpo.py            # full (~2-3 min on a 2-core CPU)
     python scripts/bench_grpo.py --quick    # smoke (< 2 min)
@@ -35,7 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 MODEL = "rloop/tiny-llama"
@@ -187,6 +189,41 @@ def profile_engine(policy, prompts: list[str], batch: int, max_new_tokens: int, 
     return out.getvalue()
 
 
+# --------------------------------------------------------------------------- prompt sharing
+
+
+def prompt_sharing_row(policy, prompt_tokens: int, completion_tokens: int, prompts: int, generations: int,
+                       repeats: int) -> Row:
+    """Median seconds of one training forward + backward over ``prompts`` x ``generations`` rows
+    of random tokens, each distinct prompt run once (``share_prompts=True``) vs every row's prompt."""
+    import torch
+
+    torch.manual_seed(0)
+    vocabulary = len(policy.tokenizer)
+    prompt_ids = [torch.randint(3, vocabulary, (prompt_tokens,)).tolist() for _ in range(prompts)]
+    batch = policy.make_batch([prompt_ids[i // generations] for i in range(prompts * generations)],
+                              torch.randint(3, vocabulary, (prompts * generations, completion_tokens)).tolist())
+
+    def run(share: bool) -> tuple[float, float]:
+        policy.model.zero_grad(set_to_none=True)
+        start = clock()
+        logprobs, _ = policy.completion_logprobs(batch, share_prompts=share)
+        logprobs.sum().backward()
+        return since(start)
+
+    times: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+    for repeat in range(repeats + 1):  # round 0 warms up; order alternates
+        for share in (True, False) if repeat % 2 else (False, True):
+            seconds = run(share)
+            if repeat:
+                times[share].append(seconds)
+    shared_wall, shared_cpu = (statistics.median(x) for x in zip(*times[True]))
+    plain_wall, plain_cpu = (statistics.median(x) for x in zip(*times[False]))
+    return Row("train forward+backward seconds (shared prompts vs plain)",
+               f"{prompts} prompts x G={generations}, {prompt_tokens} prompt + {completion_tokens} completion tokens",
+               shared_wall, plain_wall, shared_cpu, plain_cpu, "< 1", "{:.3f}")
+
+
 # --------------------------------------------------------------------------- GRPO step time
 
 
@@ -216,6 +253,8 @@ class GRPOSetting:
     warmup: int
     steps: int
     num_prompts: int = 512
+    share_prompts: bool = True  # ours only: each distinct prompt pre-filled / run once (engine and update)
+    instruction: str = ""  # text put before every prompt (a task instruction, as real recipes have)
 
     @property
     def completions_per_step(self) -> int:
@@ -231,6 +270,7 @@ def time_ours(setting: GRPOSetting) -> StepTimes:
     from rloop_lightning.grpo import GRPOModule
     from rloop_lightning.policy import Policy
     from rloop_lightning.rollout.base import SamplingParams
+    from rloop_lightning.rollout.hf import HFGenerateEngine
     from rloop_lightning.tasks import Countdown
     from rloop_lightning.tasks.countdown import countdown_reward
 
@@ -248,9 +288,11 @@ def time_ours(setting: GRPOSetting) -> StepTimes:
 
     torch.manual_seed(0)
     module = GRPOModule(
-        Policy(setting.model_dir), sampling=SamplingParams(max_new_tokens=setting.max_new_tokens),
+        Policy(setting.model_dir, prompt_template=setting.instruction + "{prompt}"),
+        engine=HFGenerateEngine(share_prompts=setting.share_prompts),
+        sampling=SamplingParams(max_new_tokens=setting.max_new_tokens),
         num_generations=setting.num_generations, micro_batch_size=setting.completions_per_step,
-        reward_functions=[countdown_reward],
+        share_prompts=setting.share_prompts, reward_functions=[countdown_reward],
         optimizer=partial(torch.optim.AdamW, lr=setting.learning_rate, weight_decay=0.0),
     )
     timed(module.engine, "generate", times.rollout_seconds)
@@ -262,23 +304,23 @@ def time_ours(setting: GRPOSetting) -> StepTimes:
     return times.keep_after(setting.warmup)
 
 
-def trl_dataset(num_prompts: int):
+def trl_dataset(num_prompts: int, instruction: str = ""):
     """The same Countdown train prompts as ``PromptDataModule``, with the columns the reward reads."""
     from datasets import Dataset
 
     from rloop_lightning.tasks import Countdown
 
     problems = Countdown(num_train=num_prompts).load("train")
-    return Dataset.from_list([{"prompt": p["prompt"], "numbers": p["numbers"], "target": p["target"]}
+    return Dataset.from_list([{"prompt": instruction + p["prompt"], "numbers": p["numbers"], "target": p["target"]}
                               for p in problems])
 
 
-def check_same_prompt_tokens(trainer, model_dir: str, prompt: str) -> None:
+def check_same_prompt_tokens(trainer, setting: GRPOSetting, prompt: str) -> None:
     """TRL must feed the model the same token ids as our policy does (no chat template, same specials)."""
     from rloop_lightning.policy import Policy
 
-    theirs = trainer.processing_class(text=[prompt])["input_ids"][0]
-    ours = Policy(model_dir).encode_prompts([prompt])[0]
+    theirs = trainer.processing_class(text=[setting.instruction + prompt])["input_ids"][0]
+    ours = Policy(setting.model_dir, prompt_template=setting.instruction + "{prompt}").encode_prompts([prompt])[0]
     if list(theirs) != list(ours):
         raise RuntimeError(f"TRL tokenises {prompt!r} as {theirs}, ours as {ours}: not a like-for-like comparison")
 
@@ -322,13 +364,13 @@ def time_trl(setting: GRPOSetting) -> StepTimes:
                 times.completion_lengths.append(float(logs["completions/mean_length"]))
 
     torch.manual_seed(0)
-    dataset = trl_dataset(setting.num_prompts)
+    dataset = trl_dataset(setting.num_prompts, setting.instruction)
     with tempfile.TemporaryDirectory() as output_dir:
         # countdown_reward already has TRL's signature: fn(prompts, completions, **columns)
         trainer = GRPOTrainer(model=setting.model_dir, reward_funcs=[countdown_reward],
                               args=trl_config(setting, output_dir), train_dataset=dataset, callbacks=[StepTimer()])
         trainer.remove_callback(PrinterCallback)  # its log dicts would interleave with the table on stdout
-        check_same_prompt_tokens(trainer, setting.model_dir, dataset[0]["prompt"])
+        check_same_prompt_tokens(trainer, setting, dataset[0]["prompt"][len(setting.instruction):])
         timed(trainer, "_generate_single_turn", times.rollout_seconds)
         trainer.train()
     return times.keep_after(setting.warmup)
@@ -343,23 +385,34 @@ def trl_available() -> bool:
     return True
 
 
-def grpo_row(setting: GRPOSetting, rounds: int, use_trl: bool) -> tuple[Row, list[str]]:
-    """Median step time of ours and TRL, alternating the two ``rounds`` times so load drifts hit both."""
-    ours, theirs = StepTimes(), StepTimes()
-    name = f"{setting.prompts_per_step}x{setting.num_generations}"
+def grpo_rows(setting: GRPOSetting, rounds: int, use_trl: bool) -> tuple[list[Row], list[str]]:
+    """Median step time of ours, ours without prompt sharing and TRL, taking turns ``rounds`` times
+    so that load drifts hit all three."""
+    ours, plain, theirs = StepTimes(), StepTimes(), StepTimes()
+    name = f"{setting.prompts_per_step}x{setting.num_generations}" + (
+        f"+{len(setting.instruction)}" if setting.instruction else "")
     for round_index in range(rounds):
         log(f"GRPO {name} round {round_index + 1}/{rounds}: ours")
         ours.extend(time_ours(setting))
+        log(f"GRPO {name} round {round_index + 1}/{rounds}: ours, share_prompts=False")
+        plain.extend(time_ours(replace(setting, share_prompts=False)))
         if use_trl:
             log(f"GRPO {name} round {round_index + 1}/{rounds}: TRL")
             theirs.extend(time_trl(setting))
-    label = (f"{setting.prompts_per_step} prompts x G={setting.num_generations}, {setting.max_new_tokens} tokens, "
-             f"median of {len(ours.step_seconds)}")
-    row = Row("GRPO step seconds (ours vs TRL)", label, median_or_nan(ours.step_seconds),
-              median_or_nan(theirs.step_seconds), median_or_nan(ours.step_cpu_seconds),
-              median_or_nan(theirs.step_cpu_seconds), "<= 0.5", "{:.2f}")
-    details = [describe_steps(f"ours {name}", ours)] + ([describe_steps(f"TRL  {name}", theirs)] if use_trl else [])
-    return row, details
+    instruction = f", {len(setting.instruction)}-token instruction" if setting.instruction else ""
+    label = (f"{setting.prompts_per_step} prompts x G={setting.num_generations}{instruction}, "
+             f"{setting.max_new_tokens} tokens, median of {len(ours.step_seconds)}")
+
+    def row(measurement: str, reference: StepTimes, target: str) -> Row:
+        return Row(measurement, label, median_or_nan(ours.step_seconds), median_or_nan(reference.step_seconds),
+                   median_or_nan(ours.step_cpu_seconds), median_or_nan(reference.step_cpu_seconds), target, "{:.2f}")
+
+    rows = [row("GRPO step seconds (ours vs TRL)", theirs, "<= 0.5"),
+            row("GRPO step seconds (ours vs ours without prompt sharing)", plain, "< 1")]
+    details = [describe_steps(f"ours {name}", ours), describe_steps(f"ours {name}, share_prompts=False", plain)]
+    if use_trl:
+        details.append(describe_steps(f"TRL  {name}", theirs))
+    return rows, details
 
 
 # --------------------------------------------------------------------------- report
@@ -403,6 +456,13 @@ def environment() -> str:
             f"{torch.get_num_threads()}, load average {load}")
 
 
+def instruction(tokens: int) -> str:
+    """A task instruction of ``tokens`` characters (the tiny tokenizer has one token per character)."""
+    text = ("Use each of the given numbers exactly once, with + - * and /, to write an expression "
+            "whose value is the target. Answer with the expression only. ")
+    return (text * (tokens // len(text) + 1))[:tokens]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer settings, repeats and steps (< 2 min)")
@@ -410,8 +470,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=32, help="completion length (default 32)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", help="rollout batch sizes (default 16 64 256)")
     parser.add_argument("--repeats", type=int, help="timed rollout runs per path and batch size (default 7)")
-    parser.add_argument("--grpo", nargs="+", metavar="PROMPTSxG",
-                        help="GRPO settings, prompts per step x generations (default 8x8 16x8 16x16)")
+    parser.add_argument("--grpo", nargs="+", metavar="PROMPTSxG[+I]",
+                        help="GRPO settings, prompts per step x generations, optionally + an instruction of I "
+                             "tokens before every prompt (default 8x8 16x8 16x16 16x8+160)")
+    parser.add_argument("--prompt-tokens", type=int, nargs="*",
+                        help="prompt lengths of the prompt-sharing rows, 4 prompts x G=8 with 128 completion "
+                             "tokens each (default 32 128 512)")
     parser.add_argument("--warmup", type=int, help="untimed GRPO steps per run (default 2)")
     parser.add_argument("--steps", type=int, help="timed GRPO steps per run (default 4)")
     parser.add_argument("--rounds", type=int, help="runs of each trainer per GRPO setting, alternating (default 3)")
@@ -420,14 +484,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="also print (stderr) a cProfile of one engine call at the largest batch size")
     args = parser.parse_args(argv)
-    quick = {"batch_sizes": [16, 64], "repeats": 2, "grpo": ["8x8"], "warmup": 1, "steps": 3, "rounds": 1}
-    full = {"batch_sizes": [16, 64, 256], "repeats": 7, "grpo": ["8x8", "16x8", "16x16"], "warmup": 2, "steps": 4,
-            "rounds": 3}
+    quick = {"batch_sizes": [16, 64], "repeats": 2, "prompt_tokens": [128], "grpo": ["8x8"], "warmup": 1, "steps": 3,
+             "rounds": 1}
+    full = {"batch_sizes": [16, 64, 256], "repeats": 7, "prompt_tokens": [32, 128, 512],
+            "grpo": ["8x8", "16x8", "16x16", "16x8+160"],
+            "warmup": 2, "steps": 4, "rounds": 3}
     defaults = quick if args.quick else full
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    args.grpo = [tuple(int(x) for x in text.lower().split("x")) for text in args.grpo]
+    args.grpo = [tuple(int(x) for x in text.lower().replace("+", "x").split("x")) + (0,) for text in args.grpo]
     return args
 
 
@@ -464,13 +530,16 @@ def main(argv=None) -> str:
         rows.append(rollout_row(policy, prompts, batch, args.max_new_tokens, args.repeats))
     if args.profile:
         log(profile_engine(policy, prompts, max(args.batch_sizes), args.max_new_tokens))
+    for prompt_tokens in args.prompt_tokens:
+        log(f"prompt sharing: {prompt_tokens} prompt tokens")
+        rows.append(prompt_sharing_row(policy, prompt_tokens, 128, 4, 8, args.repeats))
     use_trl = not args.no_trl and trl_available()
     details: list[str] = []
-    for prompts_per_step, generations in args.grpo:
+    for prompts_per_step, generations, instruction_tokens, *_ in args.grpo:
         setting = GRPOSetting(model_dir, prompts_per_step, generations, args.max_new_tokens, args.learning_rate,
-                              args.warmup, args.steps)
-        row, lines = grpo_row(setting, args.rounds, use_trl)
-        rows.append(row)
+                              args.warmup, args.steps, instruction=instruction(instruction_tokens))
+        setting_rows, lines = grpo_rows(setting, args.rounds, use_trl)
+        rows.extend(setting_rows)
         details.extend(lines)
     report = "\n".join([
         f"{environment()}; total {time.perf_counter() - started:.0f} s", "", format_table(rows), "",
