@@ -110,15 +110,27 @@ def test_summary_numbers_are_exact():
     settings = ExpertSetSettings(filter="success_rate", hard_threshold=0.5, max_per_prompt=3)
     kept, summary = build_expert_set(trajectories, stats, settings)
     assert summary == {"harvested": 8, "prompts_solved": 3, "prompts_kept": 2, "hard_share": pytest.approx(2 / 3),
-                       "duplicates_removed": 2, "size": 4}
+                       "duplicates_removed": 2, "size": 4, "easy_records": 0}
     assert [r["prompt_id"] for r in kept] == ["a", "a", "a", "c"]
+
+
+def test_easy_prompts_keep_fewer_completions_when_asked():
+    stats = stats_from({"hard": [(0, 1, 4)], "easy": [(0, 4, 4)], "easy2": [(0, 3, 4)]})
+    trajectories = ([record("hard", t) for t in ("1", "2", "3")] + [record("easy", t) for t in ("4", "5", "6")]
+                    + [record("easy2", "7")])
+    settings = ExpertSetSettings(filter="success_rate", hard_threshold=0.5, max_per_prompt=2, easy_per_prompt=1)
+    kept, summary = build_expert_set(trajectories, stats, settings)
+    assert [r["prompt_id"] for r in kept] == ["easy", "easy2", "hard", "hard"]  # sorted by prompt id
+    assert summary["prompts_kept"] == 1 and summary["easy_records"] == 2 and summary["size"] == 4
+    hard_only = build_expert_set(trajectories, stats, ExpertSetSettings(hard_threshold=0.5, max_per_prompt=2))[0]
+    assert [r["prompt_id"] for r in hard_only] == ["hard", "hard"]
 
 
 def test_empty_harvest_gives_an_empty_set():
     kept, summary = build_expert_set([], PromptStats(), ExpertSetSettings())
     assert kept == []
     assert summary == {"harvested": 0, "prompts_solved": 0, "prompts_kept": 0, "hard_share": 0.0,
-                       "duplicates_removed": 0, "size": 0}
+                       "duplicates_removed": 0, "size": 0, "easy_records": 0}
 
 
 # ---------------------------------------------------------------------------- PromptStats

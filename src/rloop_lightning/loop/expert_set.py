@@ -3,10 +3,11 @@
 From every verified-correct trajectory of every RL step of iteration k:
 1. keep prompts that are hard for the policy: success rate over the phase <= ``hard_threshold``
    (``filter="success_rate"``), or failed by theta_k on its first visit (``filter="failed_by_start"``),
-   or every solved prompt (``filter="none"``);
+   or every solved prompt (``filter="none"``); ``easy_per_prompt > 0`` keeps the other solved
+   prompts too, with fewer completions each (favouring hard prompts instead of keeping only them);
 2. drop duplicate completions of a prompt (after whitespace normalisation);
-3. keep at most ``max_per_prompt`` completions per prompt, chosen at random (seeded) so that
-   solutions found early and late in the phase are equally likely;
+3. keep at most ``max_per_prompt`` completions per hard prompt (``easy_per_prompt`` per easy one),
+   chosen at random (seeded) so that solutions found early and late in the phase are equally likely;
 4. optionally replay the expert sets of earlier iterations.
 The paper favours hard prompts because easy ones are already solved reliably by theta_k: fitting
 them again adds little and crowds out the rare solutions exploration found.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Iterable, Literal, Optional
 
 from rloop_lightning.prompt_stats import PromptStats
 
@@ -30,6 +31,9 @@ class ExpertSetSettings:
     hard_threshold: float = 0.5  # with filter="success_rate": keep prompts solved at most this often
     dedup: bool = True
     max_per_prompt: int = 4  # 0 keeps every (distinct) completion
+    # completions kept per prompt the filter rejects; None (or 0): hard prompts only. None rather than 0
+    # so that run directories from before this field resume (manifest.config_differences)
+    easy_per_prompt: Optional[int] = None
     replay: bool = False  # add the expert sets of earlier iterations
     seed: int = 0
 
@@ -56,11 +60,13 @@ def build_expert_set(trajectories: Iterable[dict], stats: PromptStats,
         by_prompt[record["prompt_id"]].append(record)
     rng = random.Random(settings.seed)
     kept: list[dict] = []
-    hard_prompts = duplicates = 0
+    hard_prompts = duplicates = easy_records = 0
     for prompt_id in sorted(by_prompt):
-        if not is_hard(prompt_id, stats, settings):
+        hard = is_hard(prompt_id, stats, settings)
+        cap = settings.max_per_prompt if hard else (settings.easy_per_prompt or 0)
+        if not hard and cap == 0:
             continue
-        hard_prompts += 1
+        hard_prompts += hard
         candidates = sorted(by_prompt[prompt_id], key=lambda r: (r["step"], r["completion"]))
         if settings.dedup:
             seen: dict[str, dict] = {}
@@ -68,13 +74,13 @@ def build_expert_set(trajectories: Iterable[dict], stats: PromptStats,
                 seen.setdefault(" ".join(record["completion"].split()), record)
             duplicates += len(candidates) - len(seen)
             candidates = list(seen.values())
-        if settings.max_per_prompt and len(candidates) > settings.max_per_prompt:
-            candidates = sorted(rng.sample(candidates, settings.max_per_prompt),
-                                key=lambda r: (r["step"], r["completion"]))
+        if cap and len(candidates) > cap:
+            candidates = sorted(rng.sample(candidates, cap), key=lambda r: (r["step"], r["completion"]))
         kept.extend(candidates)
+        easy_records += 0 if hard else len(candidates)
     summary = {
         "harvested": total, "prompts_solved": len(by_prompt), "prompts_kept": hard_prompts,
         "hard_share": hard_prompts / len(by_prompt) if by_prompt else 0.0,
-        "duplicates_removed": duplicates, "size": len(kept),
+        "duplicates_removed": duplicates, "size": len(kept), "easy_records": easy_records,
     }
     return kept, summary
