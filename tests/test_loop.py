@@ -302,3 +302,37 @@ def test_replay_adds_earlier_expert_sets_and_rft_from_rl_end_is_one_flag(tmp_pat
     assert second[summary["size"]:] == first  # own set first, then the replayed earlier set
     assert summary["size_with_replay"] == summary["size"] + len(first)
     assert manifest(run_dir)["completed"]["iter_00/rft"]["started_from"] == str(run_dir / "iter_00" / "grpo" / "policy")
+
+
+# ---------------------------------------------------------------------------- the base
+
+
+def base_build_yaml(steps: int) -> dict:
+    config = shipped("base/tiny_countdown.yaml")
+    config["trainer"].update(QUIET_TRAINER, max_steps=steps)
+    config["trainer"]["callbacks"] = [{"class_path": "rloop_lightning.callbacks.ExportPolicy"}]
+    config["model"]["policy"]["model_name_or_path"] = "rloop/micro-llama"
+    config["data"]["init_args"].update(task=MICRO_COUNTDOWN, batch_size=8)
+    return config
+
+
+def test_base_is_built_once_and_a_changed_build_config_is_refused(tmp_path):
+    from rloop_lightning.loop.controller import BUILD_RECORD, BaseConfig, PhaseConfig
+
+    build = tmp_path / "base.yaml"
+    build.write_text(yaml.safe_dump(base_build_yaml(steps=2)))
+    policy = tmp_path / "base" / "policy"
+
+    def loop() -> RLoop:
+        return RLoop(str(tmp_path / "run"), BaseConfig(str(policy), str(build)), PhaseConfig("unused.yaml"),
+                     PhaseConfig("unused.yaml"), evaluators=[])
+
+    assert loop().build_base() == str(policy)
+    weights = (policy / "model.safetensors").read_bytes()
+    assert json.loads((policy / BUILD_RECORD).read_text())["build_config"] == str(build)
+    loop().build_base()  # built already: reused as is
+    assert (policy / "model.safetensors").read_bytes() == weights
+    build.write_text(yaml.safe_dump(base_build_yaml(steps=3)))
+    with pytest.raises(ValueError, match="now has other contents") as error:
+        loop().build_base()
+    assert f"Delete {policy.parent}" in str(error.value)

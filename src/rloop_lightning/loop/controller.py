@@ -17,6 +17,7 @@ directory and redoes it with the same seed, so expert sets never gain or lose tr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -42,6 +43,7 @@ from rloop_lightning.rollout.base import RolloutEngine
 from rloop_lightning.rollout.hf import HFGenerateEngine
 
 log = logging.getLogger(__name__)
+BUILD_RECORD = "rloop_base_build.json"  # in a built base's policy directory: which config built it
 
 
 @dataclass
@@ -192,8 +194,21 @@ class RLoop:
 
     # ------------------------------------------------------------------ phases
     def build_base(self) -> str:
+        """theta_0: built by ``base.build_config`` when missing. A base built earlier from a config file
+        with other contents is refused, not silently reused: runs would start from a stale theta_0."""
         path = Path(self.base.policy)
-        if self.base.build_config is None or (path / "config.json").exists() or (path / "adapter_config.json").exists():
+        if self.base.build_config is None:
+            return self.base.policy
+        digest = hashlib.sha256(Path(self.base.build_config).read_bytes()).hexdigest()
+        record = path / BUILD_RECORD
+        if (path / "config.json").exists() or (path / "adapter_config.json").exists():
+            if record.exists():
+                built = json.loads(record.read_text())
+                if built["sha256"] != digest:
+                    raise ValueError(
+                        f"{path} was built by {built['build_config']} (sha256 {built['sha256'][:12]}), but "
+                        f"{self.base.build_config} now has other contents (sha256 {digest[:12]}). Delete "
+                        f"{path.parent} to rebuild the base, or point base.policy to another directory.")
             return self.base.policy
         if path.name != "policy":
             raise ValueError(f"base.policy must end in '/policy' to be built by {self.base.build_config} "
@@ -201,6 +216,7 @@ class RLoop:
         log.info("building the base policy %s with %s", path, self.base.build_config)
         cli = build_phase(RFTModule, PhaseConfig(self.base.build_config), {"trainer.default_root_dir": str(path.parent)})
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        write_json_atomic(record, {"build_config": self.base.build_config, "sha256": digest})
         return self.base.policy
 
     def _fit(self, cli, directory: Path) -> None:
