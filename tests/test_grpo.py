@@ -113,6 +113,20 @@ def test_loss_variants_train(variant):
     assert module.bad_steps_in_a_row == 0
 
 
+def test_pass_at_k_advantages_raise_the_reward():
+    """pass@k training optimises the best of k samples; the mean reward still rises."""
+    torch.manual_seed(0)
+    recorder = Recorder()
+    fit(make_module(loss=LossSettings(advantage="pass_at_k", pass_k=2)), make_data(), steps=30, callbacks=[recorder])
+    first, last = recorder.rewards[:5], recorder.rewards[-5:]
+    assert sum(last) / 5 > sum(first) / 5 + 0.2, recorder.rewards
+
+
+def test_pass_k_above_the_group_size_is_refused():
+    with pytest.raises(ValueError, match="loss.pass_k must be in 1..num_generations=4"):
+        make_module(loss=LossSettings(advantage="pass_at_k", pass_k=8))
+
+
 def test_num_generations_below_two_is_refused():
     with pytest.raises(ValueError, match="num_generations must be >= 2"):
         make_module(num_generations=1)

@@ -1,4 +1,4 @@
-"""GRPO / DAPO / Dr.GRPO / GSPO exploration phase as a LightningModule (manual optimization).
+"""GRPO / DAPO / Dr.GRPO / GSPO / pass@k-training exploration phase as a LightningModule (manual optimization).
 
 One training step: sample G completions for each of the batch's prompts with the rollout engine,
 score them, keep informative groups (dynamic sampling, optional), compute group advantages, then
@@ -49,6 +49,7 @@ class LossSettings:
     """The policy-gradient objective. Defaults: GRPO advantages, DAPO token-mean, symmetric clip."""
 
     advantage: AdvantageEstimator = "grpo"
+    pass_k: int = 4  # k of advantage="pass_at_k" (pass@k training); at most num_generations
     aggregation: LossAggregation = "token_mean"
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2  # DAPO clip-higher: 0.28
@@ -144,12 +145,15 @@ class GRPOModule(PolicyModule):
                             ("micro_batch_size", micro_batch_size), ("max_sampling_rounds", max_sampling_rounds)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        settings = loss or LossSettings()
+        if settings.advantage == "pass_at_k" and not 1 <= settings.pass_k <= num_generations:
+            raise ValueError(f"loss.pass_k must be in 1..num_generations={num_generations}, got {settings.pass_k}")
         self.save_hyperparameters(ignore=["policy", "engine", "reward_functions", "optimizer", "lr_scheduler"])
         self.automatic_optimization = False
         self.engine = engine or HFGenerateEngine()
         self.sampling = sampling or SamplingParams()
         self.num_generations = num_generations
-        self.loss_settings = loss or LossSettings()
+        self.loss_settings = settings
         self.overlong = overlong or OverlongSettings()
         self.importance = importance or ImportanceSettings()
         self.dynamic_sampling = dynamic_sampling
@@ -263,7 +267,8 @@ class GRPOModule(PolicyModule):
 
     def _train_on(self, groups: list[Group]) -> dict:
         flat = flatten(groups)
-        advantages = group_advantages(flat["rewards"], self.loss_settings.advantage).flatten()  # [N]
+        advantages = group_advantages(flat["rewards"], self.loss_settings.advantage,
+                                      k=self.loss_settings.pass_k).flatten()  # [N]
         batch = self.policy.make_batch(flat["prompt_ids"], flat["completion_ids"]).to(self.device)
         mask = batch.completion_mask.float()  # [N, C]
         if self.overlong.mode == "mask":
