@@ -90,11 +90,13 @@ def shared_prefix_cache(model: nn.Module, input_ids: Tensor, attention_mask: Ten
     distinct rows and ``inverse`` mapping rows to them; None when no row repeats or the model keeps
     no cache (gradient checkpointing in training).
     """
+    width = input_ids.shape[1]
+    if width == 0:
+        return None
     rows = torch.cat([input_ids, attention_mask], 1)
     distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
-    if distinct.shape[0] == rows.shape[0] or input_ids.shape[1] == 0:
+    if distinct.shape[0] == rows.shape[0]:
         return None
-    width = input_ids.shape[1]
     ids, mask = distinct[:, :width], distinct[:, width:]
     output = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                    use_cache=True, logits_to_keep=1)
