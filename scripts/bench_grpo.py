@@ -304,17 +304,6 @@ def time_ours(setting: GRPOSetting) -> StepTimes:
     return times.keep_after(setting.warmup)
 
 
-def trl_dataset(num_prompts: int, instruction: str = ""):
-    """The same Countdown train prompts as ``PromptDataModule``, with the columns the reward reads."""
-    from datasets import Dataset
-
-    from rloop_lightning.tasks import Countdown
-
-    problems = Countdown(num_train=num_prompts).load("train")
-    return Dataset.from_list([{"prompt": instruction + p["prompt"], "numbers": p["numbers"], "target": p["target"]}
-                              for p in problems])
-
-
 def check_same_prompt_tokens(trainer, setting: GRPOSetting, prompt: str) -> None:
     """TRL must feed the model the same token ids as our policy does (no chat template, same specials)."""
     from rloop_lightning.policy import Policy
@@ -325,28 +314,15 @@ def check_same_prompt_tokens(trainer, setting: GRPOSetting, prompt: str) -> None
         raise RuntimeError(f"TRL tokenises {prompt!r} as {theirs}, ours as {ours}: not a like-for-like comparison")
 
 
-def trl_config(setting: GRPOSetting, output_dir: str):
-    """TRL settings matching ``time_ours``: fp32, constant LR, no weight decay, beta 0, one step per rollout."""
-    from trl import GRPOConfig
-
-    return GRPOConfig(
-        output_dir=output_dir, use_cpu=True, bf16=False, seed=0, report_to=[], logging_steps=1,
-        save_strategy="no", disable_tqdm=True, max_steps=setting.warmup + setting.steps,
-        learning_rate=setting.learning_rate, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
-        per_device_train_batch_size=setting.completions_per_step, gradient_accumulation_steps=1,
-        num_generations=setting.num_generations, max_completion_length=setting.max_new_tokens,
-        temperature=1.0, top_p=1.0, top_k=0, beta=0.0, num_iterations=1, epsilon=0.2, loss_type="dapo",
-        scale_rewards="group", dataloader_num_workers=0,
-    )
-
-
 def time_trl(setting: GRPOSetting) -> StepTimes:
     """TRL's ``GRPOTrainer`` on the same model directory, prompts, reward and settings."""
     import torch
     from transformers import PrinterCallback, TrainerCallback
     from trl import GRPOTrainer
 
+    from rloop_lightning.tasks import Countdown
     from rloop_lightning.tasks.countdown import countdown_reward
+    from trl_reference import countdown_dataset, grpo_config
 
     times = StepTimes()
 
@@ -364,11 +340,16 @@ def time_trl(setting: GRPOSetting) -> StepTimes:
                 times.completion_lengths.append(float(logs["completions/mean_length"]))
 
     torch.manual_seed(0)
-    dataset = trl_dataset(setting.num_prompts, setting.instruction)
+    dataset = countdown_dataset(Countdown(num_train=setting.num_prompts).load("train"), setting.instruction)
     with tempfile.TemporaryDirectory() as output_dir:
         # countdown_reward already has TRL's signature: fn(prompts, completions, **columns)
         trainer = GRPOTrainer(model=setting.model_dir, reward_funcs=[countdown_reward],
-                              args=trl_config(setting, output_dir), train_dataset=dataset, callbacks=[StepTimer()])
+                              args=grpo_config(output_dir, seed=0, max_steps=setting.warmup + setting.steps,
+                                               learning_rate=setting.learning_rate,
+                                               prompts_per_step=setting.prompts_per_step,
+                                               num_generations=setting.num_generations,
+                                               max_completion_length=setting.max_new_tokens),
+                              train_dataset=dataset, callbacks=[StepTimer()])
         trainer.remove_callback(PrinterCallback)  # its log dicts would interleave with the table on stdout
         check_same_prompt_tokens(trainer, setting, dataset[0]["prompt"][len(setting.instruction):])
         timed(trainer, "_generate_single_turn", times.rollout_seconds)

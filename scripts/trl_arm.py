@@ -34,29 +34,22 @@ def loop_settings(config_path: Path) -> dict:
 
 def run_seed(seed: int, settings: dict, out: Path) -> Path:
     import torch
-    from datasets import Dataset
     from transformers import PrinterCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     from rloop_lightning.data.records import write_json_atomic
     from rloop_lightning.policy import Policy
     from rloop_lightning.rollout.hf import HFGenerateEngine
     from rloop_lightning.tasks import Countdown
     from rloop_lightning.tasks.countdown import countdown_reward
+    from trl_reference import countdown_dataset, grpo_config
 
     run_dir = out / f"trl_seed{seed}"
-    problems = Countdown().load("train")[:512]  # PromptDataModule(limit=512) trains on these
-    dataset = Dataset.from_list([{"prompt": p["prompt"], "numbers": p["numbers"], "target": p["target"]}
-                                 for p in problems])
+    dataset = countdown_dataset(Countdown().load("train")[:512])  # PromptDataModule(limit=512) trains on these
     steps = settings["iterations"] * settings["steps"]
     with tempfile.TemporaryDirectory() as scratch:
-        args = GRPOConfig(
-            output_dir=scratch, use_cpu=True, bf16=False, seed=seed, report_to=[], logging_steps=10,
-            save_strategy="no", disable_tqdm=True, max_steps=steps, learning_rate=settings["lr"],
-            lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
-            per_device_train_batch_size=16 * 8, gradient_accumulation_steps=1, num_generations=8,
-            max_completion_length=16, temperature=1.0, top_p=1.0, top_k=0, beta=0.0, num_iterations=1,
-            epsilon=0.2, epsilon_high=0.28, loss_type="dapo", scale_rewards="group", dataloader_num_workers=0)
+        args = grpo_config(scratch, seed=seed, max_steps=steps, learning_rate=settings["lr"], prompts_per_step=16,
+                           num_generations=8, max_completion_length=16, epsilon_high=0.28, logging_steps=10)
         trainer = GRPOTrainer(model=settings["base"], reward_funcs=[countdown_reward], args=args,
                               train_dataset=dataset)
         trainer.remove_callback(PrinterCallback)
