@@ -130,6 +130,20 @@ def test_shared_prompts_run_each_distinct_prompt_once(micro_policy):
     assert seen == [(3, batch.prompt_length), (7, completion_length)]  # 3 distinct prompts, then 7 completions
 
 
+def test_forced_sharing_with_distinct_prompts_still_matches(micro_policy):
+    """Sharded ranks take the two-call path even when no prompt repeats (``force``): it must still be exact."""
+    from rloop_lightning.policy import shared_prompt_logits
+
+    batch = micro_policy.encode_pairs(PROMPTS, COMPLETIONS)  # two distinct prompts
+    with torch.no_grad():
+        assert shared_prompt_logits(micro_policy.model, batch) is None
+        forced = shared_prompt_logits(micro_policy.model, batch, force=True)
+        plain = micro_policy.completion_logprobs(batch)[0]
+    chosen = torch.log_softmax(forced, -1).gather(-1, batch.input_ids[:, batch.prompt_length:, None]).squeeze(-1)
+    mask = batch.completion_mask.bool()
+    torch.testing.assert_close(chosen[mask], plain[mask], atol=1e-5, rtol=0)
+
+
 def test_shared_prompts_under_lora_match_the_plain_forward(lora_policy):
     batch = grouped_batch(lora_policy)
     train(lora_policy, batch, steps=2, lr=0.3)  # non-zero adapters

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from rloop_lightning import tiny
+from rloop_lightning.strategies import forwards_in_lockstep
 
 log = logging.getLogger(__name__)
 
@@ -82,20 +83,20 @@ def cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
-def shared_prefix_cache(model: nn.Module, input_ids: Tensor, attention_mask: Tensor):
+def shared_prefix_cache(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, force: bool = False):
     """Run each distinct row of a left-padded ``input_ids`` once with the KV cache on, then gather the
     cache to every row (differentiably, so gradients from all rows reach the one pass).
 
     Returns ``(output, cache, inverse)``, ``output`` holding the last position's logits of the
-    distinct rows and ``inverse`` mapping rows to them; None when no row repeats or the model keeps
-    no cache (gradient checkpointing in training).
+    distinct rows and ``inverse`` mapping rows to them; None when no row repeats (unless ``force``:
+    sharded ranks must all take the same path) or the model keeps no cache (gradient checkpointing).
     """
     width = input_ids.shape[1]
     if width == 0:
         return None
     rows = torch.cat([input_ids, attention_mask], 1)
     distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
-    if distinct.shape[0] == rows.shape[0]:
+    if distinct.shape[0] == rows.shape[0] and not force:
         return None
     ids, mask = distinct[:, :width], distinct[:, width:]
     output = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
@@ -107,16 +108,16 @@ def shared_prefix_cache(model: nn.Module, input_ids: Tensor, attention_mask: Ten
     return output, cache, inverse
 
 
-def shared_prompt_logits(model: nn.Module, batch: PolicyBatch) -> Optional[Tensor]:
+def shared_prompt_logits(model: nn.Module, batch: PolicyBatch, force: bool = False) -> Optional[Tensor]:
     """Completion logits [N, C, V] with each distinct prompt of the batch run through the model once.
 
     GRPO batches hold G completions per prompt: the prompts' keys and values are computed once per
     distinct prompt and the completions run on top of that cache. The logits equal those of a full
     forward of every row up to float rounding; the prompt tokens cost 1/G. None when no prompt
-    repeats or the model keeps no cache.
+    repeats (unless ``force``) or the model keeps no cache.
     """
     length = batch.prompt_length
-    shared = shared_prefix_cache(model, batch.input_ids[:, :length], batch.attention_mask[:, :length])
+    shared = shared_prefix_cache(model, batch.input_ids[:, :length], batch.attention_mask[:, :length], force)
     if shared is None:
         return None
     prompt_output, cache, inverse = shared
@@ -349,7 +350,7 @@ class Policy(nn.Module):
         model = model if model is not None else self.require_model()
         # checkpointed training keeps no KV cache: nothing to share
         share_prompts = share_prompts and not (self.gradient_checkpointing and model.training)
-        logits = shared_prompt_logits(model, batch) if share_prompts else None
+        logits = shared_prompt_logits(model, batch, force=forwards_in_lockstep(model)) if share_prompts else None
         if logits is None:
             position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
             logits = model(

@@ -122,6 +122,12 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
+def forwards_in_lockstep(model: nn.Module) -> bool:
+    """Whether every rank must run the same sequence of forward calls: FSDP2 shards all-gather in
+    every forward, so a rank that skips one leaves the others waiting."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and is_sharded(model)
+
+
 def shard_with_fsdp2(model: nn.Module, device_mesh) -> nn.Module:
     """Apply FSDP2 ``fully_shard`` to every decoder layer, then to the whole model (in place).
 

@@ -8,7 +8,7 @@ import torch
 
 from rloop_lightning.policy import Policy, cache_argument, pad, shared_prefix_cache
 from rloop_lightning.rollout.base import RolloutEngine, Rollouts, SamplingParams
-from rloop_lightning.strategies import is_sharded
+from rloop_lightning.strategies import forwards_in_lockstep
 
 
 @contextmanager
@@ -63,13 +63,14 @@ class HFGenerateEngine(RolloutEngine):
         input_ids, attention_mask = pad([ids for _, ids in requests], tokenizer.pad_token_id, side="left")
         greedy = sampling.temperature == 0
         # FSDP2 shards all-gather in every forward: ranks must run the same number of decoding
-        # steps, so generate keeps stepping until every rank is done (HF's synced_gpus)
-        synced = torch.distributed.is_available() and torch.distributed.is_initialized() and is_sharded(policy.model)
+        # steps, so generate keeps stepping until every rank is done (HF's synced_gpus), and every
+        # rank pre-fills, repeated prompts or not
+        synced = forwards_in_lockstep(policy.model)
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         cache = {}
         if self.share_prompts and input_ids.shape[1] > 1:
             # all prompt tokens but the last go into the cache; generate runs the last one and samples
-            shared = shared_prefix_cache(policy.model, input_ids[:, :-1], attention_mask[:, :-1])
+            shared = shared_prefix_cache(policy.model, input_ids[:, :-1], attention_mask[:, :-1], force=synced)
             if shared is not None:
                 cache = {cache_argument(policy.model): shared[1]}
         output = policy.model.generate(
