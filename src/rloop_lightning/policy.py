@@ -77,6 +77,11 @@ def pad(rows: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tupl
     return ids, mask
 
 
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions of left-padded rows: 0 at each row's first real token (padding clamped to 0)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def cache_argument(model: nn.Module) -> str:
     """The forward argument that takes a KV cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -99,7 +104,7 @@ def shared_prefix_cache(model: nn.Module, input_ids: Tensor, attention_mask: Ten
     if distinct.shape[0] == rows.shape[0] and not force:
         return None
     ids, mask = distinct[:, :width], distinct[:, width:]
-    output = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+    output = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
                    use_cache=True, logits_to_keep=1)
     cache = next((value for key, value in output.items() if key in ("cache", "past_key_values")), None)
     if cache is None:
@@ -121,7 +126,7 @@ def shared_prompt_logits(model: nn.Module, batch: PolicyBatch, force: bool = Fal
     if shared is None:
         return None
     prompt_output, cache, inverse = shared
-    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)[:, length:]
+    positions = position_ids(batch.attention_mask)[:, length:]
     rest = model(input_ids=batch.input_ids[:, length:], attention_mask=batch.attention_mask, position_ids=positions,
                  use_cache=True, logits_to_keep=batch.completion_mask.shape[1], **{cache_argument(model): cache})
     # the prompt's last position predicts the first completion token, completion position t token t + 1
@@ -352,9 +357,9 @@ class Policy(nn.Module):
         share_prompts = share_prompts and not (self.gradient_checkpointing and model.training)
         logits = shared_prompt_logits(model, batch, force=forwards_in_lockstep(model)) if share_prompts else None
         if logits is None:
-            position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
             logits = model(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                position_ids=position_ids(batch.attention_mask),
                 logits_to_keep=batch.completion_mask.shape[1] + 1, use_cache=False,
             ).logits[:, :-1]
         if temperature and temperature != 1.0:
