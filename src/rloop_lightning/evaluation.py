@@ -1,6 +1,8 @@
 """Held-out evaluation: avg@n, pass@k (unbiased, Chen et al. 2021) and greedy accuracy on a task split.
 
 A completion counts as correct when the task's verifier scores it >= ``correct_threshold``.
+``evaluate_policy`` is the one held-out evaluation of a policy, used by ``rloop eval``, the loop and
+the scripts, with one seeding rule, so they report the same numbers for the same policy.
 pass@k is averaged over problems from each problem's n samples and c correct ones:
     pass@k = 1 - C(n - c, k) / C(n, k),     avg@n = c / n.
 """
@@ -10,10 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+import torch
+
 from rloop_lightning.algorithms.metrics import avg_at_n, mean_pass_at_k
 from rloop_lightning.policy import Policy
 from rloop_lightning.rewards.runner import RewardRunner
 from rloop_lightning.rollout.base import RolloutEngine, SamplingParams
+from rloop_lightning.rollout.hf import HFGenerateEngine
 from rloop_lightning.tasks.base import Task
 
 
@@ -95,3 +100,27 @@ class Evaluator:
 
     def close(self) -> None:
         self.runner.close()
+
+
+def evaluate_policy(policy: Policy, evaluators: Sequence[Evaluator], engine: Optional[RolloutEngine] = None,
+                    seed: int = 0) -> dict[str, dict[str, float]]:
+    """Metrics of ``policy`` on each evaluator's split, keyed ``"{task}/{split}"``.
+
+    Seeding: torch's generator is seeded with ``seed`` before *each* evaluator, so one evaluator's
+    numbers depend only on (policy, evaluator, seed), not on which evaluators ran before it, and two
+    policies evaluated with one seed see the same sampling noise. The engine is told that a new policy
+    is coming (``RolloutEngine.load_policy``): an engine holding its own weights loads this policy's.
+    Each evaluator's verification workers are shut down afterwards.
+    """
+    policy.load_model()
+    engine = engine or HFGenerateEngine()
+    engine.load_policy(policy)
+    metrics = {}
+    for evaluator in evaluators:
+        torch.manual_seed(seed)
+        try:
+            result = evaluator.evaluate(policy, engine)
+        finally:
+            evaluator.close()
+        metrics[f"{result.task}/{result.split}"] = result.metrics
+    return metrics

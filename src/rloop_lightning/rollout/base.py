@@ -65,6 +65,10 @@ class RolloutEngine(ABC):
     def sync_weights(self, policy: Policy) -> None:
         """Called after each optimizer step; engines holding their own weights copy them here."""
 
+    def load_policy(self, policy: Policy) -> None:
+        """A new policy is about to be sampled from (e.g. another theta_k in held-out evaluation):
+        engines holding their own weights load all of them here (or the policy's adapter)."""
+
     def check_prompt_lengths(self, policy: Policy, prompt_ids: list[list[int]], sampling: SamplingParams,
                              max_context: Optional[int]) -> None:
         if max_context is None:
