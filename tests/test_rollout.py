@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
+from rloop_lightning.policy import pad
 from rloop_lightning.rollout.base import Rollouts, SamplingParams
-from rloop_lightning.rollout.hf import HFGenerateEngine
+from rloop_lightning.rollout.hf import ChosenTokenLogprobs, HFGenerateEngine, inference_mode
 
 PROMPTS = ["3 5 7 -> 22\n", "1 2 -> 3\n"]  # different lengths: the batch is left-padded
 
@@ -161,3 +164,58 @@ def test_sampler_logprobs_match_the_policy_at_the_sampling_temperature(micro_pol
     sampled = torch.tensor([lp for row in rollouts.sampler_logprobs for lp in row])
     assert torch.allclose(logprobs[mask], sampled, atol=1e-4)
     assert not torch.allclose(untempered[mask], sampled, atol=1e-2)
+
+
+def test_recorder_keeps_the_chosen_tokens_log_probs_step_by_step():
+    """Hand case: 2 rows, 3 steps over a 3-token vocabulary; one extra (undone) step is dropped."""
+    recorder = ChosenTokenLogprobs()
+    steps = [torch.tensor([[0.0, 1.0, 2.0], [1.0, 1.0, 1.0]]),
+             torch.tensor([[3.0, 0.0, 0.0], [0.0, -math.inf, 0.0]]),  # -inf: a token top-p removed
+             torch.tensor([[0.0, 0.0, 5.0], [2.0, 0.0, 0.0]]),
+             torch.tensor([[9.0, 9.0, 9.0], [9.0, 9.0, 9.0]])]  # a step generate later undoes
+    chosen = torch.tensor([[2, 0, 1, 0], [1, 2, 0, 0]])
+    prompt = torch.tensor([[7], [7]])
+    for t, scores in enumerate(steps):
+        assert recorder(torch.cat([prompt, chosen[:, :t]], 1), scores) is scores  # scores pass through
+    logprobs = recorder.logprobs(chosen[:, :3])
+    expected = torch.stack([torch.log_softmax(steps[t], -1).gather(-1, chosen[:, t, None]).squeeze(-1)
+                            for t in range(3)], 1)
+    torch.testing.assert_close(logprobs, expected)
+    # by hand: row 1 at step 1 picks token 2 of [0, -inf, 0]: log 1/2
+    assert logprobs[1, 1].item() == pytest.approx(math.log(0.5))
+    assert logprobs[0, 0].item() == pytest.approx(2 - math.log(1 + math.e + math.e ** 2))
+
+
+def test_recorder_reads_the_last_token_from_the_output():
+    recorder = ChosenTokenLogprobs()
+    recorder(torch.tensor([[1]]), torch.tensor([[0.0, 0.0]]))
+    recorder(torch.tensor([[1, 0]]), torch.tensor([[0.0, math.log(3.0)]]))
+    torch.testing.assert_close(recorder.logprobs(torch.tensor([[0, 1]])),
+                               torch.tensor([[math.log(0.5), math.log(0.75)]]))
+    with pytest.raises(RuntimeError, match="recorded 2 steps for 3 generated tokens"):
+        recorder.logprobs(torch.tensor([[0, 1, 1]]))
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 0, 0.8), (1.3, 5, 1.0), (0.0, 0, 1.0)])
+def test_same_tokens_and_log_probs_as_generate_with_output_scores(micro_policy, temperature, top_k, top_p):
+    """The engine's recorded log-probs equal those computed from ``generate``'s own warpers and
+    ``output_scores`` (what the engine did before), with the same seed giving the same tokens."""
+    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=10)
+    torch.manual_seed(5)
+    ours = HFGenerateEngine(share_prompts=False).generate(micro_policy, PROMPTS, 3, sampling)
+    model, tokenizer = micro_policy.model, micro_policy.tokenizer
+    input_ids, attention_mask = pad([ids for ids in ours.prompt_ids], tokenizer.pad_token_id, side="left")
+    greedy = temperature == 0
+    torch.manual_seed(5)
+    with inference_mode(model):
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=10,
+                                do_sample=not greedy, temperature=None if greedy else temperature,
+                                top_p=None if greedy else top_p, top_k=None if greedy else top_k,
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                output_scores=True, return_dict_in_generate=True)
+    generated = output.sequences[:, input_ids.shape[1]:]
+    for row, ids in enumerate(ours.completion_ids):
+        assert generated[row, : len(ids)].tolist() == ids
+        reference = [torch.log_softmax(output.scores[t][row], -1)[token].item() for t, token in enumerate(ids)]
+        torch.testing.assert_close(torch.tensor(ours.sampler_logprobs[row]), torch.tensor(reference),
+                                   atol=1e-6, rtol=0)

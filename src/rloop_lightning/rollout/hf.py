@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Optional
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from rloop_lightning.policy import Policy, cache_argument, pad, shared_prefix_cache
 from rloop_lightning.rollout.base import RolloutEngine, Rollouts, SamplingParams
@@ -23,12 +26,61 @@ def inference_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
+class ChosenTokenLogprobs(LogitsProcessor):
+    """A logits processor that records the sampled token's log-prob at each decoding step.
+
+    ``generate`` calls it with the scores of step t (after the sampling warpers, which come before
+    it in the list) and, one call later, with ``input_ids`` ending in the token drawn from them; so
+    it holds one step's scores [B, V] until the next call and keeps a [B] vector per step. Memory
+    is B x V for the pending step plus B x T floats, not the B x T x V of ``output_scores``.
+    """
+
+    def __init__(self):
+        self._pending: Optional[torch.Tensor] = None  # [B, V] scores of the last step, token not seen yet
+        self._steps: list[torch.Tensor] = []  # T x [B]
+
+    def _settle(self, tokens: torch.Tensor) -> None:  # tokens [B]: drawn from the pending scores
+        scores = self._pending
+        self._steps.append(scores.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(scores, -1))
+        self._pending = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self._pending is not None:
+            self._settle(input_ids[:, -1])
+        self._pending = scores.float()
+        return scores
+
+    def logprobs(self, generated: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T]
+        """Log-probs of ``generated`` (the new tokens ``generate`` returned), step by step.
+
+        ``generate`` may run and then undo steps past the end (deferred stop checks): those records
+        come after the T kept ones and are dropped.
+        """
+        if self._pending is not None and len(self._steps) < generated.shape[1]:
+            self._settle(generated[:, len(self._steps)])
+        if len(self._steps) < generated.shape[1]:
+            raise RuntimeError(f"recorded {len(self._steps)} steps for {generated.shape[1]} generated tokens")
+        return torch.stack(self._steps[: generated.shape[1]], dim=1)
+
+
+def sampling_processors(sampling: SamplingParams) -> list:
+    """Temperature, top-k, top-p warpers in ``generate``'s own order (it is told to add none itself)."""
+    warpers = []
+    if sampling.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(sampling.temperature))
+    if sampling.top_k:
+        warpers.append(TopKLogitsWarper(top_k=sampling.top_k))
+    if sampling.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=sampling.top_p))
+    return warpers
+
+
 class HFGenerateEngine(RolloutEngine):
     """Batched sampling through ``model.generate``.
 
-    ``generate`` keeps every step's processed logits to report sampler log-probs, B x T x V floats
-    per call: ``batch_size`` bounds that; for long completions with a large vocabulary on a GPU, the
-    vLLM engine is the better choice.
+    Sampler log-probs are those of the distribution the tokens were drawn from (temperature, top-k,
+    top-p applied), recorded step by step by ``ChosenTokenLogprobs``: a call holds one step's
+    [B, V] scores, not all T of them, plus the KV cache (``batch_size`` bounds both).
 
     With ``share_prompts`` (default) the prompts of a call are pre-filled once per distinct prompt
     and the KV cache is copied to their samples: the same tokens and log-probs as a pre-fill of
@@ -73,19 +125,20 @@ class HFGenerateEngine(RolloutEngine):
             shared = shared_prefix_cache(policy.model, input_ids[:, :-1], attention_mask[:, :-1], force=synced)
             if shared is not None:
                 cache = {cache_argument(policy.model): shared[1]}
+        # the warpers run in our processor list, right before the recorder, so it sees the scores
+        # that are sampled from; generate is told to add none of its own (temperature 1, top-k 0, top-p 1)
+        recorder = ChosenTokenLogprobs()
+        processors = LogitsProcessorList([*([] if greedy else sampling_processors(sampling)), recorder])
         output = policy.model.generate(
             input_ids=input_ids, attention_mask=attention_mask, **cache,
             max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
-            temperature=None if greedy else sampling.temperature,
-            top_p=None if greedy else sampling.top_p, top_k=None if greedy else sampling.top_k,
+            temperature=None if greedy else 1.0, top_p=None if greedy else 1.0, top_k=None if greedy else 0,
+            logits_processor=processors,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            output_scores=True, return_dict_in_generate=True, use_cache=True, synced_gpus=synced,
+            return_dict_in_generate=True, use_cache=True, synced_gpus=synced,
         )
         generated = output.sequences[:, input_ids.shape[1]:]  # [B, T]
-        # output.scores: T tensors [B, V] of processed (sampling) logits; gather step by step rather
-        # than stacking a [B, T, V] copy
-        logprobs = torch.stack([torch.log_softmax(step.float(), -1).gather(-1, generated[:, t, None]).squeeze(-1)
-                                for t, step in enumerate(output.scores)], dim=1)  # [B, T]
+        logprobs = recorder.logprobs(generated)  # [B, T]
         eos = generated == tokenizer.eos_token_id
         has_eos = eos.any(1)
         lengths = torch.where(has_eos, eos.int().argmax(1) + 1, torch.full_like(has_eos, generated.shape[1], dtype=torch.long))
