@@ -1,6 +1,7 @@
-"""TRL's GRPOTrainer set up like our GRPOModule: shared by bench_grpo.py and trl_arm.py.
+"""TRL's GRPOTrainer set up like our GRPOModule: the one TRL config and dataset builder, used by
+``benchmarks.grpo_step`` and ``scripts/trl_arm.py``.
 
-The settings both scripts fix identically: CPU fp32, a constant learning rate, no weight decay,
+The settings both fix identically: CPU fp32, a constant learning rate, no weight decay,
 grad-norm clipping at 1.0, beta 0 (no KL), one optimizer step per rollout batch (all prompts x G
 completions in one forward/backward), sampling at temperature 1 with no top-p/top-k, the DAPO
 token-mean loss with lower clip 0.2 and group-scaled advantages, nothing saved or reported.
