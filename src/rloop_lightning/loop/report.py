@@ -50,13 +50,29 @@ def metric_order(key: str) -> tuple:
     return (*split_order(split), {"avg": 0, "pass": 1}.get(kind, 2), int(k) if k.isdigit() else 0, metric)
 
 
+def duplicate_columns(flat_rows: list[dict[str, float]]) -> set[str]:
+    """The ``task/split/pass@1`` keys that equal ``task/split/avg@n`` in every row: pass@1 estimated
+    from n samples is c / n, the same number as avg@n, so a table shows it once, as avg@n."""
+    keys = {key for row in flat_rows for key in row}
+    duplicates = set()
+    for key in keys:
+        split, metric = key.rsplit("/", 1)
+        averages = [k for k in keys if k.rsplit("/", 1)[0] == split and k.rsplit("/", 1)[1].startswith("avg@")]
+        if metric == "pass@1" and any(
+                all(average in row and abs(row[key] - row[average]) <= 1e-9 for row in flat_rows if key in row)
+                for average in averages):
+            duplicates.add(key)
+    return duplicates
+
+
 def metric_table(run: dict) -> tuple[list[str], list[list[str]]]:
-    keys = sorted({f"{name}/{metric}" for _, results in run["evals"] for name, ms in results.items()
-                   for metric in ms}, key=metric_order)
-    rows = []
-    for policy, results in run["evals"]:
-        flat = {f"{n}/{m}": v for n, ms in results.items() for m, v in ms.items()}
-        rows.append([policy] + [f"{flat[k]:.3f}" if k in flat else "" for k in keys])
+    """Column keys ``task/split/metric`` in ``metric_order`` and one row of values per policy;
+    pass@1 is left out where it repeats avg@n."""
+    flat_rows = [{f"{n}/{m}": v for n, ms in results.items() for m, v in ms.items()} for _, results in run["evals"]]
+    duplicates = duplicate_columns(flat_rows)
+    keys = sorted({key for flat in flat_rows for key in flat} - duplicates, key=metric_order)
+    rows = [[policy] + [f"{flat[k]:.3f}" if k in flat else "" for k in keys]
+            for (policy, _), flat in zip(run["evals"], flat_rows)]
     return keys, rows
 
 
@@ -65,12 +81,36 @@ def _smooth(values: list[float], window: int = 5) -> list[float]:
             for i in range(len(values))]
 
 
+def step_segments(steps: list[dict], key: str) -> list[tuple[list[int], list[float]]]:
+    """(RL steps, values) of each run of consecutive steps of one iteration that log ``key``: a
+    line may join neighbouring steps only, never span steps without data or an iteration boundary."""
+    segments: list[tuple[list[int], list[float]]] = []
+    previous = None
+    for step in steps:
+        value = step.get(key)
+        if value is None or value != value:
+            previous = None
+            continue
+        if previous is None or step["rl_step"] != previous["rl_step"] + 1 or step["iteration"] != previous["iteration"]:
+            segments.append(([], []))
+        segments[-1][0].append(step["rl_step"])
+        segments[-1][1].append(float(value))
+        previous = step
+    return segments
+
+
 def _plot_steps(axis, runs: list[dict], key: str, title: str) -> None:
+    """Per run: each step's value as a dot and a 5-step mean as a line, smoothed and drawn per
+    segment (``step_segments``) and broken by NaN between segments."""
     for run in runs:
-        points = [(s["rl_step"], s[key]) for s in run["steps"] if key in s and s[key] == s[key]]
-        if points:
-            xs, ys = zip(*points)
-            line, = axis.plot(xs, _smooth(list(ys)), label=f"{run['name']} (5-step mean)", linewidth=1.5)
+        segments = step_segments(run["steps"], key)
+        if segments:
+            xs, ys, smoothed = [], [], []
+            for steps, values in segments:
+                xs += [*steps, float("nan")]
+                ys += [*values, float("nan")]
+                smoothed += [*_smooth(values), float("nan")]
+            line, = axis.plot(xs, smoothed, label=f"{run['name']} (5-step mean)", linewidth=1.5)
             axis.scatter(xs, ys, s=4, alpha=0.3, color=line.get_color())
     starts = {}
     for run in runs:
