@@ -14,7 +14,7 @@ from rloop_lightning.rewards import boxed_format, math_accuracy, think_answer_fo
 from rloop_lightning.rewards.math import after_gsm8k_marker, normalize_answer
 from rloop_lightning.tasks.answers import last_boxed
 
-GSM8K = Path(__file__).resolve().parents[1].parent / "shared/data/gsm8k"
+GSM8K = Path(__file__).resolve().parent / "fixtures/gsm8k"  # 20 + 20 rows of GSM8K (MIT)
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts/check_gsm8k_golds.py"
 
 
@@ -105,18 +105,18 @@ def test_think_answer_format():
     assert think_answer_format(["p"] * 5, completions) == [1.0, 0.0, 0.0, 0.0, 0.0]
 
 
-@pytest.mark.skipif(not (GSM8K / "test.jsonl").exists(), reason="GSM8K test split not in shared/data")
 def test_gsm8k_gold_solutions_score_as_their_own_answers_only():
     spec = importlib.util.spec_from_file_location("check_gsm8k_golds", SCRIPT)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     rows = [json.loads(line) for line in (GSM8K / "test.jsonl").read_text().splitlines() if line.strip()]
-    result = script.measure(rows, num_workers=0, seed=0)
-    assert result["total"] == 1319
-    assert result["own_correct"] == 1319
+    # seed 8 pairs test rows 0 and 13, whose gold numbers are both 18: the one pair that may score
+    result = script.measure(rows, num_workers=0, seed=8)
+    assert result["total"] == 20
+    assert result["own_correct"] == 20
     assert result["timeouts_and_errors"] == 0
-    # Deranged answers are "correct" exactly where two problems share a gold number (21/1319 = 1.6%
-    # for seed 0; 1.03% expected for a random pairing) and never otherwise.
-    assert result["same_value_correct"] == result["same_value_pairs"]
+    # Deranged answers are "correct" exactly where two problems share a gold number, never otherwise.
+    assert result["same_value_pairs"] == 1
+    assert result["same_value_correct"] == 1
     assert result["distinct_value_correct"] == 0
-    assert result["deranged_correct"] / result["total"] <= 0.02
+    assert result["deranged_correct"] == 1
