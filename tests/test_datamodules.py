@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
 
+import lightning as L
 import pytest
-import torch
 
-from rloop_lightning.data.datamodules import DemonstrationDataModule, ExpertDataModule, RecordStream
+from rloop_lightning.data.datamodules import DemonstrationDataModule, ExpertDataModule
 from rloop_lightning.data.records import RecordError
 from rloop_lightning.tasks import Countdown
 from rloop_lightning.tasks.countdown import verify_expression
@@ -27,16 +32,24 @@ def shards(tmp_path):
     return directory
 
 
-def epoch_prompts(datamodule) -> list[str]:
-    batches = list(datamodule.train_dataloader())
+def epoch_prompts(datamodule, epoch: int = 0) -> list[str]:
+    loader = datamodule.train_dataloader()
+    loader.sampler.set_epoch(epoch)
+    batches = list(loader)
     assert all(len(batch) <= datamodule.batch_size for batch in batches)
     return [record["prompt"] for batch in batches for record in batch]
 
 
-def expert(paths, **kwargs) -> ExpertDataModule:
-    datamodule = ExpertDataModule([str(p) for p in paths], **{"batch_size": 4, "shuffle_buffer": 5, **kwargs})
+def expert(paths, trainer=None, **kwargs) -> ExpertDataModule:
+    datamodule = ExpertDataModule([str(p) for p in paths], **{"batch_size": 4, **kwargs})
+    datamodule.trainer = trainer
     datamodule.setup("fit")
     return datamodule
+
+
+def ranks(rank: int, world_size: int) -> SimpleNamespace:
+    """What the datamodule reads of a trainer: its rank and the number of ranks."""
+    return SimpleNamespace(global_rank=rank, world_size=world_size)
 
 
 # --------------------------------------------------------------------------- ExpertDataModule
@@ -53,18 +66,10 @@ def test_expert_records_once_per_epoch_shuffled_by_seed(shards):
     assert set(batch[0]) == {"prompt", "completion"} and batch[0]["completion"] == f"answer {batch[0]['prompt']}"
 
 
-def test_expert_records_in_file_order_without_shuffle_buffer(shards):
-    assert epoch_prompts(expert([shards / "shard-1.jsonl", shards / "shard-0.jsonl"], shuffle_buffer=0)) == (
+def test_expert_records_in_file_order_without_shuffle(shards):
+    assert epoch_prompts(expert([shards / "shard-1.jsonl", shards / "shard-0.jsonl"], shuffle=False)) == (
         PROMPTS[8:] + PROMPTS[:8])
-    assert epoch_prompts(expert([shards / "shard-*.jsonl"], shuffle_buffer=1)) == PROMPTS
-
-
-def test_expert_epochs_reshuffle(shards):
-    stream = RecordStream([str(shards / "shard-0.jsonl"), str(shards / "shard-1.jsonl")], shuffle_buffer=4)
-    epoch0 = [r["prompt"] for r in stream]
-    stream.set_epoch(1)
-    epoch1 = [r["prompt"] for r in stream]
-    assert sorted(epoch0) == sorted(epoch1) == PROMPTS and epoch0 != epoch1
+    assert epoch_prompts(expert([shards / "shard-*.jsonl"], shuffle=False)) == PROMPTS
 
 
 def test_expert_two_dataloader_workers_read_each_record_once(shards):
@@ -72,17 +77,29 @@ def test_expert_two_dataloader_workers_read_each_record_once(shards):
     assert sorted(prompts) == PROMPTS
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_expert_ranks_split_the_records(shards, monkeypatch, world_size):
-    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: world_size)
-    per_rank = []
-    for rank in range(world_size):
-        monkeypatch.setattr(torch.distributed, "get_rank", lambda rank=rank: rank)
-        per_rank.append(epoch_prompts(expert([shards], batch_size=2)))
-    assert sorted(p for prompts in per_rank for p in prompts) == PROMPTS  # disjoint and complete
-    assert [len(prompts) for prompts in per_rank] == [len(range(r, 13, world_size)) for r in range(world_size)]
+@pytest.mark.parametrize("world_size", [2, 3, 5])
+def test_expert_ranks_get_equal_batches_padded_from_the_epoch_order(shards, world_size):
+    """13 records: every rank gets ceil(13 / k) of them; the k * ceil(13 / k) - 13 extra ones repeat
+    the start of the epoch's order, so every record is seen and the ranks step in lockstep."""
+    per_rank = [epoch_prompts(expert([shards], ranks(rank, world_size), batch_size=2), epoch=1)
+                for rank in range(world_size)]
+    per_rank_records = -(-13 // world_size)
+    assert [len(prompts) for prompts in per_rank] == [per_rank_records] * world_size
+    seen = Counter(p for prompts in per_rank for p in prompts)
+    assert set(seen) == set(PROMPTS)
+    assert sum(seen.values()) - 13 == world_size * per_rank_records - 13  # the padding, each repeat once
+    assert max(seen.values()) <= 2
+
+
+def test_expert_ranks_without_shuffle_take_every_kth_record(shards):
+    per_rank = [epoch_prompts(expert([shards], ranks(rank, 2), shuffle=False, batch_size=3)) for rank in (0, 1)]
+    assert per_rank == [PROMPTS[0::2], PROMPTS[1::2] + [PROMPTS[0]]]
+
+
+def test_expert_set_smaller_than_the_ranks_fails_at_setup(shards):
+    with pytest.raises(ValueError, match="13 expert records in .* cannot give each of 16 ranks one record"):
+        expert([shards], ranks(0, 16))
+    expert([shards], ranks(0, 13))  # one each is enough
 
 
 def test_expert_empty_shard_set_fails_at_setup(tmp_path):
@@ -96,18 +113,75 @@ def test_expert_empty_shard_set_fails_at_setup(tmp_path):
 
 
 def test_expert_record_without_completion_names_file_and_line(shards):
-    bad_first = shards / "shard-0.jsonl"
-    bad_first.write_text(json.dumps({"prompt": "p"}) + "\n")
-    with pytest.raises(RecordError) as error:  # the first record is checked at setup
-        ExpertDataModule([str(bad_first)]).setup("fit")
-    assert f"{bad_first}:1:" in str(error.value) and "'completion'" in str(error.value)
-
     later = shards / "shard-1.jsonl"
     later.write_text(later.read_text() + json.dumps({"prompt": "late"}) + "\n")
-    datamodule = expert([shards / "shard-1.jsonl"])
-    with pytest.raises(RecordError) as error:  # later records while streaming
-        epoch_prompts(datamodule)
+    with pytest.raises(RecordError) as error:  # every record is checked at setup, before training
+        ExpertDataModule([str(shards)]).setup("fit")
     assert f"{later}:6:" in str(error.value) and "'completion'" in str(error.value)
+
+
+class PromptRecorder(L.Callback):
+    """Record the prompts of every training batch, per epoch (and write them out on request)."""
+
+    def __init__(self, output: Optional[str] = None):
+        self.output = output
+        self.epochs: list[list[str]] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.epochs.append([])
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_index) -> None:
+        self.epochs[-1].append([record["prompt"] for record in batch])
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.output:
+            Path(self.output, f"rank{trainer.global_rank}.json").write_text(json.dumps(self.epochs))
+
+
+def fit_rft(shards: str, output: Optional[str] = None, devices: int = 1, max_epochs: int = 3) -> PromptRecorder:
+    """A real RFT fit on the micro policy, batch 2; ``devices`` CPU processes under DDP."""
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from rloop_lightning.policy import Policy
+    from rloop_lightning.rft import RFTModule
+
+    recorder = PromptRecorder(output)
+    # a rank left waiting in an all-reduce fails after 60 s instead of hanging the test run
+    strategy = DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=60)) if devices > 1 else "auto"
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_epochs=max_epochs,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[recorder])
+    trainer.fit(RFTModule(Policy("rloop/micro-llama")), datamodule=ExpertDataModule([shards], batch_size=2))
+    return recorder
+
+
+def test_rft_trainer_reshuffles_every_epoch(shards):
+    """Lightning itself drives the per-epoch shuffle (it calls the sampler's set_epoch)."""
+    epochs = [[p for batch in epoch for p in batch] for epoch in fit_rft(str(shards)).epochs]
+    assert len(epochs) == 3
+    assert all(sorted(epoch) == PROMPTS for epoch in epochs)
+    assert len({tuple(epoch) for epoch in epochs}) == 3
+    datamodule = expert([shards], batch_size=2)
+    assert epochs == [epoch_prompts(datamodule, epoch) for epoch in range(3)]  # the sampler's seeded order for epochs 0, 1, 2
+
+
+def test_rft_on_two_processes_with_an_uneven_expert_set(shards, tmp_path):
+    """13 records, batch 2, 2 DDP ranks: 7 records = 4 batches on each (the old every-k-th split
+    gave 4 and 3 and hung in the gradient all-reduce); each epoch covers every record."""
+    output = tmp_path / "seen"
+    output.mkdir()
+    command = [sys.executable, __file__, str(shards), str(output)]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    per_rank = [json.loads((output / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for epochs in per_rank:
+        assert [[len(batch) for batch in epoch] for epoch in epochs] == [[2, 2, 2, 1]] * 2
+    for epoch in (0, 1):
+        seen = Counter(p for epochs in per_rank for batch in epochs[epoch] for p in batch)
+        assert set(seen) == set(PROMPTS) and sum(seen.values()) == 14  # one record padded
+    assert per_rank[0][0] != per_rank[0][1]  # reshuffled between epochs
 
 
 # --------------------------------------------------------------------------- DemonstrationDataModule
@@ -153,3 +227,7 @@ def test_demonstrations_vary_across_visits_only_when_asked(vary):
                                                                 dataset.problems[i]["target"])))
     shown = {dataset[index]["completion"] for _ in range(12)}
     assert (len(shown) > 1) == vary
+
+
+if __name__ == "__main__":  # the 2-process RFT of test_rft_on_two_processes_with_an_uneven_expert_set
+    fit_rft(sys.argv[1], sys.argv[2], devices=2, max_epochs=2)

@@ -1,7 +1,8 @@
 """LightningDataModules that feed (prompt, completion) records to the RFT phase.
 
-- ``ExpertDataModule`` streams verified expert trajectories from jsonl/parquet shards, with a
-  shuffle buffer, split across DDP ranks and dataloader workers by record index.
+- ``ExpertDataModule`` serves verified expert trajectories from jsonl/parquet shards, split across
+  DDP ranks by a ``DistributedSampler`` that gives every rank the same number of batches and a fresh
+  shuffle each epoch.
 - ``DemonstrationDataModule`` serves a built-in task's solver demonstrations (the tiny base warm-up).
 
 Batches are lists of record dicts; the LightningModule tokenises them with its policy, so the data
@@ -11,13 +12,13 @@ side needs no tokenizer and one tokenizer setting has one home.
 from __future__ import annotations
 
 import random
-from typing import Iterator, Optional, Sequence
+from typing import Optional
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from rloop_lightning.data.records import expand_paths, iter_records
+from rloop_lightning.data.records import expand_paths, read_records
 from rloop_lightning.tasks.base import Split, Task
 
 RECORD_FIELDS = ("prompt", "completion")
@@ -27,83 +28,80 @@ def collate_records(records: list[dict]) -> list[dict]:
     return records
 
 
-def _shard_info() -> tuple[int, int]:
-    """(index, count) of this reader among all DDP ranks x dataloader workers."""
-    rank, world = 0, 1
+def _ranks(trainer: Optional[L.Trainer]) -> tuple[int, int]:
+    """(rank, number of ranks) of this process: the trainer's, else torch.distributed's, else (0, 1)."""
+    if trainer is not None:
+        return trainer.global_rank, trainer.world_size
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    worker = get_worker_info()
-    worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
-    return rank * workers + worker_id, world * workers
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
-class RecordStream(IterableDataset):
-    """Streams records from files, shuffled through a buffer; each reader takes every k-th record."""
+class RecordDataset(Dataset):
+    """Records held in memory (map-style, so a sampler can split and shuffle them)."""
 
-    def __init__(self, paths: Sequence[str], shuffle_buffer: int = 10_000, seed: int = 0):
-        self.paths = list(paths)
-        self.shuffle_buffer = shuffle_buffer
-        self.seed = seed
-        self.epoch = 0
+    def __init__(self, records: list[dict]):
+        self.records = records
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __len__(self) -> int:
+        return len(self.records)
 
-    def _my_records(self) -> Iterator[dict]:
-        index, count = _shard_info()
-        for position, record in enumerate(iter_records(self.paths, RECORD_FIELDS)):
-            if position % count == index:
-                yield record
-
-    def __iter__(self) -> Iterator[dict]:
-        if self.shuffle_buffer <= 1:
-            yield from self._my_records()
-            return
-        rng = random.Random(self.seed + 1_000_003 * self.epoch)
-        buffer: list[dict] = []
-        for record in self._my_records():
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(record)
-                continue
-            slot = rng.randrange(len(buffer))
-            yield buffer[slot]
-            buffer[slot] = record
-        rng.shuffle(buffer)
-        yield from buffer
+    def __getitem__(self, index: int) -> dict:
+        return self.records[index]
 
 
 class ExpertDataModule(L.LightningDataModule):
-    """Streams (prompt, completion) records from jsonl/parquet shards (files, directories or globs).
+    """(prompt, completion) records from jsonl/parquet shards (files, directories or globs).
+
+    All records are read at ``setup`` (an expert set is a few hundred MB of text at most; a bad
+    record fails there, naming file and line) and served through a ``DistributedSampler``, built
+    here even on one process, so that:
+
+    - every rank gets the same number of records, ``ceil(N / ranks)``, hence the same number of
+      batches: with N not divisible by the number of ranks, up to ``ranks - 1`` records of the
+      epoch's shuffled order are repeated (padding). Padding rather than dropping because expert
+      records are the expensive, verified signal of the loop: dropping would lose up to
+      ``ranks - 1`` of them every epoch (always absent when not shuffling), while padding shows
+      those few records twice;
+    - the order is a fresh shuffle each epoch, driven by Lightning, which calls the sampler's
+      ``set_epoch`` at every epoch start; the order depends only on ``seed`` and the epoch.
 
     Args:
         paths: shard files, directories or glob patterns.
         batch_size: records per training step (per rank).
-        shuffle_buffer: records held for shuffling; 0 or 1 streams in file order.
+        shuffle: a new record order every epoch; False keeps file order (then rank r of k takes
+            records r, r + k, ...).
         num_workers: dataloader worker processes.
         seed: shuffling seed.
     """
 
-    def __init__(self, paths: list[str], batch_size: int = 32, shuffle_buffer: int = 10_000,
+    def __init__(self, paths: list[str], batch_size: int = 32, shuffle: bool = True,
                  num_workers: int = 0, seed: int = 0):
         super().__init__()
         self.paths = paths
         self.batch_size = batch_size
-        self.shuffle_buffer = shuffle_buffer
+        self.shuffle = shuffle
         self.num_workers = num_workers
         self.seed = seed
-        self.dataset: Optional[RecordStream] = None
+        self.dataset: Optional[RecordDataset] = None
 
     def setup(self, stage: str) -> None:
         files = expand_paths(self.paths)
-        first = next(iter_records(files, RECORD_FIELDS), None)  # validates the first file early
-        if first is None:
+        records = read_records(files, RECORD_FIELDS)
+        if not records:
             raise ValueError(f"no expert records in {self.paths}: nothing to train on")
-        self.dataset = RecordStream([str(f) for f in files], self.shuffle_buffer, self.seed)
+        _, ranks = _ranks(self.trainer)
+        if len(records) < ranks:
+            raise ValueError(f"{len(records)} expert records in {self.paths} cannot give each of {ranks} ranks "
+                             f"one record; train on fewer devices or harvest more experts")
+        self.dataset = RecordDataset(records)
 
     def train_dataloader(self) -> DataLoader:
-        self.dataset.set_epoch(self.trainer.current_epoch if self.trainer else 0)
-        return DataLoader(self.dataset, batch_size=self.batch_size, collate_fn=collate_records,
-                          num_workers=self.num_workers)
+        rank, ranks = _ranks(self.trainer)
+        sampler = DistributedSampler(self.dataset, num_replicas=ranks, rank=rank, shuffle=self.shuffle,
+                                     seed=self.seed, drop_last=False)
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=collate_records,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
 
 class DemonstrationDataset(Dataset):
