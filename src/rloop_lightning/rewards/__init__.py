@@ -2,9 +2,11 @@
 and the runner that scores batches with them in worker processes under a timeout."""
 
 from rloop_lightning.rewards.format import boxed_format, think_answer_format
+from rloop_lightning.rewards.inputs import ChatFormat, RewardBatch, TrainerState, chat_format, completion_text
 from rloop_lightning.rewards.math import math_accuracy
 from rloop_lightning.rewards.runner import (
     RewardFunction,
+    RewardFunctionError,
     RewardResult,
     RewardRunner,
     RewardTimeout,
@@ -12,12 +14,18 @@ from rloop_lightning.rewards.runner import (
 )
 
 __all__ = [
+    "ChatFormat",
+    "RewardBatch",
     "RewardFunction",
+    "RewardFunctionError",
     "RewardResult",
     "RewardRunner",
     "RewardTimeout",
+    "TrainerState",
     "boxed_format",
+    "chat_format",
     "check_reward_output",
+    "completion_text",
     "math_accuracy",
     "think_answer_format",
 ]

@@ -1,20 +1,20 @@
 """Score a batch of completions with several reward functions, in worker processes, with timeouts.
 
-    reward[i] = nansum_j( weight_j * function_j(prompt_i, completion_i, columns_i) )
+    reward[i] = nansum_j( weight_j * function_j(prompts=..., completions=..., completion_ids=..., **columns)[i] )
 
-as TRL's GRPOTrainer does: a function returning None ("not applicable") drops out of the sum, so
-an item on which every function returns None scores 0.
+Functions are called as TRL's GRPOTrainer calls them (``rewards.inputs``), on chunks of the batch:
+one chunk per worker, the whole batch in-process. ``None`` means "does not apply to this completion"
+and drops out of the sum, as in TRL; a completion no function applies to scores 0 and is warned
+about. A function that raises, runs out of time or returns NaN/inf has failed: the completion scores
+0 for it, and the failure is counted, warned about with the function's name, and, at the set-up
+check (``check``), an error. A function returning the wrong number of values or non-numbers is a bug
+and raises ``ValueError``.
 
-Every (item, function) pair is one call with single-element lists, so one pathological completion
-cannot spoil the batch. Two layers of timeout:
-    * in the worker, ``signal.setitimer`` raises ``RewardTimeout`` after ``timeout`` seconds
-      (works for Python code, e.g. sympy simplification); the call scores 0 and counts as a timeout;
-    * in the parent, a hard deadline for the whole batch (the worst case if every call hit its
-      timeout, plus slack) catches a worker stuck where signals cannot reach it (C code, signals
-      blocked, a crashed worker). The pool is then terminated and recreated on the next call;
-      every item without a result scores 0 and counts as a timeout.
-A function that raises scores 0 and counts as an error (logged, never re-raised). A function that
-returns the wrong number of values is a programming bug and raises ``ValueError``.
+Time: each call has ``timeout`` seconds, and a failed chunk one more ``timeout`` to be retried per
+completion (``rewards.calls``). So one batch takes at most ``2 * timeout`` per reward function (async
+functions together count as one), whatever its size. The parent waits that long plus a grace
+period; a worker still busy then is stuck where signals cannot reach it (C code, a crashed worker):
+its chunk scores 0 as timeouts, the function it was running is named, and the workers are restarted.
 
 Workers are started with ``spawn`` by default (safe next to CUDA and threads), so reward functions
 must be picklable by reference: module-level functions or instances of module-level classes.
@@ -27,12 +27,17 @@ import math
 import multiprocessing
 import pickle
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional
+
+from rloop_lightning.rewards.calls import (
+    ERROR, OK, TIMEOUT, FunctionScores, RewardTimeout, Score, check_reward_output, function_name, is_async,
+    score_chunk,
+)
+from rloop_lightning.rewards.inputs import ChatFormat, RewardBatch, TrainerState
 
 if TYPE_CHECKING:
     import torch
@@ -41,17 +46,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 RewardFunction = Callable[..., list[float | None]]
-Score = tuple[float | None, str, str | None]  # (value, status, error text)
+__all__ = ["RewardFunction", "RewardFunctionError", "RewardResult", "RewardRunner", "RewardTimeout",
+           "check_reward_output", "function_name"]
 
-OK, TIMEOUT, ERROR = "ok", "timeout", "error"
-_CHUNKS_PER_WORKER = 4  # chunks submitted per worker and batch: fewer IPC round trips, still balanced
-_DEADLINE_SLACK_S = 3.0  # parent deadline on top of the every-call-times-out worst case
-_STARTUP_TIMEOUT_S = 60.0
-_MAX_ERROR_CHARS = 300  # error text sent back for the log; messages may quote a whole completion  # spawned workers import torch/sympy; a fresh pool may take a while
+_STARTUP_TIMEOUT_S = 60.0  # spawned workers import the reward functions' modules (torch, sympy...)
+_GRACE_S = 1.0  # on top of the batch's time budget, for IPC and a loaded machine
 
 
-class RewardTimeout(BaseException):
-    """Raised by SIGALRM inside a reward call. A BaseException, so ``except Exception`` cannot eat it."""
+class RewardFunctionError(ValueError):
+    """A reward function failed the set-up check."""
 
 
 @dataclass
@@ -59,100 +62,42 @@ class RewardResult:
     """Scores of one batch of N completions."""
 
     rewards: torch.Tensor  # [N] float32, weighted nansum over functions
-    per_function: dict[str, list[float | None]]  # name -> [N]; None = not applicable
-    num_timeouts: int  # (item, function) calls scored 0 because they ran out of time
-    num_errors: int  # (item, function) calls scored 0 because the function raised
+    per_function: dict[str, list[float | None]]  # name -> [N]; None = not applicable, 0.0 where it failed
+    num_timeouts: int  # (completion, function) scores lost to the time limit
+    num_errors: int  # (completion, function) calls that raised or returned NaN/inf
+    num_not_applicable: int = 0  # (completion, function) pairs the function declined with None
+    num_unscored: int = 0  # completions that no function applies to (they score 0)
+    failures: dict[str, str] = field(default_factory=dict)  # name -> its first failure, for messages
+    num_failed: dict[str, int] = field(default_factory=dict)  # name -> completions it failed on
+    columns: dict[str, list] = field(default_factory=dict)  # log_extra columns, [N] each (None where absent)
+    metrics: dict[str, float] = field(default_factory=dict)  # log_metric values, averaged over the batch
 
-
-def function_name(function: Callable) -> str:
-    """``__name__`` of a function, class name of a callable object."""
-    return getattr(function, "__name__", type(function).__name__)
-
-
-def check_reward_output(function: Callable, output: Any, expected_len: int) -> list[float | None]:
-    """Return ``output`` as a list of float/None, or raise ``ValueError`` naming ``function``."""
-    name = function_name(function)
-    if isinstance(output, (str, bytes, dict)) or not hasattr(output, "__len__"):
-        raise ValueError(f"reward function {name!r} returned {type(output).__name__}, expected a list")
-    if len(output) != expected_len:
-        raise ValueError(
-            f"reward function {name!r} returned {len(output)} values for {expected_len} completions"
-        )
-    values: list[float | None] = []
-    for value in output:
-        if value is not None and (isinstance(value, (str, bytes)) or not _is_number(value)):
-            raise ValueError(f"reward function {name!r} returned {value!r}, expected a float or None")
-        values.append(None if value is None else float(value))
-    return values
-
-
-def _is_number(value: Any) -> bool:
-    try:
-        float(value)
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
-def _raise_timeout(signum, frame):
-    raise RewardTimeout()
-
-
-@contextmanager
-def _alarm(seconds: float) -> Iterator[None]:
-    """Raise ``RewardTimeout`` in the body after ``seconds`` (main thread only; else no limit).
-
-    An ITIMER_REAL timer armed by someone else (pytest-timeout, an outer alarm) is honoured: ours is
-    capped by it, and it is re-armed with its remaining time on exit.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    outer_delay, outer_interval = signal.getitimer(signal.ITIMER_REAL)
-    outer_handler = signal.signal(signal.SIGALRM, _raise_timeout)
-    started = time.monotonic()
-    signal.setitimer(signal.ITIMER_REAL, min(seconds, outer_delay) if outer_delay > 0 else seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, outer_handler if outer_handler is not None else signal.SIG_DFL)
-        if outer_delay > 0:
-            left = max(outer_delay - (time.monotonic() - started), 1e-3)
-            signal.setitimer(signal.ITIMER_REAL, left, outer_interval)
-
-
-def _score_one(function: Callable, prompt: str, completion: str, row: dict, timeout: float) -> Score:
-    try:
-        with _alarm(timeout):
-            output = function([prompt], [completion], **{key: [value] for key, value in row.items()})
-    except RewardTimeout:
-        return 0.0, TIMEOUT, None
-    except Exception as error:  # noqa: BLE001 -- bad model output must never stop training
-        return 0.0, ERROR, f"{type(error).__name__}: {error}"[:_MAX_ERROR_CHARS]
-    return check_reward_output(function, output, 1)[0], OK, None
-
-
-def score_items(functions: Sequence[Callable], items: Sequence[tuple], timeout: float) -> list[list[Score]]:
-    """Score (prompt, completion, row) items one call at a time: [item][function] -> Score."""
-    return [[_score_one(function, *item, timeout) for function in functions] for item in items]
+    @property
+    def all_failed(self) -> bool:
+        """Every (completion, function) call failed: the batch carries no reward signal at all."""
+        calls = len(self.rewards) * len(self.per_function)
+        return calls > 0 and self.num_timeouts + self.num_errors == calls
 
 
 # ---- worker process side --------------------------------------------------------------------------
 
 _worker_functions: list[Callable] = []
 _worker_timeout: float = 0.0
+_worker_progress = None  # shared array: index of the function each chunk slot is running
 
 
-def _init_worker(functions: list[Callable], timeout: float, ready) -> None:
-    global _worker_functions, _worker_timeout
+def _init_worker(functions: list[Callable], timeout: float, progress, ready) -> None:
+    global _worker_functions, _worker_timeout, _worker_progress
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    _worker_functions, _worker_timeout = functions, timeout
+    _worker_functions, _worker_timeout, _worker_progress = functions, timeout, progress
     ready.release()
 
 
-def _score_chunk(items: list[tuple]) -> list[list[Score]]:
-    return score_items(_worker_functions, items, _worker_timeout)
+def _score_chunk_in_worker(slot: int, batch: RewardBatch, state: TrainerState) -> list[FunctionScores]:
+    def running(index: int) -> None:
+        _worker_progress[slot] = index
+
+    return score_chunk(_worker_functions, batch, state, _worker_timeout, running)
 
 
 # ---- parent side ----------------------------------------------------------------------------------
@@ -162,11 +107,11 @@ class RewardRunner:
     """Weighted sum of reward functions over a batch, scored in a pool of worker processes.
 
     Args:
-        functions: TRL-signature reward functions ``fn(prompts, completions, **columns)``.
+        functions: TRL-signature reward functions ``fn(prompts, completions, **columns)``, sync or async.
         weights: one per function (default 1.0 each).
         num_workers: worker processes; 0 scores in-process (debugging, non-picklable functions),
-            still with the per-call timeout when called from the main thread.
-        timeout: seconds allowed per (item, function) call.
+            still under the time limit when called from the main thread.
+        timeout: seconds allowed for one call of a function on one chunk of completions.
         start_method: ``multiprocessing`` start method of the workers.
     """
 
@@ -191,6 +136,7 @@ class RewardRunner:
         self.timeout = timeout
         self.start_method = start_method
         self._pool = None
+        self._progress = None
         self._warned: set[tuple[str, str]] = set()
         if num_workers > 0:
             for function in self.functions:
@@ -202,57 +148,92 @@ class RewardRunner:
                         f"({error}); define it at module level or use num_workers=0"
                     ) from error
 
-    def score_problems(self, problems: Sequence[dict], prompt_index: Sequence[int],
-                       completions: list[str]) -> RewardResult:
-        """Score completions of ``problems[prompt_index[i]]``: every problem field but ``prompt`` goes to
-        the reward functions as a column (TRL's convention), aligned with the completions."""
-        prompts = [problems[i]["prompt"] for i in prompt_index]
-        columns = {key: [problems[i][key] for i in prompt_index] for key in problems[0] if key != "prompt"}
-        return self(prompts, completions, columns)
+    @property
+    def batch_time_limit(self) -> float:
+        """Longest the parent waits for one batch: two timeouts per sync function (async ones share two)."""
+        call_rounds = sum(not is_async(f) for f in self.functions) + any(is_async(f) for f in self.functions)
+        return 2 * self.timeout * call_rounds + _GRACE_S
 
-    def __call__(
-        self, prompts: list[str], completions: list[str], columns: dict[str, list] | None = None
-    ) -> RewardResult:
-        columns = columns or {}
-        for name, values in [("prompts", prompts), *columns.items()]:
-            if len(values) != len(completions):
-                raise ValueError(f"{name!r} has {len(values)} entries for {len(completions)} completions")
-        rows = [{key: values[i] for key, values in columns.items()} for i in range(len(completions))]
-        items = list(zip(prompts, completions, rows))
-        if self.num_workers == 0 or not items:
-            scores: list[list[Score] | None] = score_items(self.functions, items, self.timeout)
+    # ------------------------------------------------------------------ scoring
+    def score_problems(self, problems: Sequence[dict], prompt_index: Sequence[int], completions: Sequence[str],
+                       completion_ids: Optional[Sequence[Sequence[int]]] = None,
+                       chat: Optional[ChatFormat] = None, state: Optional[TrainerState] = None) -> RewardResult:
+        """Score completions of ``problems[prompt_index[i]]`` (every field but ``prompt`` is a column);
+        ``chat`` passes prompts and completions as messages, as TRL does with a chat template."""
+        return self.score(RewardBatch.from_problems(problems, prompt_index, completions, completion_ids, chat), state)
+
+    def __call__(self, prompts: list, completions: list, columns: dict[str, list] | None = None,
+                 completion_ids: Optional[list] = None, state: Optional[TrainerState] = None) -> RewardResult:
+        ids = completion_ids if completion_ids is not None else [None] * len(completions)
+        return self.score(RewardBatch(list(prompts), list(completions), list(ids), dict(columns or {})), state)
+
+    def score(self, batch: RewardBatch, state: Optional[TrainerState] = None, warn: bool = True) -> RewardResult:
+        state = state or TrainerState()
+        if len(batch) == 0:
+            chunks, lost = [], []
+        elif self.num_workers == 0:
+            chunks, lost = [(0, score_chunk(self.functions, batch, state, self.timeout))], []
         else:
-            scores = self._score_in_pool(items)
-        return self._collect(scores)
+            chunks, lost = self._score_in_pool(batch, state)
+        result = self._collect(batch, chunks, lost)
+        if warn:
+            self._warn(result, batch)
+        return result
 
-    def _score_in_pool(self, items: list[tuple]) -> list[list[Score] | None]:
-        """Scores per item; None for items the hard deadline cut off (the pool is then terminated)."""
+    def check(self, batch: RewardBatch, state: Optional[TrainerState] = None) -> None:
+        """The set-up check: raise ``RewardFunctionError`` naming a function that raises, runs out of
+        time or returns NaN/inf on ``batch`` (``ValueError`` for a wrong number or type of values)."""
+        result = self.score(batch, state, warn=False)
+        for name, failure in result.failures.items():
+            advice = (f"; if it is only slow, raise the reward timeout ({self.timeout:g} s)"
+                      if failure.startswith(("timed out", "never returned")) else "")
+            if failure.startswith("returned"):
+                advice = "; a reward must be a finite number, or None where the function does not apply"
+            raise RewardFunctionError(
+                f"reward function {name!r} failed the set-up check on {len(batch)} probe completions: "
+                f"it {failure}{advice}")
+
+    def check_problems(self, problems: Sequence[dict], chat: Optional[ChatFormat] = None,
+                       state: Optional[TrainerState] = None) -> None:
+        """``check`` on an empty completion for each of the first two problems."""
+        probe = list(problems[:2])
+        self.check(RewardBatch.from_problems(probe, range(len(probe)), [""] * len(probe), [[]] * len(probe), chat),
+                   state)
+
+    # ------------------------------------------------------------------ pool
+    def _score_in_pool(self, batch: RewardBatch, state: TrainerState):
+        """((start, scores) per chunk that answered, (start, stop, stuck function index) per chunk that did not)."""
         pool = self._ensure_pool()
-        chunk_size = math.ceil(len(items) / (self.num_workers * _CHUNKS_PER_WORKER))
-        starts = range(0, len(items), chunk_size)
-        pending = [
-            (start, pool.apply_async(_score_chunk, (items[start : start + chunk_size],))) for start in starts
-        ]
-        worst_case_calls = len(self.functions) * (math.ceil(len(items) / self.num_workers) + chunk_size)
-        deadline = time.monotonic() + self.timeout * worst_case_calls + _DEADLINE_SLACK_S
-        scores: list[list[Score] | None] = [None] * len(items)
-        for start, result in pending:
+        size = math.ceil(len(batch) / self.num_workers)
+        starts = list(range(0, len(batch), size))
+        for slot in range(len(starts)):
+            self._progress[slot] = -1
+        pending = [pool.apply_async(_score_chunk_in_worker, (slot, batch.rows(start, start + size), state))
+                   for slot, start in enumerate(starts)]
+        deadline = time.monotonic() + self.batch_time_limit
+        chunks, lost = [], []
+        for slot, (start, result) in enumerate(zip(starts, pending)):
             result.wait(max(deadline - time.monotonic(), 0.0))
             if result.ready():
-                chunk_scores = result.get()  # re-raises a worker's ValueError (bad output length)
-                scores[start : start + len(chunk_scores)] = chunk_scores
-        if any(score is None for score in scores):
-            logger.warning("reward workers missed the batch deadline; restarting the pool")
+                chunks.append((start, result.get()))  # re-raises a worker's ValueError (bad output shape)
+            else:
+                lost.append((start, min(start + size, len(batch)), self._progress[slot]))
+        if lost:
+            stuck = sorted({self.names[index] if index >= 0 else "?" for _, _, index in lost})
+            logger.warning("reward function(s) %s did not return within the batch limit of %.1f s (stuck where "
+                           "signals cannot reach, or the worker died): %d completions score 0 as timeouts; "
+                           "restarting the reward workers", stuck, self.batch_time_limit,
+                           sum(stop - start for start, stop, _ in lost))
             self.close()
-        return scores
+        return chunks, lost
 
     def _ensure_pool(self):
         if self._pool is None:
             context = multiprocessing.get_context(self.start_method)
             ready = context.Semaphore(0)
-            self._pool = context.Pool(
-                self.num_workers, initializer=_init_worker, initargs=(self.functions, self.timeout, ready)
-            )
+            self._progress = context.Array("i", [-1] * self.num_workers)
+            self._pool = context.Pool(self.num_workers, initializer=_init_worker,
+                                      initargs=(self.functions, self.timeout, self._progress, ready))
             for _ in range(self.num_workers):
                 if not ready.acquire(timeout=_STARTUP_TIMEOUT_S):
                     self.close()
@@ -262,35 +243,65 @@ class RewardRunner:
                     )
         return self._pool
 
-    def _collect(self, scores: list[list[Score] | None]) -> RewardResult:
+    # ------------------------------------------------------------------ results
+    def _collect(self, batch: RewardBatch, chunks: list, lost: list) -> RewardResult:
         import torch  # here, not at module level: keeps worker processes free of torch
 
-        lost = [(0.0, TIMEOUT, None)] * len(self.functions)
-        table = [item_scores if item_scores is not None else lost for item_scores in scores]
-        per_function = {name: [item[j][0] for item in table] for j, name in enumerate(self.names)}
-        num_timeouts = num_errors = 0
+        size = len(batch)
+        table: list[list[Score]] = [[(0.0, TIMEOUT, None)] * size for _ in self.functions]  # [function][item]
+        failures: dict[str, str] = {}
+        for start, stop, index in lost:
+            if index >= 0:
+                failures.setdefault(self.names[index], f"never returned within the batch limit of "
+                                                       f"{self.batch_time_limit:.1f} s")
+        columns: dict[str, list] = {}
+        owners: dict[str, int] = {}
+        logged: dict[str, list[float]] = {}
+        for start, function_scores in sorted(chunks, key=lambda chunk: chunk[0]):
+            for j, scores in enumerate(function_scores):
+                table[j][start : start + len(scores.scores)] = scores.scores
+                for column, values in scores.columns.items():
+                    key = column if owners.setdefault(column, j) == j else f"{self.names[j]}/{column}"
+                    columns.setdefault(key, [None] * size)[start : start + len(values)] = values
+                for name, values in scores.metrics.items():
+                    logged.setdefault(name, []).extend(values)
+        counts = {OK: 0, TIMEOUT: 0, ERROR: 0}
+        num_failed: dict[str, int] = {}
         for j, name in enumerate(self.names):
-            statuses = [item[j][1] for item in table]
-            errors = [item[j][2] for item in table if item[j][1] == ERROR]
-            num_timeouts += statuses.count(TIMEOUT)
-            num_errors += len(errors)
-            self._warn_once(name, TIMEOUT, statuses.count(TIMEOUT), len(table), "timed out")
-            self._warn_once(
-                name, ERROR, len(errors), len(table), f"raised (first: {errors[0] if errors else ''})"
-            )
-        values = torch.tensor(
-            [[math.nan if value is None else value for value in row] for row in zip(*per_function.values())],
-            dtype=torch.float32,
-        ).reshape(len(table), len(self.functions))
-        rewards = (values * torch.tensor(self.weights, dtype=torch.float32)).nansum(dim=1)
-        return RewardResult(rewards, per_function, num_timeouts, num_errors)
+            for value, status, failure in table[j]:
+                counts[status] += 1
+                if status != OK:
+                    num_failed[name] = num_failed.get(name, 0) + 1
+                if failure is not None:
+                    failures.setdefault(name, failure)
+        values = torch.tensor([[math.nan if s[0] is None else s[0] for s in scores] for scores in table],
+                              dtype=torch.float32).reshape(len(self.functions), size).T  # [N, F]
+        not_applicable = torch.tensor([[s[0] is None for s in scores] for scores in table],
+                                      dtype=torch.bool).reshape(len(self.functions), size).T
+        return RewardResult(
+            rewards=(values * torch.tensor(self.weights, dtype=torch.float32)).nansum(dim=1),
+            per_function={name: [s[0] for s in table[j]] for j, name in enumerate(self.names)},
+            num_timeouts=counts[TIMEOUT], num_errors=counts[ERROR],
+            num_not_applicable=int(not_applicable.sum()), num_unscored=int(not_applicable.all(dim=1).sum()),
+            failures=failures, num_failed=num_failed, columns=columns,
+            metrics={name: sum(values) / len(values) for name, values in logged.items() if values},
+        )
 
-    def _warn_once(self, name: str, kind: str, count: int, total: int, what: str) -> None:
-        if count == 0:
-            return
-        level = logging.DEBUG if (name, kind) in self._warned else logging.WARNING
-        self._warned.add((name, kind))
-        logger.log(level, "reward function %r %s on %d/%d items, scored 0", name, what, count, total)
+    def _warn(self, result: RewardResult, batch: RewardBatch) -> None:
+        size = len(batch)
+        for name, failure in result.failures.items():
+            self._warn_once((name, failure.split()[0]), "reward function %r %s on %d/%d completions; scored 0",
+                            name, failure, result.num_failed.get(name, 0), size)
+        if result.num_unscored:
+            first = next(i for i in range(size) if all(result.per_function[n][i] is None for n in self.names))
+            self._warn_once(("*", "unscored"), "every reward function returned None (not applicable) for %d/%d "
+                            "completions; they score 0. First: prompt %.200r", result.num_unscored, size,
+                            batch.prompts[first])
+
+    def _warn_once(self, key: tuple[str, str], message: str, *args) -> None:
+        level = logging.DEBUG if key in self._warned else logging.WARNING
+        self._warned.add(key)
+        logger.log(level, message, *args)
 
     def close(self) -> None:
         """Stop the worker processes (a later call starts new ones)."""
@@ -310,7 +321,7 @@ class RewardRunner:
             self.close()
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_pool": None}
+        return {**self.__dict__, "_pool": None, "_progress": None}
 
 
 def _unique_names(functions: Sequence[Callable]) -> list[str]:
