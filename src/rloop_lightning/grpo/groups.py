@@ -6,13 +6,14 @@ sampling keeps or drops whole groups; training flattens the kept groups again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from rloop_lightning.rewards.runner import RewardRunner
+from rloop_lightning.rewards.inputs import ChatFormat, TrainerState
+from rloop_lightning.rewards.runner import RewardResult, RewardRunner
 from rloop_lightning.rollout.base import Rollouts
 
 
@@ -28,21 +29,61 @@ class Group:
     truncated: list[bool]  # [G]
     rewards: Tensor  # [G] total (weighted) reward, including any overlong penalty
     correct: Tensor  # [G] bool, the verifier's verdict
+    reward_columns: dict[str, list] = field(default_factory=dict)  # log_extra of the reward functions, [G] each
 
 
 @dataclass
 class ScoringStats:
+    """Reward-function health over a phase: running counts, and steps in a row where every reward failed."""
+
     num_timeouts: int = 0
     num_errors: int = 0
+    num_not_applicable: int = 0
+    num_unscored: int = 0
+    failed_steps_in_a_row: int = 0
+    step_has_reward: bool = False
+    step_failures: dict[str, str] = field(default_factory=dict)
+    logged: dict[str, list[float]] = field(default_factory=dict)  # log_metric values of this step
+
+    def add(self, result: RewardResult) -> None:
+        self.num_timeouts += result.num_timeouts
+        self.num_errors += result.num_errors
+        self.num_not_applicable += result.num_not_applicable
+        self.num_unscored += result.num_unscored
+        self.step_has_reward |= not result.all_failed
+        self.step_failures.update(result.failures)
+        for name, value in result.metrics.items():
+            self.logged.setdefault(name, []).append(value)
+
+    def end_step(self, max_bad_steps: int) -> dict[str, float]:
+        """This step's reward metrics; raise once every reward failed in ``max_bad_steps`` steps in a row."""
+        self.failed_steps_in_a_row = 0 if self.step_has_reward else self.failed_steps_in_a_row + 1
+        failures, self.step_failures, self.step_has_reward = self.step_failures, {}, False
+        if self.failed_steps_in_a_row >= max_bad_steps:
+            raise RuntimeError(
+                f"every reward of the last {self.failed_steps_in_a_row} steps failed (max_bad_steps={max_bad_steps}): "
+                + "; ".join(f"reward function {name!r} {failure}" for name, failure in failures.items()))
+        metrics = {"rewards/timeouts": float(self.num_timeouts), "rewards/errors": float(self.num_errors),
+                   "rewards/not_applicable": float(self.num_not_applicable),
+                   "rewards/unscored": float(self.num_unscored)}
+        metrics.update({f"rewards/logged/{name}": sum(values) / len(values) for name, values in self.logged.items()})
+        self.logged = {}
+        return metrics
+
+
+def trainer_state(trainer) -> TrainerState:
+    """The ``trainer_state`` reward functions see, from a Lightning trainer."""
+    return TrainerState(global_step=trainer.global_step, max_steps=trainer.max_steps, epoch=float(trainer.current_epoch))
 
 
 def score_groups(problems: Sequence[dict], rollouts: Rollouts, num_generations: int, runner: RewardRunner,
                  correctness_function: Optional[str], correct_threshold: float,
-                 stats: ScoringStats) -> list[Group]:
+                 stats: ScoringStats, chat: Optional[ChatFormat] = None,
+                 state: Optional[TrainerState] = None) -> list[Group]:
     """Score flat rollouts (grouped prompt by prompt) and split them into one group per problem."""
-    result = runner.score_problems(problems, rollouts.prompt_index, rollouts.completions)
-    stats.num_timeouts += result.num_timeouts
-    stats.num_errors += result.num_errors
+    result = runner.score_problems(problems, rollouts.prompt_index, rollouts.completions, rollouts.completion_ids,
+                                   chat, state)
+    stats.add(result)
     if correctness_function is None:
         verdict = result.rewards
     else:
@@ -56,6 +97,7 @@ def score_groups(problems: Sequence[dict], rollouts: Rollouts, num_generations: 
             completion_ids=rollouts.completion_ids[rows], completions=rollouts.completions[rows],
             sampler_logprobs=rollouts.sampler_logprobs[rows], truncated=rollouts.truncated[rows],
             rewards=result.rewards[rows].float(), correct=correct[rows],
+            reward_columns={key: values[rows] for key, values in result.columns.items()},
         ))
     return groups
 
@@ -83,5 +125,6 @@ def trajectories(groups: Sequence[Group], step: int) -> list[dict]:
                 "answer": problem.get("answer"), "step": step, "reward": float(group.rewards[g]),
                 "correct": bool(group.correct[g]), "logprob": float(sum(group.sampler_logprobs[g])),
                 "num_tokens": len(group.completion_ids[g]), "truncated": bool(group.truncated[g]),
+                "reward_columns": {key: values[g] for key, values in group.reward_columns.items()},
             })
     return records

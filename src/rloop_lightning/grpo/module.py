@@ -32,12 +32,13 @@ from rloop_lightning.algorithms import (
 from rloop_lightning.algorithms.importance import (
     ImportanceLevel, ImportanceMode, pad_logprobs, truncated_importance_weights,
 )
-from rloop_lightning.grpo.groups import Group, ScoringStats, flatten, score_groups, trajectories
+from rloop_lightning.grpo.groups import Group, ScoringStats, flatten, score_groups, trainer_state, trajectories
 from rloop_lightning.grpo.metrics import step_metrics, step_sums
 from rloop_lightning.policy import Policy, PolicyBatch
 from rloop_lightning.policy_module import PolicyModule
 from rloop_lightning.prompt_stats import PromptStats
-from rloop_lightning.rewards.runner import RewardRunner, check_reward_output, function_name
+from rloop_lightning.rewards.inputs import chat_format
+from rloop_lightning.rewards.runner import RewardRunner, function_name
 from rloop_lightning.rollout.base import RolloutEngine, SamplingParams
 from rloop_lightning.rollout.hf import HFGenerateEngine
 
@@ -105,8 +106,10 @@ class GRPOModule(PolicyModule):
             (harvesting, accuracy); default: the total reward.
         correct_threshold: score at or above which a completion is correct.
         reward_workers: verification worker processes (0 = in-process).
-        reward_timeout: seconds per verification call.
-        max_bad_steps: abort after this many consecutive non-finite losses (each is skipped).
+        reward_timeout: seconds per reward-function call on a chunk of completions; one batch waits at
+            most two of them per function.
+        max_bad_steps: abort after this many consecutive non-finite losses (each is skipped), or this
+            many steps in a row in which every reward function call failed (raised, timed out, NaN/inf).
         optimizer: optimizer factory.
         lr_scheduler: optional scheduler factory, stepped per optimizer step.
     """
@@ -205,11 +208,7 @@ class GRPOModule(PolicyModule):
         problems = datamodule.problems
         self.engine.check_prompt_lengths(self.policy, self.policy.encode_prompts([p["prompt"] for p in problems]),
                                          self.sampling, self.policy.context_length)
-        probe = problems[:2]
-        columns = {key: [p[key] for p in probe] for key in probe[0] if key != "prompt"}
-        for function in functions:
-            output = function([p["prompt"] for p in probe], ["" for _ in probe], **columns)
-            check_reward_output(function, output, len(probe))
+        self.runner.check_problems(problems, chat_format(self.policy), trainer_state(self.trainer))
         log.info("GRPO set-up checked: %d prompts, reward functions %s", len(problems),
                  [function_name(f) for f in functions])
 
@@ -218,7 +217,8 @@ class GRPOModule(PolicyModule):
         rollouts = self.engine.generate(self.policy, [p["prompt"] for p in problems], self.num_generations,
                                         self.sampling)
         groups = score_groups(problems, rollouts, self.num_generations, self.runner, self.correctness_function,
-                              self.correct_threshold, self.scoring_stats)
+                              self.correct_threshold, self.scoring_stats, chat_format(self.policy),
+                              trainer_state(self.trainer))
         if self.overlong.mode == "soft_penalty":
             for group in groups:
                 lengths = torch.tensor([len(ids) for ids in group.completion_ids])
@@ -249,11 +249,12 @@ class GRPOModule(PolicyModule):
     def training_step(self, problems: list[dict], batch_index: int) -> dict:
         started = time.perf_counter()
         train_groups, sampled = self.sample_groups(problems)
+        reward_health = self.scoring_stats.end_step(self.max_bad_steps)  # raises after max_bad_steps failed steps
         rollout_seconds = time.perf_counter() - started
         step = self.rollout_step
         self.rollout_step += 1
         records = trajectories(sampled, step)
-        metrics = self._sampling_metrics(sampled, rollout_seconds, step)
+        metrics = {**self._sampling_metrics(sampled, rollout_seconds, step), **reward_health}
         if train_groups or self.trainer.world_size > 1:  # DDP ranks must run the same backward passes
             metrics.update(self._train_on(train_groups or sampled[: len(problems)]))
         else:
@@ -388,8 +389,6 @@ class GRPOModule(PolicyModule):
             length_max = float(longest)
         metrics = step_metrics(sums, length_max)
         metrics["perf/rollout_tokens_per_s"] = rollout_tokens / max(rollout_seconds, 1e-9)  # this rank
-        metrics["rewards/timeouts"] = float(self.scoring_stats.num_timeouts)
-        metrics["rewards/errors"] = float(self.scoring_stats.num_errors)
         return metrics
 
     def on_train_start(self) -> None:

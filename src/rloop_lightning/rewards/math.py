@@ -24,6 +24,7 @@ import threading
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
+from rloop_lightning.rewards.inputs import completion_text
 from rloop_lightning.tasks.answers import last_boxed
 
 MATH_VERIFY_TIMEOUT_S = 5
@@ -99,9 +100,11 @@ def is_correct(completion: str, gold: str) -> bool:
     return verify(gold_parsed, predicted, timeout_seconds=timeout)
 
 
-def math_accuracy(prompts: list[str], completions: list[str], answer: list[str], **kwargs) -> list[float]:
+def math_accuracy(prompts: list, completions: list, answer: list[str], **kwargs) -> list[float]:
     """TRL-signature reward: 1.0 where the completion's final answer matches ``answer``, else 0.0.
 
-    An unparsable gold scores 0.0 (not None), so a broken dataset shows up as zero accuracy.
+    Completions are strings or chat messages. An unparsable gold scores 0.0 (not None), so a broken
+    dataset shows up as zero accuracy.
     """
-    return [1.0 if is_correct(completion, gold) else 0.0 for completion, gold in zip(completions, answer)]
+    return [1.0 if is_correct(completion_text(completion), gold) else 0.0
+            for completion, gold in zip(completions, answer)]

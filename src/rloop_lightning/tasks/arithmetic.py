@@ -15,6 +15,7 @@ from __future__ import annotations
 import operator
 import random
 
+from rloop_lightning.rewards.inputs import completion_text
 from rloop_lightning.tasks.answers import final_integer
 from rloop_lightning.tasks.base import GeneratedTask
 
@@ -77,7 +78,8 @@ def arithmetic_reward(
     """TRL-signature reward: 1.0 when the completion's final integer equals the gold answer, else 0.0."""
     if len(completions) != len(answer):
         raise ValueError(f"arithmetic reward: {len(completions)} completions but {len(answer)} answers")
-    return [1.0 if final_integer(text) == int(gold) else 0.0 for text, gold in zip(completions, answer)]
+    return [1.0 if final_integer(completion_text(completion)) == int(gold) else 0.0
+            for completion, gold in zip(completions, answer)]
 
 
 MAX_CONSECUTIVE_MISSES = 10_000  # rejected draws in a row before the space is deemed exhausted

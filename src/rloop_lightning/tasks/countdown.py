@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from fractions import Fraction
 from functools import lru_cache
 
+from rloop_lightning.rewards.inputs import completion_text
 from rloop_lightning.tasks.answers import last_tagged
 from rloop_lightning.tasks.base import GeneratedTask
 
@@ -99,7 +100,7 @@ def countdown_reward(
             f"countdown reward: {len(completions)} completions but {len(numbers)} numbers, {len(target)} targets"
         )
     return [
-        1.0 if verify_expression(extract_expression(completion), given, goal) else 0.0
+        1.0 if verify_expression(extract_expression(completion_text(completion)), given, goal) else 0.0
         for completion, given, goal in zip(completions, numbers, target)
     ]
 
