@@ -12,6 +12,16 @@ row of the results is one command away from being reproduced by hand. CONFIG is 
     python scripts/reproduce_tiny.py --report-only   # re-aggregate finished runs
     python scripts/reproduce_tiny.py --config configs/tiny_cpu_arithmetic.yaml --no-ablations
 
+Side studies (runs made by hand with ``rloop fit`` and the flags the results notes name) are
+tabulated from their run directories, arms named on the command line; this runs nothing and
+prints one table per evaluated split (final policy theta_K, mean ± std over the runs of an arm):
+
+    python scripts/reproduce_tiny.py --base "theta_0 (base)=runs/study/pool/p128_rloop_s0" \
+        --arm "RLoop=runs/study/pool/p128_rloop_s*" --arm "plain GRPO=runs/study/pool/p128_vanilla_s*"
+
+``--arm NAME=DIR[,DIR...]`` takes run directories or glob patterns (one per seed); ``--base
+NAME=DIR[,DIR...]`` adds a row of those runs' theta_0 evaluations; rows keep the command line's order.
+
 Equal compute: the vanilla baseline runs the same K GRPO phases with the same steps, prompts and
 rollouts per step from the same base; RLoop adds the (cheap) RFT phases on top. Runs of a config go
 to ``runs/study/<config stem>/<name>_seed<S>``; its section of the results to
@@ -22,9 +32,11 @@ gathers every config's section, default config first, then ``docs/results_notes.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -45,7 +57,8 @@ ABLATIONS = {
     "k3": ["--iterations", "3"],
     "vanilla_k3": ["--iterations", "3", "--vanilla", "true"],
 }
-METRICS = ["avg@n", "pass@1", "pass@4", "pass@16", "pass@32", "greedy_accuracy"]  # avg@n: whatever n the config sets
+# pass@1 from n samples is avg@n (c / n), so tables show it once; "avg@n" names whatever n a config sets
+METRICS = ["pass@1", "pass@4", "pass@16", "pass@32", "greedy_accuracy"]
 
 
 def run_one(config: str, out: Path, name: str, seed: int, flags: list[str]) -> Path:
@@ -63,13 +76,26 @@ def run_one(config: str, out: Path, name: str, seed: int, flags: list[str]) -> P
     return run_dir
 
 
+def final_evaluation_path(run_dir: Path) -> Path | None:
+    """The ``eval.json`` of the last iteration that has one (theta_K), or None."""
+    from rloop_lightning.loop.layout import RunLayout
+
+    layout = RunLayout(run_dir)
+    paths = [layout.evaluation(layout.phase("eval", k)) for k in layout.iterations()]
+    return next((path for path in reversed(paths) if path.exists()), None)
+
+
 def final_eval(run_dir: Path) -> dict:
-    iterations = sorted(run_dir.glob("iter_*/eval/eval.json"))
-    return json.loads(iterations[-1].read_text())["metrics"]
+    path = final_evaluation_path(run_dir)
+    if path is None:
+        raise FileNotFoundError(f"{run_dir}: no iteration has an evaluation (iter_KK/eval/eval.json)")
+    return json.loads(path.read_text())["metrics"]
 
 
 def base_eval(run_dir: Path) -> dict:
-    return json.loads((run_dir / "eval" / "theta_0" / "eval.json").read_text())["metrics"]
+    from rloop_lightning.loop.layout import BASE_EVALUATION, RunLayout
+
+    return json.loads(RunLayout(run_dir).evaluation(BASE_EVALUATION).read_text())["metrics"]
 
 
 def mean_std(values: list[float]) -> str:
@@ -81,23 +107,68 @@ def mean_std(values: list[float]) -> str:
 
 
 def metric(evaluation: dict, name: str) -> float:
+    """``name`` from one split's metrics; NaN where the split does not report it (greedy accuracy is
+    optional per split)."""
     if name == "avg@n":
-        return next(value for key, value in evaluation.items() if key.startswith("avg@"))
-    return evaluation.get(name, float("nan"))  # greedy accuracy is optional per split
+        return next((value for key, value in evaluation.items() if key.startswith("avg@")), float("nan"))
+    return evaluation.get(name, float("nan"))
 
 
-def table(rows: dict[str, list[dict]], split: str) -> list[str]:
-    lines = ["| run | seeds | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+def table(rows: dict[str, list[dict]], split: str, metrics: list[str] = METRICS) -> list[str]:
+    """One markdown row per arm: the number of runs and mean ± std of each metric on ``split``."""
+    lines = ["| run | seeds | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for name, evals in rows.items():
-        cells = [mean_std([metric(e[split], m) for e in evals]) for m in METRICS]
+        cells = [mean_std([metric(e.get(split, {}), m) for e in evals]) for m in metrics]
         lines.append(f"| {name} | {len(evals)} | " + " | ".join(cells) + " |")
     return lines
 
 
+def split_tables(rows: dict[str, list[dict]], splits: list[str], metrics: list[str] = METRICS) -> list[str]:
+    """``table`` for each split under a ``### split`` heading."""
+    lines = []
+    for split in splits:
+        lines += [f"### {split}", ""] + table(rows, split, metrics) + [""]
+    return lines
+
+
+def arm_runs(patterns: str) -> list[Path]:
+    """The run directories named by comma-separated paths or glob patterns, sorted per pattern."""
+    runs = []
+    for pattern in filter(None, patterns.split(",")):
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise SystemExit(f"no run directory matches {pattern!r}")
+        runs += [Path(match) for match in matches]
+    return runs
+
+
+def study_tables(arms: list[tuple[str, str]], splits: list[str] | None = None,
+                 metrics: list[str] = METRICS) -> str:
+    """Tables of a side study: ``arms`` are ``(kind, "NAME=DIR[,DIR...]")`` in row order, kind
+    ``final`` (theta_K of each run) or ``base`` (theta_0 of each run); one table per split."""
+    from rloop_lightning.loop.report import split_order
+
+    rows: dict[str, list[dict]] = {}
+    for kind, spec in arms:
+        name, separator, patterns = spec.partition("=")
+        if not separator or not name:
+            raise SystemExit(f"an arm is NAME=DIR[,DIR...]; got {spec!r}")
+        read = base_eval if kind == "base" else final_eval
+        rows[name] = [read(run_dir) for run_dir in arm_runs(patterns)]
+    if splits is None:
+        splits = sorted({split for evals in rows.values() for e in evals for split in e}, key=split_order)
+    return "\n".join(split_tables(rows, splits, metrics))
+
+
 def reward_curve(run_dir: Path) -> list[float]:
+    from rloop_lightning.loop.layout import RunLayout
+
+    layout = RunLayout(run_dir)
     rows = []
-    for metrics in sorted(run_dir.glob("iter_*/grpo/metrics.jsonl")):
-        rows += [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    for k in layout.iterations():
+        metrics = layout.metrics(layout.phase("grpo", k))
+        if metrics.exists():
+            rows += [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     return [r["train/reward_mean"] for r in rows if "train/reward_mean" in r]
 
 
@@ -140,8 +211,7 @@ def write_section(config: str, runs: dict[str, list[Path]], figures: Path) -> Pa
              (f"Produced by `python scripts/reproduce_tiny.py --config {config}` (each run is `rloop fit "
               f"--config {config} --run_dir ... --seed S` plus the flags named below). Held-out metrics of "
               "the final policy theta_K; mean ± std over seeds."), ""]
-    for split in splits:
-        lines += [f"### {split}", ""] + table(rows, split) + [""]
+    lines += split_tables(rows, splits)
     lines += ["Flags: " + "; ".join(f"`{n}`: `{' '.join(f) or '(defaults)'}`"
                                     for n, f in {**VARIANTS, **ABLATIONS}.items() if n in runs), ""]
     if "trl" in runs:
@@ -184,7 +254,21 @@ def main(argv=None) -> None:
                         help="runs go to OUT/<config stem>/<name>_seed<S>")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
     parser.add_argument("--report-only", action="store_true", help="aggregate finished runs, run nothing")
+    parser.add_argument("--arm", dest="arms", action="append", type=lambda spec: ("final", spec),
+                        metavar="NAME=DIR[,DIR...]",
+                        help="side-study mode: a row of theta_K of these runs (paths or globs, one per seed); "
+                             "prints the tables and runs nothing")
+    parser.add_argument("--base", dest="arms", action="append", type=lambda spec: ("base", spec),
+                        metavar="NAME=DIR[,DIR...]", help="side-study mode: a row of theta_0 of these runs")
+    parser.add_argument("--split", dest="splits", action="append",
+                        help="side-study mode: only this task/split (repeatable; default every evaluated split)")
+    parser.add_argument("--metrics", nargs="+", default=METRICS,
+                        help=f"side-study mode: columns (default {' '.join(METRICS)}; avg@n is also known)")
     args = parser.parse_args(argv)
+    if args.arms:
+        command = shlex.join(["python", "scripts/reproduce_tiny.py", *(sys.argv[1:] if argv is None else argv)])
+        print(f"Produced by `{command}`.\n\n{study_tables(args.arms, args.splits, args.metrics)}")
+        return
     out = args.out / Path(args.config).stem
     seeds = args.seeds[:1] if args.quick else args.seeds
     plan = [(name, seed, flags) for name, flags in VARIANTS.items() for seed in seeds]
@@ -204,7 +288,7 @@ def main(argv=None) -> None:
     names = [*VARIANTS, *([] if args.quick or args.no_ablations else ABLATIONS), "trl"]
     for name, seed in ((name, seed) for name in names for seed in seeds):
         run_dir = out / f"{name}_seed{seed}"
-        if (run_dir / "manifest.json").exists() and list(run_dir.glob("iter_*/eval/eval.json")):
+        if (run_dir / "manifest.json").exists() and final_evaluation_path(run_dir) is not None:
             runs.setdefault(name, []).append(run_dir)
     if not runs:
         raise SystemExit(f"no finished runs under {out}")

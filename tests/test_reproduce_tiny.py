@@ -1,0 +1,90 @@
+"""scripts/reproduce_tiny.py tabulates study arms from run directories (no runs are made here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from rloop_lightning.data.records import write_json_atomic
+from rloop_lightning.loop.layout import BASE_EVALUATION, RunLayout
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "reproduce_tiny.py"
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("reproduce_tiny", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def evaluation(pass_1: float, pass_32: float, ood_pass_32: float) -> dict:
+    """Metrics as the loop writes them: ``{"task/split": {metric: value}}``; avg@n equals pass@1,
+    and the OOD split has no greedy accuracy."""
+    return {"countdown/ood": {"avg@128": 0.02, "pass@1": 0.02, "pass@32": ood_pass_32},
+            "countdown/test": {"avg@128": pass_1, "pass@1": pass_1, "pass@32": pass_32, "greedy_accuracy": 0.3}}
+
+
+def make_run(run_dir: Path, base: dict, final: dict, iterations: int = 2) -> Path:
+    """A finished run directory in the loop's layout: theta_0's evaluation, then one per iteration
+    (only the last one carries ``final``)."""
+    layout = RunLayout(run_dir)
+    write_json_atomic(layout.evaluation(BASE_EVALUATION), {"policy": "base", "metrics": base})
+    for k in range(iterations):
+        metrics = final if k == iterations - 1 else evaluation(0.0, 0.0, 0.0)
+        write_json_atomic(layout.evaluation(layout.phase("eval", k)), {"policy": f"theta_{k + 1}", "metrics": metrics})
+    layout.manifest.write_text(json.dumps({"completed": []}))
+    return run_dir
+
+
+@pytest.fixture
+def study(tmp_path):
+    base = evaluation(0.2, 0.9, 0.25)
+    for seed, (pass_1, pass_32) in enumerate([(0.30, 0.80), (0.32, 0.90)]):
+        make_run(tmp_path / f"rloop_s{seed}", base, evaluation(pass_1, pass_32, 0.4))
+    make_run(tmp_path / "grpo_s0", base, evaluation(0.4, 0.7, 0.1), iterations=3)
+    return tmp_path
+
+
+def test_side_study_table_has_one_row_per_arm_in_command_line_order(script, study):
+    text = script.study_tables([("base", f"theta_0={study}/rloop_s0"), ("final", f"rloop={study}/rloop_s*"),
+                                ("final", f"grpo={study}/grpo_s0")], metrics=["pass@1", "pass@32", "greedy_accuracy"])
+    assert text.splitlines() == [
+        "### countdown/test", "",
+        "| run | seeds | pass@1 | pass@32 | greedy_accuracy |", "|---|---|---|---|---|",
+        "| theta_0 | 1 | 0.200 | 0.900 | 0.300 |",
+        "| rloop | 2 | 0.310 ± 0.014 | 0.850 ± 0.071 | 0.300 ± 0.000 |",
+        "| grpo | 1 | 0.400 | 0.700 | 0.300 |", "",
+        "### countdown/ood", "",
+        "| run | seeds | pass@1 | pass@32 | greedy_accuracy |", "|---|---|---|---|---|",
+        "| theta_0 | 1 | 0.020 | 0.250 | - |",
+        "| rloop | 2 | 0.020 ± 0.000 | 0.400 ± 0.000 | - |",
+        "| grpo | 1 | 0.020 | 0.100 | - |"]
+
+
+def test_default_columns_show_pass_at_1_once(script):
+    assert "pass@1" in script.METRICS and not any(m.startswith("avg@") for m in script.METRICS)
+
+
+def test_final_evaluation_is_the_last_iteration_that_has_one(script, tmp_path):
+    run_dir = make_run(tmp_path / "run", evaluation(0.2, 0.9, 0.2), evaluation(0.5, 0.5, 0.5))
+    RunLayout(run_dir).directory(RunLayout.phase("grpo", 2)).mkdir(parents=True)  # a third iteration, unfinished
+    assert script.final_eval(run_dir)["countdown/test"]["pass@1"] == 0.5
+    with pytest.raises(FileNotFoundError, match="no iteration has an evaluation"):
+        script.final_eval(tmp_path / "empty")
+
+
+def test_command_line_prints_the_tables_under_the_command_that_made_them(script, study, capsys):
+    argv = ["--arm", f"rloop={study}/rloop_s*", "--arm", f"grpo={study}/grpo_s0", "--split", "countdown/test",
+            "--metrics", "avg@n", "pass@32"]
+    script.main(argv)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("Produced by `python scripts/reproduce_tiny.py --arm") and "grpo_s0" in lines[0]
+    assert lines[2:] == ["### countdown/test", "", "| run | seeds | avg@n | pass@32 |", "|---|---|---|---|",
+                         "| rloop | 2 | 0.310 ± 0.014 | 0.850 ± 0.071 |", "| grpo | 1 | 0.400 | 0.700 |", ""]
+    with pytest.raises(SystemExit, match="no run directory matches"):
+        script.main(["--arm", f"missing={study}/nothing_*"])
