@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from lightning.pytorch.cli import LightningCLI
 
-from rloop_lightning.cli import PhaseCLI, fit_parser, lightning_cli
+from rloop_lightning.cli import fit_parser
+from rloop_lightning.loop.phases import PhaseCLI, phase_cli
 from rloop_lightning.grpo import GRPOModule
 from rloop_lightning.rft import RFTModule
 from test_recipes import parse
@@ -25,7 +26,7 @@ def no_instantiation(monkeypatch):
 
 @pytest.mark.parametrize("path", sorted(p for d in PHASES for p in (CONFIGS / d).glob("*.yaml")), ids=str)
 def test_phase_config_parses(path):
-    config = lightning_cli(PHASES[path.parent.name], ["--config", str(path)], run=False).config
+    config = phase_cli(PHASES[path.parent.name], ["--config", str(path)], run=False).config
     assert config.model.policy.init_args.model_name_or_path
 
 

@@ -317,15 +317,16 @@ def base_build_yaml(steps: int) -> dict:
 
 
 def test_base_is_built_once_and_a_changed_build_config_is_refused(tmp_path):
-    from rloop_lightning.loop.controller import BUILD_RECORD, BaseConfig, PhaseConfig
+    from rloop_lightning.loop import BasePolicySettings, PhaseSettings
+    from rloop_lightning.loop.controller import BUILD_RECORD
 
     build = tmp_path / "base.yaml"
     build.write_text(yaml.safe_dump(base_build_yaml(steps=2)))
     policy = tmp_path / "base" / "policy"
 
     def loop() -> RLoop:
-        return RLoop(str(tmp_path / "run"), BaseConfig(str(policy), str(build)), PhaseConfig("unused.yaml"),
-                     PhaseConfig("unused.yaml"), evaluators=[])
+        return RLoop(str(tmp_path / "run"), BasePolicySettings(str(policy), str(build)), PhaseSettings("unused.yaml"),
+                     PhaseSettings("unused.yaml"), evaluators=[])
 
     assert loop().build_base() == str(policy)
     weights = (policy / "model.safetensors").read_bytes()

@@ -47,34 +47,34 @@ def test_config_differences_reports_added_and_removed_fields():
 
 
 def test_check_config_records_the_first_config_and_accepts_it_again(tmp_path):
-    manifest = Manifest(tmp_path)
+    manifest = Manifest(tmp_path / "manifest.json")
     assert not manifest.exists
     manifest.check_config(CONFIG)
     assert manifest.exists
-    Manifest(tmp_path).check_config(changed())  # equal config: accepted
+    Manifest(tmp_path / "manifest.json").check_config(changed())  # equal config: accepted
 
 
 def test_check_config_refuses_a_different_config_naming_the_fields(tmp_path):
-    Manifest(tmp_path).check_config(CONFIG)
+    Manifest(tmp_path / "manifest.json").check_config(CONFIG)
     with pytest.raises(ValueError, match="refusing to resume") as error:
-        Manifest(tmp_path).check_config(changed(expert_set__max_per_prompt=2, seed=1))
+        Manifest(tmp_path / "manifest.json").check_config(changed(expert_set__max_per_prompt=2, seed=1))
     message = str(error.value)
     assert "expert_set.max_per_prompt: 4 -> 2" in message
     assert "seed: '<absent>' -> 1" in message
     assert "iterations" not in message and "grpo" not in message
-    assert Manifest(tmp_path).data["config"] == CONFIG  # the refused config did not overwrite it
+    assert Manifest(tmp_path / "manifest.json").data["config"] == CONFIG  # the refused config did not overwrite it
 
 
 def test_mark_done_persists_across_instances(tmp_path):
-    first = Manifest(tmp_path)
+    first = Manifest(tmp_path / "manifest.json")
     first.check_config(CONFIG)
     first.mark_done("iter_00/grpo", {"steps": 3, "seconds": 1.5})
     assert first.done("iter_00/grpo") and not first.done("iter_00/rft")
-    second = Manifest(tmp_path)
+    second = Manifest(tmp_path / "manifest.json")
     assert second.done("iter_00/grpo")
     assert second.info("iter_00/grpo") == {"steps": 3, "seconds": 1.5}
     second.mark_done("iter_00/expert_set", {"size": 0})
-    third = Manifest(tmp_path)
+    third = Manifest(tmp_path / "manifest.json")
     assert sorted(third.data["completed"]) == ["iter_00/expert_set", "iter_00/grpo"]  # saved with sorted keys
     assert third.data["config"] == CONFIG
     assert not list(tmp_path.glob(".manifest.json.tmp-*"))  # atomic writes leave no temporary file

@@ -14,7 +14,8 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning.pytorch.cli import LightningCLI
 
-from rloop_lightning.cli import PhaseCLI, evaluate, fit_parser, lightning_cli
+from rloop_lightning.cli import evaluate, fit_parser
+from rloop_lightning.loop.phases import PhaseCLI, phase_cli
 from rloop_lightning.grpo import GRPOModule
 from rloop_lightning.rft import RFTModule
 
@@ -41,7 +42,7 @@ def parse(command: str, args: list[str]):
         parser.add_argument("--config", action=ActionConfigFile)
         parser.add_function_arguments(evaluate, as_positional=False)
         return parser.parse_args(args)
-    return lightning_cli(MODULES[command], args, run=False).config
+    return phase_cli(MODULES[command], args, run=False).config
 
 
 def command_of(path: Path) -> str:
@@ -152,19 +153,19 @@ FSDP1_GRPO = ["--config", str(CONFIGS / "grpo/tiny_countdown.yaml"), "--config",
 def test_fsdp_on_this_cpu_machine_is_refused_naming_cuda(monkeypatch):
     monkeypatch.undo()  # the real pre-instantiation checks
     with pytest.raises(RuntimeError, match="needs CUDA"):
-        lightning_cli(GRPOModule, FSDP1_GRPO, run=False)
+        phase_cli(GRPOModule, FSDP1_GRPO, run=False)
 
 
 def test_grpo_under_fsdp1_is_refused_even_with_cuda_pointing_to_fsdp2(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     with pytest.raises(NotImplementedError, match="fsdp2.yaml"):
-        lightning_cli(GRPOModule, FSDP1_GRPO, run=False)
+        phase_cli(GRPOModule, FSDP1_GRPO, run=False)
 
 
 def test_grpo_refuses_the_fsdp_shorthand_too(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     with pytest.raises(NotImplementedError, match="fsdp2.yaml"):
-        lightning_cli(GRPOModule, ["--config", str(CONFIGS / "grpo/tiny_countdown.yaml"), "--trainer.accelerator",
+        phase_cli(GRPOModule, ["--config", str(CONFIGS / "grpo/tiny_countdown.yaml"), "--trainer.accelerator",
                                    "gpu", "--trainer.strategy", "fsdp"], run=False)

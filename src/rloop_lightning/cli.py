@@ -16,81 +16,48 @@ import hashlib
 import json
 import logging
 import sys
-import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
-import lightning as L
-import torch
-from jsonargparse import CLI
+from jsonargparse import CLI, ActionConfigFile, ArgumentParser
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
-from rloop_lightning.evaluation import Evaluator
+from rloop_lightning.evaluation import Evaluator, evaluate_policy
 from rloop_lightning.grpo import GRPOModule
+from rloop_lightning.loop import RLoop
+from rloop_lightning.loop.phases import phase_cli
+from rloop_lightning.loop.report import write_report
 from rloop_lightning.policy import Policy
 from rloop_lightning.rft import RFTModule
 from rloop_lightning.rollout.base import RolloutEngine
-from rloop_lightning.rollout.hf import HFGenerateEngine
-from rloop_lightning.strategies import check_strategy
-
-
-class PhaseCLI(LightningCLI):
-    """LightningCLI that refuses strategies this machine cannot run before anything is built."""
-
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        trainer = config.get("trainer")
-        if trainer is not None:
-            check_strategy(trainer.get("accelerator", "auto"), _class_path_or_value(trainer.get("strategy", "auto")))
-            if self.model_class is GRPOModule and "fsdp" in str(_class_path_or_value(trainer.get("strategy"))).lower():
-                raise NotImplementedError(
-                    "GRPO under FSDPStrategy (FSDP1) is not supported: its manual backward runs inside FSDP1's root "
-                    "forward, after which full weights cannot be gathered (vLLM sync, export). Use FSDP2 instead: "
-                    "--config configs/strategies/fsdp2.yaml (ModelParallelStrategy), or DDP with LoRA/QLoRA.")
-
-
-def _class_path_or_value(value):
-    return getattr(value, "class_path", value) if value is not None else "auto"
-
-
-def lightning_cli(module_class: type[L.LightningModule], args: ArgsType, run: bool = True) -> LightningCLI:
-    # ``rloop`` strips its own sub-command and passes the rest as ``args``; that is intended
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    return PhaseCLI(
-        module_class, L.LightningDataModule, subclass_mode_data=True, args=args, run=run,
-        save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
-    )
 
 
 def rft(args: ArgsType = None) -> LightningCLI:
     """``rloop rft {fit,validate,...}``: fine-tune on (prompt, completion) records."""
-    return lightning_cli(RFTModule, args)
+    return phase_cli(RFTModule, args)
 
 
 def grpo(args: ArgsType = None) -> LightningCLI:
     """``rloop grpo {fit,...}``: plain GRPO/DAPO from a policy on a task's prompts."""
-    return lightning_cli(GRPOModule, args)
+    return phase_cli(GRPOModule, args)
 
 
 def evaluate(policy: Policy, evaluators: list[Evaluator], engine: Optional[RolloutEngine] = None,
              output: Optional[str] = None, seed: int = 0) -> dict:
     """Evaluate a policy on task splits; print and optionally write the metrics as JSON.
 
+    The same evaluation as the loop's (``evaluate_policy``): with the loop's ``seed`` it reports the
+    numbers the loop wrote for that policy.
+
     Args:
         policy: the policy to evaluate (hub id, local directory or built-in id).
         evaluators: one evaluator per (task, split).
         engine: rollout engine (default: Hugging Face ``generate``).
         output: optional path of a JSON file for the metrics.
-        seed: seeds the sampling, so two policies evaluated with one seed see the same noise.
+        seed: seeds the sampling before each evaluator, so two policies evaluated with one seed see the
+            same noise.
     """
-    torch.manual_seed(seed)
-    policy.load_model()
-    engine = engine or HFGenerateEngine()
-    report = {}
-    for evaluator in evaluators:
-        result = evaluator.evaluate(policy, engine)
-        evaluator.close()
-        report[f"{result.task}/{result.split}"] = result.metrics
+    report = evaluate_policy(policy, evaluators, engine, seed=seed)
     text = json.dumps(report, indent=2)
     print(text)
     if output:
@@ -105,10 +72,6 @@ def eval_command(args: ArgsType = None) -> dict:
 
 def fit_parser():
     """The ``rloop fit`` parser: every ``RLoop`` argument, YAML configs and dotted overrides."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    from rloop_lightning.loop import RLoop
-
     parser = ArgumentParser(prog="rloop fit", description=RLoop.__doc__.strip().splitlines()[0])
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config (repeatable; later wins)")
     parser.add_class_arguments(RLoop, None, fail_untyped=True)
@@ -117,8 +80,6 @@ def fit_parser():
 
 def fit_command(args: ArgsType = None) -> dict:
     """``rloop fit``: run RLoop (or, with ``--vanilla true``, the plain-RL baseline)."""
-    from rloop_lightning.loop import RLoop
-
     parser = fit_parser()
     config = parser.parse_args(args)
     snapshot = json.loads(parser.dump(config, format="json", skip_none=False))  # what resume compares
@@ -135,8 +96,6 @@ def fit_command(args: ArgsType = None) -> dict:
 
 def report_command(args: ArgsType = None):
     """``rloop report RUN_DIR [--baseline OTHER]``: write report.md and report.png into RUN_DIR."""
-    from rloop_lightning.loop.report import write_report
-
     def report(run_dir: str, baseline: Optional[str] = None) -> str:
         """Write the report of run_dir, comparing with the baseline run if given.
 

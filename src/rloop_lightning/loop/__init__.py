@@ -1,6 +1,8 @@
-"""The RLoop loop: controller, expert-set builder, run manifest and report."""
+"""The RLoop loop: controller, phases, run-directory layout, expert-set builder, manifest and report."""
 
-from rloop_lightning.loop.controller import BaseConfig, PhaseConfig, RLoop
+from rloop_lightning.loop.controller import BasePolicySettings, RLoop
 from rloop_lightning.loop.expert_set import ExpertSetSettings, build_expert_set
+from rloop_lightning.loop.layout import RunLayout
+from rloop_lightning.loop.phases import PhaseSettings
 
-__all__ = ["BaseConfig", "ExpertSetSettings", "PhaseConfig", "RLoop", "build_expert_set"]
+__all__ = ["BasePolicySettings", "ExpertSetSettings", "PhaseSettings", "RLoop", "RunLayout", "build_expert_set"]

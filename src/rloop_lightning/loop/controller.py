@@ -22,56 +22,37 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 import lightning as L
-import torch
 
 from rloop_lightning.callbacks import ExpertHarvester, ExportPolicy, PassAtKEvaluation
 from rloop_lightning.callbacks.metrics import MetricsRecorder
 from rloop_lightning.data.records import iter_records, write_json_atomic, write_jsonl_atomic
-from rloop_lightning.evaluation import Evaluator
+from rloop_lightning.evaluation import Evaluator, evaluate_policy
 from rloop_lightning.grpo import GRPOModule
 from rloop_lightning.loop.expert_set import ExpertSetSettings, build_expert_set
+from rloop_lightning.loop.layout import BASE_EVALUATION, RunLayout
 from rloop_lightning.loop.manifest import Manifest
-from rloop_lightning.policy import Policy
+from rloop_lightning.loop.phases import PhaseCLI, PhaseSettings, build_phase, parse_phase, phase_policy
 from rloop_lightning.prompt_stats import PromptStats
 from rloop_lightning.rft import RFTModule
 from rloop_lightning.rollout.base import RolloutEngine
-from rloop_lightning.rollout.hf import HFGenerateEngine
 
 log = logging.getLogger(__name__)
 BUILD_RECORD = "rloop_base_build.json"  # in a built base's policy directory: which config built it
 
 
 @dataclass
-class PhaseConfig:
-    """A phase's YAML (as for ``rloop grpo fit`` / ``rloop rft fit``) and dotted overrides on top."""
-
-    config: str
-    overrides: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class BaseConfig:
-    """theta_0: a hub id or local directory; built by ``build_config`` (an RFT YAML) when missing."""
+class BasePolicySettings:
+    """theta_0: a hub id or local directory, built by ``build_config`` when missing."""
 
     policy: str = "runs/base/tiny_countdown/policy"
+    """Hub id or local directory of theta_0."""
     build_config: Optional[str] = None
-
-
-def override_args(overrides: dict[str, Any]) -> list[str]:
-    return [f"--{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in overrides.items()]
-
-
-def build_phase(module_class: type[L.LightningModule], phase: PhaseConfig, overrides: dict[str, Any]):
-    """A LightningCLI (not run) for one phase: its YAML, its overrides, then the loop's."""
-    from rloop_lightning.cli import lightning_cli
-
-    args = ["--config", phase.config, *override_args(phase.overrides), *override_args(overrides)]
-    return lightning_cli(module_class, args, run=False)
+    """An RFT YAML that builds theta_0 into ``policy`` when that directory is missing."""
 
 
 def ensure_callback(trainer: L.Trainer, kind: type, make) -> None:
@@ -97,11 +78,11 @@ class RLoop:
             ``VLLMEngine`` for large models).
         wandb_project: log held-out metrics per iteration to this W&B project (sweeps optimise
             ``final/<task>/<split>/<metric>``); in a sweep each run gets ``run_dir/<W&B run id>``.
-        seed: base seed; phase k uses ``seed + 1000 k`` (+1 for RFT).
+        seed: base seed; phase k uses ``seed + 1000 k`` (+1 for RFT); every held-out evaluation uses ``seed``.
         resume: continue a run directory that has a manifest (same configuration only).
     """
 
-    def __init__(self, run_dir: str, base: BaseConfig, grpo: PhaseConfig, rft: PhaseConfig,
+    def __init__(self, run_dir: str, base: BasePolicySettings, grpo: PhaseSettings, rft: PhaseSettings,
                  evaluators: list[Evaluator], iterations: int = 2,
                  expert_set: Optional[ExpertSetSettings] = None, vanilla: bool = False,
                  evaluate_rl_end: bool = False, rft_from: Literal["theta_k", "rl_end"] = "theta_k",
@@ -109,7 +90,7 @@ class RLoop:
                  wandb_project: Optional[str] = None):
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
-        self.run_dir = Path(run_dir)
+        self.layout = RunLayout(run_dir)
         self.base = base
         self.grpo = grpo
         self.rft = rft
@@ -123,19 +104,20 @@ class RLoop:
         self.resume = resume
         self.wandb_project = wandb_project
         self.eval_engine = eval_engine
-        self.manifest = Manifest(self.run_dir)
+        self.manifest = Manifest(self.layout.manifest)
 
     # ------------------------------------------------------------------ driver
     def run(self, config: Optional[dict] = None) -> dict:
         config = config if config is not None else self.describe()
+        self.validate_phases()
         tracker = None
         if self.wandb_project:
             from rloop_lightning.loop.tracking import WandbTracker
 
-            tracker = WandbTracker(self.wandb_project, config, self.run_dir)
+            tracker = WandbTracker(self.wandb_project, config, self.layout.root)
             if tracker.sweep_run_id:
-                self.run_dir = self.run_dir / tracker.sweep_run_id
-                self.manifest = Manifest(self.run_dir)
+                self.layout = RunLayout(self.layout.root / tracker.sweep_run_id)
+                self.manifest = Manifest(self.layout.manifest)
         try:
             return self._run(config)
         finally:
@@ -145,46 +127,54 @@ class RLoop:
 
     def _run(self, config: dict) -> dict:
         if self.manifest.exists and not self.resume:
-            raise FileExistsError(f"{self.run_dir} already holds a run; pass --resume true or another run_dir")
+            raise FileExistsError(f"{self.layout.root} already holds a run; pass --resume true or another run_dir")
         self.manifest.check_config(config)
         theta = self.build_base()
-        self.phase("eval/theta_0", lambda d: self.evaluate(theta, d / "eval.json"))
+        self.phase(BASE_EVALUATION, lambda d: self.evaluate(theta, BASE_EVALUATION))
         for k in range(self.iterations):
             theta = self.iteration(k, theta)
         from rloop_lightning.loop.report import write_report
 
-        report = write_report(self.run_dir)
+        report = write_report(self.layout.root)
         log.info("RLoop finished: report at %s", report)
         return self.results()
 
+    def validate_phases(self) -> None:
+        """Parse every phase's configuration with the loop's overrides before any compute: a typo in a
+        phase YAML or override fails here, before theta_0 is built or evaluated."""
+        if self.base.build_config is not None:
+            parse_phase(RFTModule, PhaseSettings(self.base.build_config), {})
+        parse_phase(GRPOModule, self.grpo, self.grpo_overrides(self.base.policy, self.layout.root, self.seed))
+        if not self.vanilla:
+            parse_phase(RFTModule, self.rft, self.rft_overrides(self.base.policy, 0, self.layout.root, self.seed))
+
     def iteration(self, k: int, theta: str) -> str:
-        root = f"iter_{k:02d}"
-        grpo_dir = self.run_dir / root / "grpo"
-        self.phase(f"{root}/grpo", lambda d: self.run_grpo(theta, d, seed=self.seed + 1000 * k))
+        layout = self.layout
+        grpo = layout.phase("grpo", k)
+        rl_end = str(layout.policy(grpo))
+        self.phase(grpo, lambda d: self.run_grpo(theta, d, seed=self.seed + 1000 * k))
         if self.vanilla:
-            rl_end = str(grpo_dir / "policy")
-            self.phase(f"{root}/eval", lambda d: self.evaluate(rl_end, d / "eval.json"))
+            self.phase(layout.phase("eval", k), lambda d: self.evaluate(rl_end, layout.phase("eval", k)))
             return rl_end
         if self.evaluate_rl_end:
-            self.phase(f"{root}/eval_rl_end", lambda d: self.evaluate(str(grpo_dir / "policy"), d / "eval.json"))
-        self.phase(f"{root}/expert_set", lambda d: self.build_experts(k, grpo_dir, d))
-        summary = self.manifest.info(f"{root}/expert_set")
-        if summary["size"] == 0:
+            self.phase(layout.phase("eval_rl_end", k), lambda d: self.evaluate(rl_end, layout.phase("eval_rl_end", k)))
+        self.phase(layout.phase("expert_set", k), lambda d: self.build_experts(k))
+        if self.manifest.info(layout.phase("expert_set", k))["size"] == 0:
             log.warning("iteration %d: empty expert set (nothing hard was solved); RFT skipped, theta_%d "
                         "carried forward", k, k)
             return theta
-        rft_dir = self.run_dir / root / "rft"
-        start = theta if self.rft_from == "theta_k" else str(grpo_dir / "policy")
-        self.phase(f"{root}/rft", lambda d: self.run_rft(start, k, d, seed=self.seed + 1000 * k + 1))
-        next_theta = str(rft_dir / "policy")
-        self.phase(f"{root}/eval", lambda d: self.evaluate(next_theta, d / "eval.json"))
+        rft = layout.phase("rft", k)
+        start = theta if self.rft_from == "theta_k" else rl_end
+        self.phase(rft, lambda d: self.run_rft(start, k, d, seed=self.seed + 1000 * k + 1))
+        next_theta = str(layout.policy(rft))
+        self.phase(layout.phase("eval", k), lambda d: self.evaluate(next_theta, layout.phase("eval", k)))
         return next_theta
 
     def phase(self, name: str, work) -> None:
         """Run ``work(directory)`` unless the manifest says ``name`` is done; mark it done after."""
         if self.manifest.done(name):
             return
-        directory = self.run_dir / name
+        directory = self.layout.directory(name)
         if directory.exists():  # left by a crash mid-phase: redo it from scratch with the same seed
             shutil.rmtree(directory)
         directory.mkdir(parents=True)
@@ -214,12 +204,21 @@ class RLoop:
             raise ValueError(f"base.policy must end in '/policy' to be built by {self.base.build_config} "
                              f"(the export goes to {{default_root_dir}}/policy); got {path}")
         log.info("building the base policy %s with %s", path, self.base.build_config)
-        cli = build_phase(RFTModule, PhaseConfig(self.base.build_config), {"trainer.default_root_dir": str(path.parent)})
+        cli = build_phase(RFTModule, PhaseSettings(self.base.build_config), {"trainer.default_root_dir": str(path.parent)})
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         write_json_atomic(record, {"build_config": self.base.build_config, "sha256": digest})
         return self.base.policy
 
-    def _fit(self, cli, directory: Path) -> None:
+    @staticmethod
+    def grpo_overrides(theta: str, directory: Path, seed: int) -> dict:
+        return {"model.policy.model_name_or_path": theta, "trainer.default_root_dir": str(directory),
+                "seed_everything": seed}
+
+    def rft_overrides(self, theta: str, k: int, directory: Path, seed: int) -> dict:
+        return {"model.policy.model_name_or_path": theta, "trainer.default_root_dir": str(directory),
+                "data.init_args.paths": [str(self.layout.expert_set(k))], "seed_everything": seed}
+
+    def _fit(self, cli: PhaseCLI, directory: Path) -> None:
         trainer = cli.trainer
         trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, PassAtKEvaluation)]
         ensure_callback(trainer, ExportPolicy, ExportPolicy)
@@ -227,64 +226,47 @@ class RLoop:
         trainer.fit(cli.model, datamodule=cli.datamodule)
 
     def run_grpo(self, theta: str, directory: Path, seed: int) -> dict:
-        cli = build_phase(GRPOModule, self.grpo, {
-            "model.policy.model_name_or_path": theta, "trainer.default_root_dir": str(directory),
-            "seed_everything": seed})
+        cli = build_phase(GRPOModule, self.grpo, self.grpo_overrides(theta, directory, seed))
         ensure_callback(cli.trainer, ExpertHarvester, ExpertHarvester)
         self._fit(cli, directory)
         return {"policy": str(directory / "policy"), "steps": cli.model.rollout_step}
 
-    def build_experts(self, k: int, grpo_dir: Path, directory: Path) -> dict:
-        experts = grpo_dir / "experts"
+    def build_experts(self, k: int) -> dict:
         stats = PromptStats()
-        for path in sorted(experts.glob("prompt_stats.rank*.json")):
+        for path in self.layout.prompt_stats(k):
             stats.merge(PromptStats.from_dict(json.loads(path.read_text())))
-        shards = sorted(experts.glob("rank*/*.jsonl"))
+        shards = self.layout.harvest_shards(k)
         records, summary = build_expert_set(iter_records(shards) if shards else [], stats, self.expert_set)
         if self.expert_set.replay:
             for j in range(k):
-                earlier = self.run_dir / f"iter_{j:02d}" / "expert_set" / "experts.jsonl"
+                earlier = self.layout.expert_set(j)
                 if earlier.exists():
                     records.extend(iter_records(earlier))
             summary["size_with_replay"] = len(records)
-        write_jsonl_atomic(directory / "experts.jsonl", records)
-        write_json_atomic(directory / "summary.json", summary)
+        write_jsonl_atomic(self.layout.expert_set(k), records)
+        write_json_atomic(self.layout.expert_set_summary(k), summary)
         log.info("iteration %d expert set: %s", k, summary)
         return summary
 
     def run_rft(self, theta: str, k: int, directory: Path, seed: int) -> dict:
-        experts = self.run_dir / f"iter_{k:02d}" / "expert_set" / "experts.jsonl"
-        cli = build_phase(RFTModule, self.rft, {
-            "model.policy.model_name_or_path": theta, "trainer.default_root_dir": str(directory),
-            "data.init_args.paths": [str(experts)], "seed_everything": seed})
+        cli = build_phase(RFTModule, self.rft, self.rft_overrides(theta, k, directory, seed))
         self._fit(cli, directory)
         return {"policy": str(directory / "policy"), "started_from": theta}
 
-    def evaluate(self, policy_path: str, output: Path) -> dict:
-        policy = self._phase_policy().clone_settings(policy_path)
-        policy.load_model()
-        engine = self.eval_engine or HFGenerateEngine()
-        results = {}
-        for evaluator in self.evaluators:
-            torch.manual_seed(self.seed)  # the same sampling noise for every policy
-            result = evaluator.evaluate(policy, engine)
-            evaluator.close()
-            results[f"{result.task}/{result.split}"] = result.metrics
-        write_json_atomic(output, {"policy": policy_path, "metrics": results})
-        log.info("evaluation of %s: %s", policy_path, results)
-        return {"metrics": results}
-
-    def _phase_policy(self) -> Policy:
-        """The GRPO phase's (unloaded) policy: evaluation loads theta with its settings (dtype, quantisation,
-        templates)."""
-        cli = build_phase(GRPOModule, self.grpo, {"model.policy.model_name_or_path": self.base.policy})
-        return cli.model.policy
+    def evaluate(self, policy_path: str, phase: str) -> dict:
+        """Held-out metrics of the policy at ``policy_path`` (``evaluate_policy`` with the run's seed), loaded
+        with the GRPO phase's policy settings; written to the phase's ``eval.json``."""
+        policy = phase_policy(self.grpo, policy_path)
+        metrics = evaluate_policy(policy, self.evaluators, self.eval_engine, seed=self.seed)
+        write_json_atomic(self.layout.evaluation(phase), {"policy": policy_path, "metrics": metrics})
+        log.info("evaluation of %s: %s", policy_path, metrics)
+        return {"metrics": metrics}
 
     # ------------------------------------------------------------------ results
     def describe(self) -> dict:
-        return {"run_dir": str(self.run_dir), "base": asdict(self.base), "grpo": asdict(self.grpo),
+        return {"run_dir": str(self.layout.root), "base": asdict(self.base), "grpo": asdict(self.grpo),
                 "rft": asdict(self.rft), "iterations": self.iterations, "expert_set": asdict(self.expert_set),
                 "vanilla": self.vanilla, "rft_from": self.rft_from, "seed": self.seed}
 
     def results(self) -> dict:
-        return {name: info for name, info in self.manifest.data["completed"].items()}
+        return dict(self.manifest.data["completed"])

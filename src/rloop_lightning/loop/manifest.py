@@ -43,10 +43,11 @@ def config_differences(old: dict, new: dict) -> list[str]:
 
 
 class Manifest:
-    """``{run_dir}/manifest.json``: the config the run was started with and its completed phases."""
+    """A run's ``manifest.json`` (``RunLayout.manifest``): the config the run was started with and its
+    completed phases."""
 
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / "manifest.json"
+    def __init__(self, path: Path):
+        self.path = Path(path)
         self.data: dict = read_json(self.path) if self.path.exists() else {"config": None, "completed": {}}
 
     @property

@@ -12,27 +12,29 @@ import json
 from pathlib import Path
 from typing import Optional
 
-ITERATION_DIRS = "iter_*"
+from rloop_lightning.loop.layout import BASE_EVALUATION, RunLayout
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.open()] if path.exists() else []
 
 
 def load_run(run_dir: Path) -> dict:
     """Everything the report needs from a run directory, in iteration order."""
-    run = {"name": run_dir.name, "evals": [], "steps": [], "experts": []}
-    base_eval = run_dir / "eval" / "theta_0" / "eval.json"
-    if base_eval.exists():
-        run["evals"].append(("theta_0", json.loads(base_eval.read_text())["metrics"]))
+    layout = RunLayout(run_dir)
+    run = {"name": layout.root.name, "evals": [], "steps": [], "experts": []}
+    if layout.evaluation(BASE_EVALUATION).exists():
+        run["evals"].append(("theta_0", json.loads(layout.evaluation(BASE_EVALUATION).read_text())["metrics"]))
     offset = 0
-    for iteration in sorted(run_dir.glob(ITERATION_DIRS)):
-        k = int(iteration.name.split("_")[1])
-        rows = [json.loads(line) for line in (iteration / "grpo" / "metrics.jsonl").open()] \
-            if (iteration / "grpo" / "metrics.jsonl").exists() else []
+    for k in layout.iterations():
+        rows = read_jsonl(layout.metrics(layout.phase("grpo", k)))
         for index, row in enumerate(rows):
             run["steps"].append({"rl_step": offset + index, "iteration": k, **row})
         offset += len(rows)
-        evaluation = iteration / "eval" / "eval.json"
+        evaluation = layout.evaluation(layout.phase("eval", k))
         if evaluation.exists():
             run["evals"].append((f"theta_{k + 1}", json.loads(evaluation.read_text())["metrics"]))
-        summary = iteration / "expert_set" / "summary.json"
+        summary = layout.expert_set_summary(k)
         if summary.exists():
             run["experts"].append((k, json.loads(summary.read_text())))
     return run
@@ -205,9 +207,8 @@ def markdown(runs: list[dict], image: str) -> str:
 
 def write_report(run_dir: str | Path, baseline: Optional[str | Path] = None) -> Path:
     """Write ``{run_dir}/report.md`` and ``report.png``; include ``baseline`` runs for comparison."""
-    run_dir = Path(run_dir)
-    runs = [load_run(run_dir)] + ([load_run(Path(baseline))] if baseline else [])
-    plot(runs, run_dir / "report.png")
-    path = run_dir / "report.md"
-    path.write_text(markdown(runs, "report.png"))
-    return path
+    layout = RunLayout(run_dir)
+    runs = [load_run(layout.root)] + ([load_run(Path(baseline))] if baseline else [])
+    plot(runs, layout.report_image)
+    layout.report_markdown.write_text(markdown(runs, layout.report_image.name))
+    return layout.report_markdown

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from rloop_lightning.loop.layout import BASE_EVALUATION, RunLayout
+
 
 class WandbTracker:
     def __init__(self, project: str, config: dict, run_dir: Path):
@@ -28,12 +30,15 @@ class WandbTracker:
 
     def log_results(self, completed: dict[str, dict]) -> None:
         """Log evaluations and expert-set summaries of the manifest's completed phases, in order."""
-        evaluations = [(0, completed["eval/theta_0"])] if "eval/theta_0" in completed else []
+        evaluations = [(0, completed[BASE_EVALUATION])] if BASE_EVALUATION in completed else []
         for name, info in sorted(completed.items()):
-            if name.startswith("iter_") and name.endswith("/eval"):
-                evaluations.append((int(name[5:7]) + 1, info))
-            elif name.startswith("iter_") and name.endswith("/expert_set"):
-                self.run.log({"iteration": int(name[5:7]), "expert_set/size": info["size"],
+            k = RunLayout.iteration_of(name)
+            if k is None:
+                continue
+            if name == RunLayout.phase("eval", k):
+                evaluations.append((k + 1, info))
+            elif name == RunLayout.phase("expert_set", k):
+                self.run.log({"iteration": k, "expert_set/size": info["size"],
                               "expert_set/hard_share": info["hard_share"]})
         for theta, info in evaluations:
             flat = {f"eval/{split}/{metric}": value for split, metrics in info["metrics"].items()

@@ -1,0 +1,112 @@
+"""The loop's phases: a fresh Lightning Trainer, module and data module per phase, built from a YAML.
+
+A phase is the file that drives ``rloop grpo fit`` / ``rloop rft fit`` (``PhaseSettings.config``),
+its dotted ``overrides``, then the loop's own overrides on top (policy path, run directory, seed):
+
+    build_phase(GRPOModule, settings, {"model.policy.model_name_or_path": theta})   # ready to fit
+    parse_phase(GRPOModule, settings, overrides)                                     # validated, nothing built
+    phase_policy(settings, theta)                                                    # the phase's policy, unloaded
+
+``PhaseCLI`` is the LightningCLI of both the ``rloop grpo`` / ``rloop rft`` commands and the loop's
+phases; it refuses strategies this machine cannot run before anything is built.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+from jsonargparse import ArgumentParser, Namespace
+from lightning.pytorch.cli import ArgsType, LightningCLI
+
+from rloop_lightning.grpo import GRPOModule
+from rloop_lightning.policy import Policy
+from rloop_lightning.strategies import check_strategy
+
+
+@dataclass
+class PhaseSettings:
+    """A phase's YAML (as for ``rloop grpo fit`` / ``rloop rft fit``) and dotted overrides on top."""
+
+    config: str
+    """Path of the phase's YAML."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Dotted keys of that YAML and their values, e.g. ``{"trainer.max_steps": 40}``."""
+
+
+class PhaseCLI(LightningCLI):
+    """LightningCLI that refuses strategies this machine cannot run before anything is built.
+
+    ``instantiate=False`` parses and validates the configuration (``self.config``) and builds nothing.
+    """
+
+    def __init__(self, *args, instantiate: bool = True, **kwargs):
+        self.instantiate = instantiate
+        super().__init__(*args, **kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.get("trainer")
+        if trainer is not None:
+            strategy = class_path_or_value(trainer.get("strategy", "auto"))
+            check_strategy(trainer.get("accelerator", "auto"), strategy)
+            if self.model_class is GRPOModule and "fsdp" in str(strategy).lower():
+                raise NotImplementedError(
+                    "GRPO under FSDPStrategy (FSDP1) is not supported: its manual backward runs inside FSDP1's root "
+                    "forward, after which full weights cannot be gathered (vLLM sync, export). Use FSDP2 instead: "
+                    "--config configs/strategies/fsdp2.yaml (ModelParallelStrategy), or DDP with LoRA/QLoRA.")
+
+    def instantiate_classes(self) -> None:
+        if self.instantiate:
+            super().instantiate_classes()
+
+    def after_instantiate_classes(self) -> None:
+        if self.instantiate:
+            super().after_instantiate_classes()
+
+
+def class_path_or_value(value):
+    return getattr(value, "class_path", value) if value is not None else "auto"
+
+
+def phase_cli(module_class: type[L.LightningModule], args: ArgsType, run: bool = True,
+              instantiate: bool = True) -> PhaseCLI:
+    """The LightningCLI of a phase; ``run=False`` builds it without running a sub-command."""
+    # ``rloop`` strips its own sub-command and passes the rest as ``args``; that is intended
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    return PhaseCLI(
+        module_class, L.LightningDataModule, subclass_mode_data=True, args=args, run=run,
+        save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False, instantiate=instantiate,
+    )
+
+
+def override_args(overrides: dict[str, Any]) -> list[str]:
+    return [f"--{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in overrides.items()]
+
+
+def phase_args(settings: PhaseSettings, overrides: dict[str, Any]) -> list[str]:
+    return ["--config", settings.config, *override_args(settings.overrides), *override_args(overrides)]
+
+
+def build_phase(module_class: type[L.LightningModule], settings: PhaseSettings,
+                overrides: dict[str, Any]) -> PhaseCLI:
+    """Trainer, module and data module of one phase (not run): its YAML, its overrides, then ``overrides``."""
+    return phase_cli(module_class, phase_args(settings, overrides), run=False)
+
+
+def parse_phase(module_class: type[L.LightningModule], settings: PhaseSettings,
+                overrides: dict[str, Any]) -> Namespace:
+    """A phase's validated configuration, nothing instantiated: a typo or a bad value fails here."""
+    return phase_cli(module_class, phase_args(settings, overrides), run=False, instantiate=False).config
+
+
+def phase_policy(settings: PhaseSettings, model_name_or_path: str) -> Policy:
+    """The GRPO phase's policy reading ``model_name_or_path``, unloaded: held-out evaluation loads theta_k
+    with the settings it is trained with (dtype, quantisation, chat template)."""
+    config = parse_phase(GRPOModule, settings, {"model.policy.model_name_or_path": model_name_or_path})
+    parser = ArgumentParser()
+    parser.add_argument("--policy", type=Policy)
+    return parser.instantiate_classes(Namespace(policy=config.model.policy)).policy
