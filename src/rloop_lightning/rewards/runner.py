@@ -189,6 +189,11 @@ class RewardRunner:
                       if failure.startswith(("timed out", "never returned")) else "")
             if failure.startswith("returned"):
                 advice = "; a reward must be a finite number, or None where the function does not apply"
+            if failure.startswith(("raised TypeError", "raised IndexError")) and all(
+                    isinstance(c, str) for c in batch.completions):
+                advice = ("; completions are plain strings because the policy has no chat template, and "
+                          "functions that read completion[0]['content'] (TRL's accuracy_reward, "
+                          "think_format_reward, ...) need chat messages: use a policy with a chat template")
             raise RewardFunctionError(
                 f"reward function {name!r} failed the set-up check on {len(batch)} probe completions: "
                 f"it {failure}{advice}")
