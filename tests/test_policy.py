@@ -318,6 +318,31 @@ def test_lora_adapter_only_save_and_reload(lora_policy, tmp_path):
     # an adapter saved from a reloaded adapter still points at the original base
     again = reloaded.save(tmp_path / "again")
     assert json.loads((again / "adapter_config.json").read_text())["base_model_name_or_path"] == "rloop/micro-llama"
+    assert {path.name for path in again.iterdir()} == names  # the frozen reference copy is not saved
+
+
+def test_a_phase_started_from_an_adapter_checkpoint_keeps_that_checkpoint_as_reference(lora_policy, micro_policy,
+                                                                                         tmp_path):
+    """RLoop iteration k >= 1 starts from theta_k = base + adapter_k: the KL reference is theta_k, not the base."""
+    batch = lora_policy.encode_pairs(PROMPTS, COMPLETIONS)
+    train(lora_policy, batch, steps=2, lr=0.3)
+    checkpoint = logprobs_of(lora_policy, batch)  # theta_k
+    base = logprobs_of(micro_policy, batch)  # theta_0
+    assert (checkpoint - base).abs().max() > 1e-2
+    theta_k = lora_policy.save(tmp_path / "theta_k")
+
+    phase = Policy(str(theta_k), lora=LoraSettings(r=4, alpha=8))
+    phase.load_model()
+    trainable = {name for name, p in phase.named_parameters() if p.requires_grad}
+    assert trainable and all(".default." in name for name in trainable)  # the reference copy is frozen
+    torch.testing.assert_close(phase.reference_logprobs(batch), checkpoint, atol=1e-6, rtol=0)
+    torch.testing.assert_close(logprobs_of(phase, batch), checkpoint, atol=1e-6, rtol=0)  # starts at theta_k
+
+    train(phase, batch, steps=2, lr=0.3)
+    assert (logprobs_of(phase, batch) - checkpoint).abs().max() > 1e-2  # the policy moved ...
+    torch.testing.assert_close(phase.reference_logprobs(batch), checkpoint, atol=1e-6, rtol=0)  # ... its reference did not
+    assert {name for name, p in phase.named_parameters() if p.requires_grad} == trainable  # unchanged by reference()
+    assert phase.model.active_adapter == "default"
 
 
 def test_lora_merged_save_reloads_without_peft(lora_policy, tmp_path):
@@ -367,6 +392,9 @@ def test_qlora_on_cpu_trains_saves_and_reloads(tmp_path):
     reloaded.load_model()
     # measured bit-identical; the tolerance only allows for other CPUs' bitsandbytes kernels
     torch.testing.assert_close(logprobs_of(reloaded, batch), trained, atol=1e-3, rtol=0)
+    # a phase from this adapter keeps it as its KL reference: no re-quantised merge, the same 4-bit base
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.reference_logprobs(batch), trained, atol=1e-3, rtol=0)
 
 
 def test_qlora_gradients_survive_an_inference_pass():

@@ -4,8 +4,9 @@ It owns the three things every phase needs and should not re-implement:
 - turning a problem's prompt into model input (chat template when the tokenizer has one, a plain
   template otherwise) and (prompt, completion) pairs into a padded batch;
 - per-token log-probs and entropy of completion tokens;
-- the reference policy: under LoRA the same weights with adapters disabled (no second copy),
-  otherwise a frozen copy made on first use.
+- the reference policy, the weights the phase started from: under LoRA the base with adapters
+  disabled, or, when the policy was loaded from an adapter directory (theta_k of an RLoop
+  iteration), a frozen copy of that adapter; under full fine-tuning a frozen copy made on first use.
 
 Batches use the generation layout ``[left-padded prompt | right-padded completion]`` so that the
 completion occupies the same columns in every row and logits are computed for those columns only.
@@ -31,6 +32,7 @@ from rloop_lightning.strategies import forwards_in_lockstep
 log = logging.getLogger(__name__)
 
 DType = Literal["float32", "bfloat16", "float16", "auto"]
+REFERENCE_ADAPTER = "reference"  # the frozen copy of the adapter a policy was loaded from
 
 
 @dataclass
@@ -143,6 +145,21 @@ def keep_trainable_4bit_layout(model: nn.Module) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+@contextmanager
+def active_adapter(model: nn.Module, name: str) -> Iterator[None]:
+    """Run a peft model through adapter ``name``, then switch back; which parameters train is unchanged
+    (peft's ``set_adapter`` also toggles ``requires_grad``, so the flags are put back as they were)."""
+    trainable = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    previous = model.active_adapter
+    model.set_adapter(name, inference_mode=True)
+    try:
+        yield
+    finally:
+        model.set_adapter(previous)
+        for parameter, requires_grad in trainable:
+            parameter.requires_grad_(requires_grad)
 
 
 class Policy(nn.Module):
@@ -267,6 +284,8 @@ class Policy(nn.Module):
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, self.source, is_trainable=True)
+            # the weights loaded (theta_k = base + this adapter) are the KL reference: keep a frozen copy
+            model.load_adapter(self.source, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
         elif self.lora is not None:
             from peft import LoraConfig, get_peft_model
 
@@ -376,8 +395,20 @@ class Policy(nn.Module):
 
     @contextmanager
     def reference(self) -> Iterator[nn.Module]:
-        """The initial policy: adapters disabled under LoRA, else a frozen copy made on first use."""
+        """The policy as loaded (the weights the phase started from), frozen.
+
+        Under LoRA: the frozen copy of the loaded adapter when the policy came from an adapter
+        directory (theta_k = base + adapter_k), else the base with adapters disabled; under full
+        fine-tuning, a frozen copy made on first use. A frozen adapter rather than merging adapter_k
+        into the base: merging into a 4-bit base would re-quantise it (the reference and the starting
+        policy would no longer be theta_k), and the adapter trained on top would then belong to a
+        merged base that exists nowhere on disk; the copy costs one adapter's memory.
+        """
         model = self.require_model()
+        if self.is_peft and REFERENCE_ADAPTER in model.peft_config:
+            with active_adapter(model, REFERENCE_ADAPTER):
+                yield model
+            return
         if self.is_peft:
             with model.disable_adapter():
                 yield model
@@ -410,9 +441,11 @@ class Policy(nn.Module):
             if self.load_in_4bit:
                 raise ValueError("cannot merge LoRA into 4-bit weights; save the adapter (merged=False)")
             model = copy.deepcopy(model).merge_and_unload()
+        saving = {"state_dict": state_dict} if state_dict is not None else {}
         if self.is_peft and not merged:
             model.peft_config["default"].base_model_name_or_path = self._base_reference()
-        model.save_pretrained(directory, **({"state_dict": state_dict} if state_dict is not None else {}))
+            saving["selected_adapters"] = ["default"]  # not the frozen reference copy
+        model.save_pretrained(directory, **saving)
         self.tokenizer.save_pretrained(directory)
         (directory / "rloop_policy.json").write_text(json.dumps(self.describe(), indent=2))
         return directory

@@ -3,8 +3,9 @@
 Objective (per batch):  L = - sum_{i,t} m_it log pi(y_it | x_i, y_i<t) / sum_{i,t} m_it
                             + beta * mean_{i,t} KL_k3(pi || pi_ref)      (beta = ``kl_coef``, default 0)
 where m masks completion tokens (the prompt carries no loss) and pi_ref is the policy the phase
-started from. In RLoop this is the *exploit* step: starting again from theta_k, fit the expert
-set harvested during exploration. The same module warms up the tiny base on solver demonstrations.
+started from (``Policy.reference``: theta_k in RLoop iteration k, also under LoRA, where it is a
+frozen copy of theta_k's adapter). In RLoop this is the *exploit* step: starting again from
+theta_k, fit the expert set harvested during exploration. The same module warms up the tiny base on solver demonstrations.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class RFTModule(PolicyModule):
         optimizer: optimizer factory (``class_path`` in YAML).
         lr_scheduler: optional scheduler factory, stepped every optimizer step.
         max_length: cap on prompt + completion tokens (completions are truncated to fit).
-        kl_coef: weight of the k3 KL penalty to the initial policy; 0 disables it.
+        kl_coef: weight of the k3 KL penalty to the policy the phase started from; 0 disables it.
     """
 
     def __init__(
