@@ -82,7 +82,7 @@ def main(argv=None) -> str | None:
         harness.setup(args.threads)
         print(json.dumps(run_mode(args.child[0], args.child[1], args.steps, args.batch)))
         return None
-    started = time.perf_counter()
+    started = harness.setup(args.threads)  # the parent only builds the model; children measure
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = build_model_dir(Path(scratch) / "model", args.layers)
         child = ["--steps", str(args.steps), "--batch", str(args.batch), "--threads", str(args.threads)]
