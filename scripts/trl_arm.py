@@ -77,7 +77,7 @@ def run_seed(seed: int, settings: dict, out: Path) -> Path:
     from trl import GRPOTrainer
 
     from benchmarks.trl_reference import countdown_dataset, grpo_config
-    from rloop_lightning.data.records import write_json_atomic
+    from rloop_lightning.records import write_json_atomic
     from rloop_lightning.evaluation import evaluate_policy
     from rloop_lightning.loop.layout import RunLayout
     from rloop_lightning.policy import Policy

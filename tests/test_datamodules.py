@@ -14,7 +14,7 @@ import lightning as L
 import pytest
 
 from rloop_lightning.data.datamodules import DemonstrationDataModule, ExpertDataModule
-from rloop_lightning.data.records import RecordError
+from rloop_lightning.records import RecordError
 from rloop_lightning.tasks import Countdown
 from rloop_lightning.tasks.countdown import verify_expression
 

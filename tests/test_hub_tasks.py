@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rloop_lightning.data.records import RecordError
+from rloop_lightning.records import RecordError
 from rloop_lightning.tasks import GSM8K, MATH, DAPOMath
 from rloop_lightning.tasks.hub import DEFAULT_INSTRUCTION, strip_dapo_wrapper
 

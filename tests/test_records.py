@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rloop_lightning.data.records import (
+from rloop_lightning.records import (
     RecordError,
     expand_paths,
     iter_records,

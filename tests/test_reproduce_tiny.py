@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rloop_lightning.data.records import write_json_atomic
+from rloop_lightning.records import write_json_atomic
 from rloop_lightning.loop.layout import BASE_EVALUATION, RunLayout
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "reproduce_tiny.py"

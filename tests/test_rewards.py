@@ -12,7 +12,7 @@ import pytest
 
 from rloop_lightning.rewards import boxed_format, math_accuracy, think_answer_format
 from rloop_lightning.rewards.math import after_gsm8k_marker, normalize_answer
-from rloop_lightning.tasks.answers import last_boxed
+from rloop_lightning.rewards.answers import last_boxed
 
 GSM8K = Path(__file__).resolve().parent / "fixtures/gsm8k"  # 20 + 20 rows of GSM8K (MIT)
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts/check_gsm8k_golds.py"

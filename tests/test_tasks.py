@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rloop_lightning.tasks import Countdown, MultiStepArithmetic, Task
-from rloop_lightning.tasks.answers import after_marker, final_integer, last_boxed, last_tagged
+from rloop_lightning.rewards.answers import after_marker, final_integer, last_boxed, last_tagged
 from rloop_lightning.tasks.arithmetic import evaluate, write_solution
 from rloop_lightning.tasks.countdown import extract_expression, problem_key, solve, verify_expression
 

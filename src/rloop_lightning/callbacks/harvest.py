@@ -13,7 +13,7 @@ from typing import Optional
 
 import lightning as L
 
-from rloop_lightning.data.records import write_json_atomic, write_jsonl_atomic
+from rloop_lightning.records import write_json_atomic, write_jsonl_atomic
 
 EXPERT_FIELDS = ("prompt_id", "prompt", "completion", "answer", "step", "reward", "logprob", "num_tokens")
 

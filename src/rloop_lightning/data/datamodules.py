@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from rloop_lightning.data.records import expand_paths, read_records
+from rloop_lightning.records import expand_paths, read_records
 from rloop_lightning.tasks.base import Split, Task
 
 RECORD_FIELDS = ("prompt", "completion")

@@ -30,7 +30,7 @@ import lightning as L
 
 from rloop_lightning.callbacks import ExpertHarvester, ExportPolicy, PassAtKEvaluation
 from rloop_lightning.callbacks.metrics import MetricsRecorder
-from rloop_lightning.data.records import iter_records, write_json_atomic, write_jsonl_atomic
+from rloop_lightning.records import iter_records, write_json_atomic, write_jsonl_atomic
 from rloop_lightning.evaluation import Evaluator, evaluate_policy
 from rloop_lightning.grpo import GRPOModule
 from rloop_lightning.loop.expert_set import ExpertSetSettings, build_expert_set

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rloop_lightning.data.records import write_json_atomic
+from rloop_lightning.records import write_json_atomic
 
 
 def read_json(path: Path) -> Any:

@@ -25,7 +25,7 @@ import threading
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
 from rloop_lightning.rewards.inputs import completion_text
-from rloop_lightning.tasks.answers import last_boxed
+from rloop_lightning.rewards.answers import last_boxed
 
 MATH_VERIFY_TIMEOUT_S = 5
 """Seconds math-verify may spend per parse/compare when it is allowed to arm its own alarm."""

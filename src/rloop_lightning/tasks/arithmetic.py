@@ -16,7 +16,7 @@ import operator
 import random
 
 from rloop_lightning.rewards.inputs import completion_text
-from rloop_lightning.tasks.answers import final_integer
+from rloop_lightning.rewards.answers import final_integer
 from rloop_lightning.tasks.base import GeneratedTask
 
 _APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul}

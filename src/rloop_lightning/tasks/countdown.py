@@ -29,7 +29,7 @@ from fractions import Fraction
 from functools import lru_cache
 
 from rloop_lightning.rewards.inputs import completion_text
-from rloop_lightning.tasks.answers import last_tagged
+from rloop_lightning.rewards.answers import last_tagged
 from rloop_lightning.tasks.base import GeneratedTask
 
 MAX_EXPRESSION_CHARS = 200

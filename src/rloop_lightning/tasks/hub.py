@@ -17,8 +17,8 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from rloop_lightning.data.records import RecordError, expand_paths, iter_records
-from rloop_lightning.tasks.answers import after_marker, last_boxed
+from rloop_lightning.records import RecordError, expand_paths, iter_records
+from rloop_lightning.rewards.answers import after_marker, last_boxed
 from rloop_lightning.tasks.base import Split, Task
 
 DEFAULT_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
