@@ -11,7 +11,7 @@ steps per run. The check that TRL tokenises prompts into the same ids as our ``P
 run if not.
 
     python -m benchmarks.grpo_step            # 8x8 16x8 16x16 16x8+160, 3 rounds (~5-7 min on 2 cores)
-    python -m benchmarks.grpo_step --quick    # 8x8, 1 round of 3 steps (< 1 min)
+    python -m benchmarks.grpo_step --quick    # 8x8, 1 round of 3 steps (~1 min)
     python -m benchmarks.grpo_step --no-trl   # without TRL (its rows read n/a)
 """
 
