@@ -3,6 +3,7 @@ import torch
 
 from rloop_lightning.algorithms.sampling import (
     DynamicSamplingBuffer,
+    dynamic_sampling_signal,
     overlong_mask,
     select_informative_groups,
     soft_overlong_penalty,
@@ -78,3 +79,50 @@ def test_soft_overlong_penalty_validates_buffer():
         soft_overlong_penalty(torch.tensor([1]), 20, 0)
     with pytest.raises(ValueError):
         soft_overlong_penalty(torch.tensor([1]), 20, 21)
+
+
+def test_dynamic_sampling_filters_on_accuracy_not_on_shaping_terms():
+    """4 groups of 4: rewards = accuracy (0/1) + 0.1 format bonus + soft overlong penalty (<= 0)."""
+    correct = torch.tensor([[True, True, True, True],  # A: all right; one overlong (-0.25)
+                            [True, False, False, False],  # B: one right
+                            [False, False, False, False],  # C: all wrong, two with the format bonus
+                            [False, False, False, False]])  # D: all wrong, all alike
+    rewards = torch.tensor([[1.1, 1.1, 0.85, 1.1],
+                            [1.1, 0.1, 0.1, 0.0],
+                            [0.1, 0.0, 0.1, 0.0],
+                            [0.0, 0.0, 0.0, 0.0]])
+    accuracy = dynamic_sampling_signal(rewards, correct)  # the default
+    assert accuracy.tolist() == correct.float().tolist()
+    assert select_informative_groups(accuracy).tolist() == [1]  # DAPO: only B has 0 < #correct < G
+    assert torch.equal(dynamic_sampling_signal(rewards, correct, "reward"), rewards)
+    assert select_informative_groups(dynamic_sampling_signal(rewards, correct, "reward")).tolist() == [0, 1, 2]
+
+    buffer = DynamicSamplingBuffer(target_groups=2, max_rounds=1)
+    buffer.add(["A", "B", "C", "D"], accuracy)
+    assert buffer.take().groups == ["B"]
+
+
+def test_dynamic_sampling_signal_errors():
+    with pytest.raises(ValueError, match="unknown dynamic sampling signal 'format'"):
+        dynamic_sampling_signal(torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.bool), "format")
+    with pytest.raises(ValueError, match="differ in shape"):
+        dynamic_sampling_signal(torch.zeros(1, 2), torch.zeros(2, 2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("signal", ["accuracy", "reward"])
+def test_grpo_filters_on_the_configured_signal(signal):
+    from rloop_lightning.grpo.groups import Group
+    from rloop_lightning.grpo.module import GRPOModule
+    from rloop_lightning.policy import Policy
+
+    def group(rewards, correct):
+        return Group(problem={}, prompt_ids=[], completion_ids=[[], []], completions=["", ""],
+                     sampler_logprobs=[[], []], truncated=[False, True], rewards=torch.tensor(rewards),
+                     correct=torch.tensor(correct))
+
+    module = GRPOModule(Policy("rloop/micro-llama"), num_generations=2, dynamic_sampling=True,
+                        dynamic_sampling_signal=signal)
+    overlong_only = group([1.0, 0.5], [True, True])  # both right, one penalised for length
+    values = module._filter_values([overlong_only, group([1.0, 0.0], [True, False])])
+    expected = [[1.0, 1.0], [1.0, 0.0]] if signal == "accuracy" else [[1.0, 0.5], [1.0, 0.0]]
+    assert values.tolist() == expected

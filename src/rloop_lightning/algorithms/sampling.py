@@ -11,6 +11,11 @@ informative groups; ``DynamicSamplingBuffer`` does the bookkeeping for that loop
         buffer.add(groups, rewards)
     sample = buffer.take()  # sample.groups (<= target_groups), sample.rewards [K, G]
 
+What "the same reward" means is ``DynamicSamplingSignal``: ``accuracy`` (default, as DAPO) compares
+the verifier's verdicts, so a group that is all correct (or all wrong) is dropped even when format
+rewards or the soft overlong penalty make its total rewards differ; ``reward`` compares the total
+reward, shaping terms included.
+
 Departures from DAPO: after ``max_rounds`` rounds the step goes on with the informative groups
 found so far (fewer than ``target_groups``, possibly none: the caller should then skip the step)
 instead of raising; surplus groups beyond ``target_groups`` are dropped, not carried to the next
@@ -29,12 +34,29 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Callable, Generic, Literal, TypeVar
 
 import torch
 from torch import Tensor
 
+from rloop_lightning.algorithms.registry import pick
+
 GroupT = TypeVar("GroupT")
+DynamicSamplingSignal = Literal["accuracy", "reward"]
+
+_SIGNALS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "accuracy": lambda rewards, correct: correct.float(),
+    "reward": lambda rewards, correct: rewards.float(),
+}
+
+
+def dynamic_sampling_signal(rewards: Tensor, correct: Tensor,  # [B, G] float, [B, G] bool
+                            signal: DynamicSamplingSignal = "accuracy") -> Tensor:  # [B, G] float
+    """The per-completion values whose spread makes a group informative: the verdicts (1.0 correct,
+    0.0 not) for ``accuracy``, the total rewards for ``reward``."""
+    if rewards.shape != correct.shape:
+        raise ValueError(f"rewards {tuple(rewards.shape)} and correct {tuple(correct.shape)} differ in shape")
+    return pick(_SIGNALS, signal, "dynamic sampling signal")(rewards, correct)
 
 
 def zero_variance_groups(rewards: Tensor, atol: float = 1e-6) -> Tensor:  # [B, G] -> bool [B]

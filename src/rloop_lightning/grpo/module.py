@@ -26,8 +26,8 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from rloop_lightning.algorithms import (
-    AdvantageEstimator, DynamicSamplingBuffer, KLEstimator, LossAggregation, RatioLevel, clipped_policy_loss,
-    group_advantages, kl_penalty, micro_batch_weight, overlong_mask, soft_overlong_penalty,
+    AdvantageEstimator, DynamicSamplingBuffer, DynamicSamplingSignal, KLEstimator, LossAggregation, RatioLevel,
+    clipped_policy_loss, dynamic_sampling_signal, group_advantages, kl_penalty, micro_batch_weight, overlong_mask, soft_overlong_penalty,
 )
 from rloop_lightning.algorithms.importance import (
     ImportanceLevel, ImportanceMode, pad_logprobs, truncated_importance_weights,
@@ -93,6 +93,8 @@ class GRPOModule(PolicyModule):
         overlong: handling of truncated completions.
         importance: sampler/trainer log-prob mismatch correction (on by default with vLLM).
         dynamic_sampling: keep only groups whose rewards differ, refilling from the datamodule.
+        dynamic_sampling_signal: what must differ within a group: ``accuracy`` (the verdicts, as DAPO;
+            format rewards and the overlong penalty do not count) or the total ``reward``.
         max_sampling_rounds: cap on sampling rounds per step under dynamic sampling.
         num_iterations: mu, passes over each rollout batch.
         num_mini_batches: optimizer steps per pass.
@@ -124,6 +126,7 @@ class GRPOModule(PolicyModule):
         overlong: Optional[OverlongSettings] = None,
         importance: Optional[ImportanceSettings] = None,
         dynamic_sampling: bool = False,
+        dynamic_sampling_signal: DynamicSamplingSignal = "accuracy",
         max_sampling_rounds: int = 3,
         num_iterations: int = 1,
         num_mini_batches: int = 1,
@@ -160,6 +163,7 @@ class GRPOModule(PolicyModule):
         self.overlong = overlong or OverlongSettings()
         self.importance = importance or ImportanceSettings()
         self.dynamic_sampling = dynamic_sampling
+        self.dynamic_sampling_signal = dynamic_sampling_signal
         self.max_sampling_rounds = max_sampling_rounds
         self.num_iterations = num_iterations
         self.num_mini_batches = num_mini_batches
@@ -226,6 +230,11 @@ class GRPOModule(PolicyModule):
                     lengths, self.sampling.max_new_tokens, self.overlong.buffer_length, self.overlong.penalty_factor)
         return groups
 
+    def _filter_values(self, groups: list[Group]) -> torch.Tensor:  # [B, G]
+        """What dynamic sampling compares within each group (``dynamic_sampling_signal``)."""
+        rewards, correct = torch.stack([g.rewards for g in groups]), torch.stack([g.correct for g in groups])
+        return dynamic_sampling_signal(rewards, correct, self.dynamic_sampling_signal)
+
     def sample_groups(self, problems: list[dict]) -> tuple[list[Group], list[Group]]:
         """(groups to train on, every group sampled). Dynamic sampling refills dropped groups."""
         groups = self._sample(problems)
@@ -233,11 +242,11 @@ class GRPOModule(PolicyModule):
             return groups, groups
         buffer = DynamicSamplingBuffer(target_groups=len(problems), max_rounds=self.max_sampling_rounds)
         sampled = list(groups)
-        buffer.add(groups, torch.stack([g.rewards for g in groups]))
+        buffer.add(groups, self._filter_values(groups))
         while buffer.needs_more:
             groups = self._sample(self.trainer.datamodule.refill(len(problems) - buffer.num_groups))
             sampled.extend(groups)
-            buffer.add(groups, torch.stack([g.rewards for g in groups]))
+            buffer.add(groups, self._filter_values(groups))
         informative = buffer.take().groups
         if self.trainer.world_size > 1 and len(informative) < len(problems):
             # equal batch shapes on every rank (DDP): pad with zero-advantage groups, which add no gradient
