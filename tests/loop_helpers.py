@@ -11,12 +11,22 @@ import time
 
 import lightning as L
 
+from rloop_lightning.tasks import Countdown
+
 STEP_DELAY_ENV = "RLOOP_TEST_STEP_DELAY"
 
 
 def has_digit(prompts: list[str], completions: list[str], **columns) -> list[float]:
     """1.0 when the completion contains a digit, else 0.0: a reward a random micro model often earns."""
     return [1.0 if any(character.isdigit() for character in completion) else 0.0 for completion in completions]
+
+
+class DigitCountdown(Countdown):
+    """Countdown problems scored by ``has_digit``: a random micro model's held-out numbers then vary
+    with the sampling noise, so two evaluations agree only if they sample alike."""
+
+    def reward(self, prompts: list[str], completions: list[str], **columns) -> list[float]:
+        return has_digit(prompts, completions)
 
 
 class StepDelay(L.Callback):

@@ -31,6 +31,7 @@ TESTS = Path(__file__).resolve().parent
 COMPLETIONS_PER_STEP = 4 * 4  # prompts per step x G
 MICRO_COUNTDOWN = {"class_path": "rloop_lightning.tasks.Countdown",
                    "init_args": {"num_train": 64, "num_test": 8, "num_ood": 8}}
+DIGIT_COUNTDOWN = {**MICRO_COUNTDOWN, "class_path": "loop_helpers.DigitCountdown"}
 QUIET_TRAINER = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
 STEP_DELAY = {"class_path": "loop_helpers.StepDelay"}
 
@@ -78,8 +79,9 @@ def write_loop_config(directory: Path, run_dir: Path, digit_reward: bool = True)
     loop["rft"] = {"config": str(rft), "overrides": {"trainer.max_epochs": 1}}
     loop["expert_set"] = {"filter": "success_rate", "hard_threshold": 0.5, "dedup": True, "max_per_prompt": 4,
                           "replay": False}  # pinned: the tests below count on these, not on shipped defaults
-    loop["evaluators"] = [{"task": MICRO_COUNTDOWN, "split": "test", "num_samples": 4, "ks": [1, 4], "limit": 4,
-                           "sampling": {"temperature": 1.0, "max_new_tokens": 8}}]
+    evaluator = {"task": DIGIT_COUNTDOWN, "num_samples": 4, "ks": [1, 4], "limit": 4,
+                 "sampling": {"temperature": 1.0, "max_new_tokens": 8}}
+    loop["evaluators"] = [{**evaluator, "split": "test"}, {**evaluator, "split": "ood", "greedy": False}]
     path = directory / "loop.yaml"
     path.write_text(yaml.safe_dump(loop))
     return path
@@ -187,6 +189,21 @@ def test_a_changed_config_is_refused_naming_the_field(loop_run):
     assert "expert_set.max_per_prompt: 4 -> 2" in str(error.value)
     assert "iterations" not in str(error.value)
     assert manifest(run_dir) == manifest_before
+
+
+def test_rloop_eval_reports_the_loops_numbers(loop_run, tmp_path):
+    """``rloop eval`` with the loop's evaluators and seed gives the numbers the loop wrote, for theta_0
+    and theta_1, and for the second evaluator as well as the first."""
+    config, run_dir = loop_run
+    loop = yaml.safe_load(config.read_text())
+    for phase, policy in (("eval/theta_0", "rloop/micro-llama"), ("iter_00/eval", str(run_dir / "iter_00/rft/policy"))):
+        output = tmp_path / "eval.json"
+        cli_main(["eval", "--policy.model_name_or_path", policy, "--evaluators", json.dumps(loop["evaluators"]),
+                  "--seed", str(loop["seed"]), "--output", str(output)])
+        written = json.loads((run_dir / phase / "eval.json").read_text())["metrics"]
+        assert set(written) == {"countdown/test", "countdown/ood"}
+        assert 0 < written["countdown/ood"]["avg@4"] < 1  # noise-dependent: only equal sampling agrees
+        assert json.loads(output.read_text()) == written
 
 
 # ---------------------------------------------------------------------------- variants

@@ -1,7 +1,8 @@
-"""Lightning callbacks: policy export, expert harvesting and periodic pass@k evaluation."""
+"""Lightning callbacks: policy export, expert harvesting, periodic pass@k evaluation, metrics recording."""
 
-from rloop_lightning.callbacks.evaluation import PassAtKEvaluation
 from rloop_lightning.callbacks.export import ExportPolicy
 from rloop_lightning.callbacks.harvest import ExpertHarvester
+from rloop_lightning.callbacks.pass_at_k import PassAtKEvaluation
+from rloop_lightning.callbacks.recorder import MetricsRecorder
 
-__all__ = ["ExpertHarvester", "ExportPolicy", "PassAtKEvaluation"]
+__all__ = ["ExpertHarvester", "ExportPolicy", "MetricsRecorder", "PassAtKEvaluation"]

@@ -28,8 +28,7 @@ from typing import Literal, Optional
 
 import lightning as L
 
-from rloop_lightning.callbacks import ExpertHarvester, ExportPolicy, PassAtKEvaluation
-from rloop_lightning.callbacks.metrics import MetricsRecorder
+from rloop_lightning.callbacks import ExpertHarvester, ExportPolicy, MetricsRecorder, PassAtKEvaluation
 from rloop_lightning.records import iter_records, write_json_atomic, write_jsonl_atomic
 from rloop_lightning.evaluation import Evaluator, evaluate_policy
 from rloop_lightning.grpo import GRPOModule
