@@ -173,13 +173,19 @@ class RLoop:
         """Run ``work(directory)`` unless the manifest says ``name`` is done; mark it done after."""
         if self.manifest.done(name):
             return
-        directory = self.layout.directory(name)
-        if directory.exists():  # left by a crash mid-phase: redo it from scratch with the same seed
-            shutil.rmtree(directory)
-        directory.mkdir(parents=True)
+        directory = self.prepare_directory(name)
         started = time.perf_counter()
         info = work(directory) or {}
         self.manifest.mark_done(name, {**info, "seconds": round(time.perf_counter() - started, 2)})
+
+    def prepare_directory(self, name: str) -> Path:
+        """The phase's directory, empty: one left by a crash mid-phase is wiped, and the phase redone from
+        scratch with the same seed."""
+        directory = self.layout.directory(name)
+        if directory.exists():
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True)
+        return directory
 
     # ------------------------------------------------------------------ phases
     def build_base(self) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 import lightning as L
 from jsonargparse import ArgumentParser, Namespace
@@ -27,13 +27,18 @@ from rloop_lightning.policy import Policy
 from rloop_lightning.strategies import check_strategy
 
 
+# Plain data: a class_path dict (``trainer.strategy: {class_path: ...}``) stays a dict, handed to the
+# phase's own parser as written; typed ``Any`` it would be parsed (and instantiated) by the loop's parser.
+OverrideValue = Union[bool, int, float, str, list, dict, None]
+
+
 @dataclass
 class PhaseSettings:
     """A phase's YAML (as for ``rloop grpo fit`` / ``rloop rft fit``) and dotted overrides on top."""
 
     config: str
     """Path of the phase's YAML."""
-    overrides: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, OverrideValue] = field(default_factory=dict)
     """Dotted keys of that YAML and their values, e.g. ``{"trainer.max_steps": 40}``."""
 
 
