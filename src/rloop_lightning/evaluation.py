@@ -16,6 +16,7 @@ import torch
 
 from rloop_lightning.algorithms.metrics import avg_at_n, mean_pass_at_k
 from rloop_lightning.policy import Policy
+from rloop_lightning.rewards.inputs import chat_format
 from rloop_lightning.rewards.runner import RewardRunner
 from rloop_lightning.rollout.base import RolloutEngine, SamplingParams
 from rloop_lightning.rollout.hf import HFGenerateEngine
@@ -82,7 +83,8 @@ class Evaluator:
                         sampling: SamplingParams) -> list[int]:
         problems = self.problems
         rollouts = engine.generate(policy, [p["prompt"] for p in problems], samples, sampling)
-        rewards = self.runner.score_problems(problems, rollouts.prompt_index, rollouts.completions).rewards
+        rewards = self.runner.score_problems(problems, rollouts.prompt_index, rollouts.completions,
+                                             rollouts.completion_ids, chat_format(policy)).rewards
         counts = [0] * len(problems)
         for index, reward in zip(rollouts.prompt_index, rewards.tolist()):
             counts[index] += reward >= self.correct_threshold - 1e-6

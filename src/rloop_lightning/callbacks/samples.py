@@ -7,9 +7,13 @@ keep it when switching loggers. Rank 0 logs its own rank's samples.
 
 from __future__ import annotations
 
+import json
+
 import lightning as L
 
-COLUMNS = ["step", "prompt_id", "prompt", "completion", "reward", "correct", "num_tokens", "truncated"]
+# reward_columns: what reward functions passed to ``log_extra`` for the completion (TRL's extra columns)
+COLUMNS = ["step", "prompt_id", "prompt", "completion", "reward", "correct", "num_tokens", "truncated",
+           "reward_columns"]
 
 
 def pick_rows(records: list[dict], count: int, max_chars: int) -> list[list]:
@@ -17,7 +21,8 @@ def pick_rows(records: list[dict], count: int, max_chars: int) -> list[list]:
     stride = max(1, len(records) // max(count, 1))
     chosen = records[::stride][:count]
     return [[r["step"], r["prompt_id"], r["prompt"][:max_chars], r["completion"][:max_chars], float(r["reward"]),
-             bool(r["correct"]), int(r["num_tokens"]), bool(r["truncated"])] for r in chosen]
+             bool(r["correct"]), int(r["num_tokens"]), bool(r["truncated"]), json.dumps(r.get("reward_columns", {}))]
+            for r in chosen]
 
 
 class SampleCompletionsTable(L.Callback):
