@@ -127,3 +127,19 @@ def test_write_jsonl_atomic_keeps_the_old_file_when_writing_fails(tmp_path):
         write_jsonl_atomic(path, failing())
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["records.jsonl"]  # the half-written file is removed
+
+
+def test_a_byte_that_is_not_utf8_names_file_line_and_byte(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps(RECORDS[0]).encode() + b"\n\n" + '{"prompt": "caf\u00e9"}\n'.encode("latin-1"))
+    records = iter_records(path)
+    assert next(records) == RECORDS[0]
+    with pytest.raises(RecordError) as error:
+        next(records)
+    assert str(error.value).startswith(f"{path}:3: not UTF-8 text (byte 0xe9 at column 16)")
+
+
+def test_windows_line_ends_and_a_byte_order_mark_are_read(tmp_path):
+    path = tmp_path / "windows.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(json.dumps(r).encode() for r in RECORDS[:2]) + b"\r\n")
+    assert read_records(path, ("prompt",)) == RECORDS[:2]

@@ -47,10 +47,23 @@ def _check_fields(record: object, required: Iterable[str], where: str) -> dict:
     return record
 
 
+def decode_line(raw: bytes, where: str) -> str:
+    """A line of a record file as text; ``RecordError`` naming the line and the byte when it is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RecordError(
+            f"{where}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1}); "
+            "record files must be UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+
+
 def iter_jsonl(path: Path, required: Iterable[str] = ()) -> Iterator[dict]:
     required = tuple(required)
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            if line_number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark
+            line = decode_line(raw, f"{path}:{line_number}")
             if not line.strip():
                 continue
             try:

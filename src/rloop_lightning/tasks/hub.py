@@ -51,7 +51,7 @@ def _is_local(source: str) -> bool:
 
 def _jsonl_line(path: Path, record_index: int) -> int:
     """The 1-based line of the ``record_index``-th record of a jsonl file (blank lines are skipped)."""
-    with open(path, encoding="utf-8") as handle:
+    with open(path, "rb") as handle:  # bytes: a bad byte further down is reported when it is read, not here
         lines = [number for number, line in enumerate(handle, start=1) if line.strip()]
     return lines[record_index]
 
