@@ -5,7 +5,7 @@
     rloop eval --config configs/eval/tiny_countdown.yaml --policy.model_name_or_path runs/interpolated/a0.7 --seed 0
 
 The output directory is A's (config, tokenizer, policy settings) with interpolated safetensors
-weights. Used for the weight-interpolation study in docs/results_notes.md (session 3).
+weights. Used for the weight-interpolation study in docs/results.md ("Weight interpolation").
 """
 
 from __future__ import annotations

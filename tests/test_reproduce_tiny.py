@@ -88,3 +88,15 @@ def test_command_line_prints_the_tables_under_the_command_that_made_them(script,
                          "| rloop | 2 | 0.310 ± 0.014 | 0.850 ± 0.071 |", "| grpo | 1 | 0.400 | 0.700 |", ""]
     with pytest.raises(SystemExit, match="no run directory matches"):
         script.main(["--arm", f"missing={study}/nothing_*"])
+
+
+def test_results_page_keeps_its_prose_and_replaces_only_the_config_block(script, tmp_path):
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n\nProse.\n\n<!-- reproduce_tiny: tiny_cpu -->\nold table\n"
+                   "<!-- end reproduce_tiny: tiny_cpu -->\n\nMore prose.\n")
+    script.write_results(doc, "tiny_cpu", "new table")
+    script.write_results(doc, "tiny_cpu_arithmetic", "arithmetic table")
+    assert doc.read_text() == (
+        "# Results\n\nProse.\n\n<!-- reproduce_tiny: tiny_cpu -->\nnew table\n"
+        "<!-- end reproduce_tiny: tiny_cpu -->\n\nMore prose.\n\n"
+        "<!-- reproduce_tiny: tiny_cpu_arithmetic -->\narithmetic table\n<!-- end reproduce_tiny: tiny_cpu_arithmetic -->\n")
