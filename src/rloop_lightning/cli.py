@@ -7,7 +7,7 @@
     rloop eval --config configs/eval/tiny_countdown.yaml         # avg@n, pass@k, greedy accuracy
 
 Every command accepts ``--config`` (repeatable, later files override), dotted overrides
-(``--trainer.max_steps 10``) and ``--print_config``.
+(``--trainer.max_steps 10``) and ``--print_config``; options are spelled in full (no abbreviations).
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ from rloop_lightning.rollout.base import RolloutEngine
 
 def rft(args: ArgsType = None) -> LightningCLI:
     """``rloop rft {fit,validate,...}``: fine-tune on (prompt, completion) records."""
-    return phase_cli(RFTModule, args)
+    return phase_cli(RFTModule, args, prog="rloop rft")
 
 
 def grpo(args: ArgsType = None) -> LightningCLI:
     """``rloop grpo {fit,...}``: plain GRPO/DAPO from a policy on a task's prompts."""
-    return phase_cli(GRPOModule, args)
+    return phase_cli(GRPOModule, args, prog="rloop grpo")
 
 
 def evaluate(policy: Policy, evaluators: list[Evaluator], engine: Optional[RolloutEngine] = None,
@@ -67,12 +67,12 @@ def evaluate(policy: Policy, evaluators: list[Evaluator], engine: Optional[Rollo
 
 
 def eval_command(args: ArgsType = None) -> dict:
-    return CLI(evaluate, args=args, as_positional=False)
+    return CLI(evaluate, args=args, as_positional=False, prog="rloop eval", allow_abbrev=False)
 
 
 def fit_parser():
     """The ``rloop fit`` parser: every ``RLoop`` argument, YAML configs and dotted overrides."""
-    parser = ArgumentParser(prog="rloop fit", description=RLoop.__doc__.strip().splitlines()[0])
+    parser = ArgumentParser(prog="rloop fit", description=RLoop.__doc__.strip().splitlines()[0], allow_abbrev=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config (repeatable; later wins)")
     parser.add_class_arguments(RLoop, None, fail_untyped=True)
     return parser
@@ -107,7 +107,7 @@ def report_command(args: ArgsType = None):
         print(path)
         return str(path)
 
-    return CLI(report, args=args)
+    return CLI(report, args=args, prog="rloop report", allow_abbrev=False)
 
 
 COMMANDS: dict[str, Callable] = {"fit": fit_command, "report": report_command, "rft": rft, "grpo": grpo,

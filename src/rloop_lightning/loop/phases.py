@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import lightning as L
-from jsonargparse import ArgumentParser, Namespace
+from jsonargparse import ArgumentError, ArgumentParser, Namespace
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from rloop_lightning.grpo import GRPOModule
@@ -78,13 +78,22 @@ def class_path_or_value(value):
 
 
 def phase_cli(module_class: type[L.LightningModule], args: ArgsType, run: bool = True,
-              instantiate: bool = True) -> PhaseCLI:
-    """The LightningCLI of a phase; ``run=False`` builds it without running a sub-command."""
+              instantiate: bool = True, prog: Optional[str] = None, exit_on_error: bool = True) -> PhaseCLI:
+    """The LightningCLI of a phase; ``run=False`` builds it without running a sub-command. ``prog`` is the
+    command in usage and help tips (``rloop grpo``); options are never abbreviated (``--trainer.max_step``
+    is an error, not ``--trainer.max_steps``); with ``exit_on_error=False`` a bad argument raises
+    ``ArgumentError`` instead of printing the usage and exiting."""
     # ``rloop`` strips its own sub-command and passes the rest as ``args``; that is intended
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    parser_kwargs: dict[str, Any] = {"allow_abbrev": False, "exit_on_error": exit_on_error}
+    if run:
+        parser_kwargs.update({subcommand: {"allow_abbrev": False} for subcommand in LightningCLI.subcommands()})
+    if prog:
+        parser_kwargs["prog"] = prog
     return PhaseCLI(
         module_class, L.LightningDataModule, subclass_mode_data=True, args=args, run=run,
         save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False, instantiate=instantiate,
+        parser_kwargs=parser_kwargs,
     )
 
 
@@ -104,8 +113,14 @@ def build_phase(module_class: type[L.LightningModule], settings: PhaseSettings,
 
 def parse_phase(module_class: type[L.LightningModule], settings: PhaseSettings,
                 overrides: dict[str, Any]) -> Namespace:
-    """A phase's validated configuration, nothing instantiated: a typo or a bad value fails here."""
-    return phase_cli(module_class, phase_args(settings, overrides), run=False, instantiate=False).config
+    """A phase's validated configuration, nothing instantiated: a typo or a bad value fails here, with a
+    ``ValueError`` naming the phase's YAML."""
+    try:
+        return phase_cli(module_class, phase_args(settings, overrides), run=False, instantiate=False,
+                         exit_on_error=False).config
+    except ArgumentError as error:
+        raise ValueError(f"phase config {settings.config} (with its overrides {settings.overrides} and the "
+                         f"loop's): {error}") from None
 
 
 def phase_policy(settings: PhaseSettings, model_name_or_path: str) -> Policy:
