@@ -80,8 +80,9 @@ def build_model(spec: TinyModelSpec, vocab_size: int, pad_token_id: int, bos_tok
         tie_word_embeddings=True, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
     )
-    torch.manual_seed(spec.seed)
-    return model_class(config)
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
+        torch.manual_seed(spec.seed)
+        return model_class(config)
 
 
 def materialize(name: str, directory: str | os.PathLike | None = None) -> Path:

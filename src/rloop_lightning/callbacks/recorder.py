@@ -10,10 +10,21 @@ import torch
 
 
 class MetricsRecorder(L.Callback):
-    """Append ``{"step": ..., metric: value, ...}`` per training batch to ``path`` (rank zero only)."""
+    """Append ``{"step": ..., metric: value, ...}`` per training batch to ``path`` (rank zero only).
+
+    A checkpoint records the file's length; resuming from it cuts off the rows written after it.
+    """
 
     def __init__(self, path: str):
         self.path = Path(path)
+
+    def state_dict(self) -> dict:
+        return {"bytes": self.path.stat().st_size if self.path.exists() else 0}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self.path.exists() and self.path.stat().st_size > state_dict["bytes"]:
+            with open(self.path, "r+b") as handle:
+                handle.truncate(state_dict["bytes"])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not trainer.is_global_zero:

@@ -18,6 +18,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from rloop_lightning.data.resumable import ResumableDataLoader
+
 from rloop_lightning.records import expand_paths, read_records
 from rloop_lightning.tasks.base import Split, Task
 
@@ -100,8 +102,9 @@ class ExpertDataModule(L.LightningDataModule):
         rank, ranks = _ranks(self.trainer)
         sampler = DistributedSampler(self.dataset, num_replicas=ranks, rank=rank, shuffle=self.shuffle,
                                      seed=self.seed, drop_last=False)
-        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=collate_records,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return ResumableDataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler,
+                                   collate_fn=collate_records, num_workers=self.num_workers,
+                                   persistent_workers=self.num_workers > 0)
 
 
 class DemonstrationDataset(Dataset):
@@ -205,8 +208,15 @@ class PromptDataModule(L.LightningDataModule):
             raise ValueError(f"{len(self.problems)} problems cannot fill a batch of {self.batch_size} prompts")
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(ProblemDataset(self.problems), batch_size=self.batch_size, shuffle=True,
-                          drop_last=True, collate_fn=collate_records)
+        return ResumableDataLoader(ProblemDataset(self.problems), batch_size=self.batch_size, shuffle=True,
+                                   drop_last=True, collate_fn=collate_records)
+
+    def state_dict(self) -> dict:
+        return {"refill_rng": self._refill_rng.getstate()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "refill_rng" in state_dict:
+            self._refill_rng.setstate(state_dict["refill_rng"])
 
     def refill(self, count: int) -> list[dict]:
         """``count`` random extra problems (dynamic sampling tops up batches with these)."""

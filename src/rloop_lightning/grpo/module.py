@@ -16,6 +16,7 @@ detached current log-probs (ratio 1) and no extra forward pass is spent on them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -184,12 +185,16 @@ class GRPOModule(PolicyModule):
         self.rollout_step = 0  # rollout batches sampled so far; optimizer steps may be more or fewer
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rloop_grpo"] = {"rollout_step": self.rollout_step, "prompt_stats": self.prompt_stats.to_dict()}
+        checkpoint["rloop_grpo"] = {"rollout_step": self.rollout_step, "prompt_stats": self.prompt_stats.to_dict(),
+                                    "scoring_stats": dataclasses.asdict(self.scoring_stats),
+                                    "bad_steps_in_a_row": self.bad_steps_in_a_row}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("rloop_grpo", {})
         self.rollout_step = state.get("rollout_step", 0)
         self.prompt_stats = PromptStats.from_dict(state.get("prompt_stats", {}))
+        self.scoring_stats = ScoringStats(**state.get("scoring_stats", {}))
+        self.bad_steps_in_a_row = state.get("bad_steps_in_a_row", 0)
 
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:

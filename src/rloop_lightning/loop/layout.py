@@ -4,7 +4,7 @@
       manifest.json                   the configuration and the completed phases (resume state)
       eval/theta_0/eval.json          held-out evaluation of theta_0
       iter_KK/grpo/                   GRPO phase: metrics.jsonl, policy/, experts/ (harvest shards,
-                                      per-rank prompt statistics)
+                                      per-rank prompt statistics), checkpoints/ (while it runs)
       iter_KK/eval_rl_end/eval.json   (optional) evaluation of the GRPO end point
       iter_KK/expert_set/             experts.jsonl, summary.json
       iter_KK/rft/                    RFT phase: metrics.jsonl, policy/
@@ -77,6 +77,10 @@ class RunLayout:
     def metrics(self, phase: str) -> Path:
         """The per-step metrics of a training phase."""
         return self.directory(phase) / "metrics.jsonl"
+
+    def checkpoints(self, phase: str) -> Path:
+        """The mid-phase checkpoints of a training phase (resume state; deleted when the phase completes)."""
+        return self.directory(phase) / "checkpoints"
 
     def harvest(self, k: int) -> Path:
         """Where iteration ``k``'s GRPO phase harvests trajectories and prompt statistics."""

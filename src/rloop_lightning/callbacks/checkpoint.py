@@ -1,0 +1,226 @@
+"""Mid-phase checkpoints that resume a GRPO or RFT phase exactly where it stopped.
+
+``PhaseCheckpoint`` saves ``{dirpath}/stepNNNNNNN.ckpt`` (default ``dirpath``:
+``{default_root_dir}/checkpoints``) every ``every_n_steps`` optimizer steps and/or every
+``every_seconds`` seconds, after a whole training batch (for GRPO: a rollout batch with all its
+optimizer steps and its harvest shard). ``trainer.fit(ckpt_path=PhaseCheckpoint.latest(dirpath))``
+continues from it. A checkpoint holds what Lightning saves (weights or adapter, optimizer, LR
+schedulers, loop counters, callback and data module states, the position of a
+``ResumableDataLoader``) and, for every rank, what Lightning leaves out:
+
+- the RNG states (torch, CUDA, Python ``random``, NumPy) and the torch state at which the data
+  pass began, so a replayed pass draws the same order and sampling continues the same stream;
+- the module's and the data module's own checkpoint state of that rank (GRPO's rollout step and
+  prompt statistics, the refill draws of dynamic sampling): Lightning keeps rank 0's only.
+
+Resuming with these gives byte-identical outputs to an uninterrupted run on CPU. Why not
+``ModelCheckpoint(every_n_train_steps=N, save_last=True)``: under manual optimization (GRPO) it
+ignores ``train_time_interval`` and warns at every save, it saves only when ``global_step % N == 0``
+(never, when GRPO's ``num_mini_batches`` steps per rollout batch skip over the multiples of N, or
+when an update is skipped), and it writes ``last.ckpt`` in place, so a SIGKILL mid-write leaves no
+usable checkpoint. Here a checkpoint is written to a temporary name and renamed; the previous one
+is deleted only after the rename. Once the phase completes (``on_fit_end``), the checkpoints are
+deleted, unless ``keep_last``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Checkpoint
+
+from rloop_lightning.data.resumable import ResumableDataLoader
+
+log = logging.getLogger(__name__)
+CHECKPOINT = re.compile(r"step(\d+)\.ckpt")
+RANKS_KEY = "rloop_ranks"
+
+
+def rng_states() -> dict[str, Any]:
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any], torch_cpu: bool = True) -> None:
+    if torch_cpu:
+        torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def gather(trainer: L.Trainer, value: Any) -> list[Any]:
+    """``value`` of every rank, in rank order (every rank must call this)."""
+    if trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return [value]
+    values: list[Any] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+class PhaseCheckpoint(Checkpoint):
+    """Save a resumable checkpoint every ``every_n_steps`` optimizer steps and/or ``every_seconds``.
+
+    Args:
+        dirpath: where checkpoints go; default ``{trainer.default_root_dir}/checkpoints``.
+        every_n_steps: save when the optimizer step count reaches a new multiple of this (None: off).
+        every_seconds: save when this many seconds have passed since the last save or the start of
+            training (None: off); rank 0's clock decides for every rank.
+        keep_last: keep the newest checkpoint when the fit completes (default: delete them all).
+    """
+
+    def __init__(self, dirpath: Optional[str] = None, every_n_steps: Optional[int] = None,
+                 every_seconds: Optional[float] = None, keep_last: bool = False):
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1 or None, got {every_n_steps}")
+        if every_seconds is not None and every_seconds <= 0:
+            raise ValueError(f"every_seconds must be > 0 or None, got {every_seconds}")
+        self.dirpath = dirpath
+        self.every_n_steps = every_n_steps
+        self.every_seconds = every_seconds
+        self.keep_last = keep_last
+        self._last_saved_step = 0
+        self._last_saved_time = time.monotonic()
+        self._restored: Optional[dict[str, Any]] = None  # this rank's state, until training starts
+
+    # ------------------------------------------------------------------ paths
+    def root(self, trainer: L.Trainer) -> Path:
+        return Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "checkpoints"
+
+    @staticmethod
+    def checkpoints(dirpath: str | os.PathLike) -> list[Path]:
+        """Complete checkpoints in ``dirpath``, oldest first (temporary files are not listed)."""
+        found = [(int(match.group(1)), path) for path in Path(dirpath).glob("step*.ckpt")
+                 if (match := CHECKPOINT.fullmatch(path.name))]
+        return [path for _, path in sorted(found)]
+
+    @classmethod
+    def latest(cls, dirpath: str | os.PathLike) -> Optional[Path]:
+        """The newest complete checkpoint in ``dirpath``, or None."""
+        found = cls.checkpoints(dirpath)
+        return found[-1] if found else None
+
+    # ------------------------------------------------------------------ saving
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_saved_step = trainer.global_step
+        self._last_saved_time = time.monotonic()
+        loader = self.loader(trainer)
+        if self._restored is not None:
+            state, self._restored = self._restored, None
+            # the torch state was set for the replayed pass (load); it continues from the saved one,
+            # unless the pass began after the save (it drew from the saved state already)
+            mid_pass = loader is not None and loader.batches_trained > 0
+            set_rng_states(state["rng"], torch_cpu=mid_pass or loader is None)
+            if loader is None and trainer.ckpt_path is not None:
+                log.warning("the training dataloader is not a ResumableDataLoader: a phase resumed mid-epoch "
+                            "starts the epoch's batches over")
+
+    @staticmethod
+    def loader(trainer: L.Trainer) -> Optional[ResumableDataLoader]:
+        loader = trainer.train_dataloader
+        return loader if isinstance(loader, ResumableDataLoader) else None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        loader = self.loader(trainer)
+        if loader is not None:
+            loader.batches_trained = batch_idx + 1
+        if self._due(trainer):
+            self.save(trainer)
+
+    def _due(self, trainer: L.Trainer) -> bool:
+        step = trainer.global_step
+        if step == self._last_saved_step:  # no optimizer step since the last save
+            return False
+        every = self.every_n_steps
+        due = every is not None and step // every > self._last_saved_step // every
+        if self.every_seconds is not None:
+            late = time.monotonic() - self._last_saved_time >= self.every_seconds
+            due = due or bool(trainer.strategy.broadcast(late))
+        return due
+
+    def save(self, trainer: L.Trainer) -> Path:
+        """Write the checkpoint of the current step (every rank calls this), then drop older ones."""
+        root = self.root(trainer)
+        path = root / f"step{trainer.global_step:07d}.ckpt"
+        temporary = root / f".{path.name}.tmp-{os.getpid()}"
+        if trainer.is_global_zero:
+            root.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        trainer.save_checkpoint(temporary)  # every rank dumps its state; ends with a barrier
+        if trainer.is_global_zero:
+            os.replace(temporary, path)
+            for older in self.checkpoints(root):
+                if older != path:
+                    remove(older)
+        trainer.strategy.barrier("PhaseCheckpoint.save")
+        self._last_saved_step = trainer.global_step
+        self._last_saved_time = time.monotonic()
+        log.info("checkpoint %s (%.2f s)", path, time.perf_counter() - started)
+        return path
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        loader = self.loader(trainer)
+        module_state: dict = {}
+        pl_module.on_save_checkpoint(module_state)
+        datamodule = trainer.datamodule
+        mine = {"rng": rng_states(), "pass_start_rng": loader.pass_start_rng if loader is not None else None,
+                "module": module_state, "datamodule": {} if datamodule is None else datamodule.state_dict()}
+        checkpoint[RANKS_KEY] = gather(trainer, mine)
+
+    # ------------------------------------------------------------------ loading
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """Runs after Lightning restored module and data module (rank 0's state): this rank's state on top."""
+        ranks = checkpoint.get(RANKS_KEY)
+        if ranks is None:
+            return
+        if len(ranks) != trainer.world_size:
+            raise ValueError(f"{trainer.ckpt_path} was saved by {len(ranks)} processes; this run has "
+                             f"{trainer.world_size}. Resume with the same number of devices.")
+        state = ranks[trainer.global_rank]
+        pl_module.on_load_checkpoint(state["module"])
+        if trainer.datamodule is not None:
+            trainer.datamodule.load_state_dict(state["datamodule"])
+        # the data pass that resumes is created before training starts: it must draw from the state
+        # the saved pass drew from (or, if that pass had ended, from the state at the save)
+        pass_start = state["pass_start_rng"]
+        loops = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+        batches = loops.get("combined_loader")
+        ended = not batches or batches[0]["batches_trained"] >= batches[0]["length"]
+        torch.set_rng_state(state["rng"]["torch"] if ended or pass_start is None else pass_start)
+        self._restored = state
+
+    # ------------------------------------------------------------------ clean-up
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The phase is complete: its checkpoints go, but the newest with ``keep_last``."""
+        root = self.root(trainer)
+        if trainer.is_global_zero and root.exists():
+            found = self.checkpoints(root)
+            for path in found[:-1] if self.keep_last else found:
+                remove(path)
+            for temporary in root.glob(".step*.tmp-*"):
+                remove(temporary)
+            if not any(root.iterdir()):
+                root.rmdir()
+        trainer.strategy.barrier("PhaseCheckpoint.on_fit_end")
+
+
+def remove(path: Path) -> None:
+    """A checkpoint is a file, or a directory under sharded strategies."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
