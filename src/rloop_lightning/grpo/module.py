@@ -356,6 +356,9 @@ class GRPOModule(PolicyModule):
                     self.manual_backward(out.loss * micro_batch_weight(settings.aggregation, micro_mask, mask[mini]))
                     stats = {f"train/{k}": float(v) for k, v in out.stats().items()}
                     stats.update({f"importance/{k}": float(v) for k, v in importance_stats.items()})
+                    if sampler_logprobs is not None:  # KL(sampler || trainer), k3 over the sampled tokens
+                        mismatch = kl_penalty(sampler_logprobs[rows], old.detach(), "k3") * micro_mask
+                        stats["rollout/mismatch_kl"] = float(mismatch.sum() / micro_mask.sum().clamp(min=1))
                     stats["train/loss"] = float(out.loss.detach())
                     stats["train/entropy"] = float((entropy * micro_mask).sum() / micro_mask.sum().clamp(min=1))
                     for key, value in stats.items():
