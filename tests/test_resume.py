@@ -11,20 +11,18 @@ from __future__ import annotations
 import json
 import os
 import random
-import time
 from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
 import yaml
 
 from rloop_lightning.callbacks import MetricsRecorder, PhaseCheckpoint
-from rloop_lightning.cli import cli_main
 from rloop_lightning.grpo import GRPOModule
 from rloop_lightning.loop.phases import PhaseSettings, build_phase
 from rloop_lightning.rft import RFTModule
-from test_loop import expert_files, kill_when, manifest, start_loop, write_loop_config
-
-import lightning as L
+from test_loop import expert_files, grpo_yaml, kill_when, manifest, rft_yaml, start_loop, write_loop_config
 
 VOLATILE = ("perf/", "time")  # wall-clock metrics differ between any two runs
 
@@ -41,11 +39,10 @@ class StopAt(L.Callback):
         self.seen += 1
 
 
-def run_phase(module: type, config: Path, directory: Path, every_n_steps: int, stop_at: int | None = None,
-              overrides: dict | None = None) -> None:
+def run_phase(module: type, config: Path, directory: Path, every_n_steps: int | None,
+              stop_at: int | None = None) -> None:
     """Fit one phase as the loop does (metrics file, checkpoints, resume from the latest)."""
-    cli = build_phase(module, PhaseSettings(str(config)), {"trainer.default_root_dir": str(directory),
-                                                           **(overrides or {})})
+    cli = build_phase(module, PhaseSettings(str(config)), {"trainer.default_root_dir": str(directory)})
     trainer = cli.trainer
     trainer.callbacks.append(MetricsRecorder(str(directory / "metrics.jsonl")))
     if stop_at is not None:
@@ -70,8 +67,6 @@ def phase_outputs(directory: Path) -> dict[str, bytes]:
 
 
 def grpo_config(tmp_path: Path) -> Path:
-    from test_loop import grpo_yaml
-
     config = grpo_yaml(digit_reward=True)
     config["trainer"]["callbacks"] = config["trainer"]["callbacks"][:1]  # the harvester only
     # 2 optimizer steps per rollout batch, 5 batches; 16 prompts, 4 a batch: a new pass over them at batch 4
@@ -85,7 +80,7 @@ def grpo_config(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("stop_at", [2, 4])  # 4: the last checkpoint ended a pass over the prompts
 def test_grpo_phase_resumes_to_the_uninterrupted_outputs(tmp_path, stop_at):
     config = grpo_config(tmp_path)
-    run_phase(GRPOModule, config, tmp_path / "reference", every_n_steps=2)
+    run_phase(GRPOModule, config, tmp_path / "reference", every_n_steps=None)  # checkpoints change nothing
     resumed = tmp_path / "resumed"
     with pytest.raises(RuntimeError, match="crash"):
         run_phase(GRPOModule, config, resumed, every_n_steps=2, stop_at=stop_at)
@@ -95,3 +90,99 @@ def test_grpo_phase_resumes_to_the_uninterrupted_outputs(tmp_path, stop_at):
     assert any(name.startswith("experts/rank00/step") for name in reference)
     assert phase_outputs(resumed) == reference
     assert not (resumed / "checkpoints").exists()  # cleaned up once the phase completed
+
+
+def rft_config(tmp_path: Path) -> Path:
+    records = tmp_path / "experts.jsonl"
+    rng = random.Random(0)
+    records.write_text("".join(json.dumps({"prompt": f"{i} {i + 1} -> {2 * i + 1}\n",
+                                           "completion": f"{i}+{i + 1}" + "".join(rng.choices("0123456789+", k=4))})
+                               + "\n" for i in range(20)))
+    config = rft_yaml()
+    config["trainer"]["callbacks"] = config["trainer"]["callbacks"][:1]  # ExportPolicy only
+    config["trainer"]["max_epochs"] = 2  # 20 records, 8 a batch: 3 batches an epoch, a new shuffle in the second
+    config["data"]["init_args"]["paths"] = [str(records)]
+    path = tmp_path / "rft.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("stop_at", [2, 3])  # 3: the last checkpoint ended the first epoch
+def test_rft_phase_resumes_to_the_uninterrupted_outputs(tmp_path, stop_at):
+    config = rft_config(tmp_path)
+    run_phase(RFTModule, config, tmp_path / "reference", every_n_steps=None)  # checkpoints change nothing
+    resumed = tmp_path / "resumed"
+    with pytest.raises(RuntimeError, match="crash"):
+        run_phase(RFTModule, config, resumed, every_n_steps=1, stop_at=stop_at)
+    assert PhaseCheckpoint.latest(resumed / "checkpoints").name == f"step{stop_at:07d}.ckpt"
+    run_phase(RFTModule, config, resumed, every_n_steps=1)
+    reference = phase_outputs(tmp_path / "reference")
+    assert "policy/model.safetensors" in reference and len(json.loads(reference["metrics.jsonl"])) == 6
+    assert phase_outputs(resumed) == reference
+
+
+# ---------------------------------------------------------------------------- the loop, killed
+
+
+def checkpoint_of(phase_dir: Path):
+    return lambda: PhaseCheckpoint.latest(phase_dir / "checkpoints") is not None
+
+
+def harvest(run_dir: Path, k: int) -> dict[Path, tuple[int, bytes]]:
+    return {p: (p.stat().st_mtime_ns, p.read_bytes())
+            for p in (run_dir / f"iter_{k:02d}" / "grpo" / "experts").glob("rank*/*.jsonl")}
+
+
+def evaluations(run_dir: Path) -> dict[str, dict]:
+    return {str(p.relative_to(run_dir)): json.loads(p.read_text())["metrics"] for p in run_dir.rglob("eval.json")}
+
+
+def policies(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in run_dir.glob("iter_*/*/policy/*.safetensors")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("devices", [1])
+def test_sigkilled_loop_resumes_mid_phase_to_the_uninterrupted_run(tmp_path, devices):
+    """SIGKILL ``rloop fit`` at a random moment after a GRPO checkpoint, then after an RFT checkpoint;
+    each rerun resumes that phase from its checkpoint (harvest shards before it kept as they are), and
+    the final expert sets, shards, evaluations and policies equal an uninterrupted run's.
+
+    ``devices``: processes per phase (the loop's ``trainer`` setting); more than one needs a strategy."""
+    trainer = {"devices": devices} if devices == 1 else {"devices": devices, "strategy": "ddp"}
+    runs = {}
+    for name in ("reference", "run"):
+        config = write_loop_config(tmp_path / name, tmp_path / name / "run")
+        loop = yaml.safe_load(config.read_text())
+        loop.update(trainer=trainer, checkpoint_every_n_steps=1)
+        config.write_text(yaml.safe_dump(loop))
+        runs[name] = (config, tmp_path / name / "run")
+    log_path = tmp_path / "loop.log"
+    reference = start_loop(runs["reference"][0], tmp_path / "reference.log")  # uninterrupted, meanwhile
+    config, run_dir = runs["run"]
+    grpo, rft = run_dir / "iter_00" / "grpo", run_dir / "iter_00" / "rft"
+    delay = random.Random(os.getpid()).uniform(0.0, 0.3)
+    try:
+        kill_when(start_loop(config, log_path), checkpoint_of(grpo), log_path, extra_delay=delay)
+        assert "iter_00/grpo" not in manifest(run_dir)["completed"], f"killed {delay:.3f} s after a checkpoint"
+        checkpoint = PhaseCheckpoint.latest(grpo / "checkpoints")
+        resumed_at = torch.load(checkpoint, weights_only=False)["rloop_grpo"]["rollout_step"]
+        kept = {p: v for p, v in harvest(run_dir, 0).items() if int(p.stem[len("step"):]) < resumed_at}
+        kill_when(start_loop(config, log_path), checkpoint_of(rft), log_path, extra_delay=delay)
+        assert "iter_00/rft" not in manifest(run_dir)["completed"]
+        assert f"Restoring states from the checkpoint path at {checkpoint}" in log_path.read_text()
+        assert {p: v for p, v in harvest(run_dir, 0).items() if p in kept} == kept  # kept, not rewritten
+        process = start_loop(config, log_path)
+        assert process.wait(timeout=300) == 0, log_path.read_text()[-3000:]
+        assert f"Restoring states from the checkpoint path at {rft / 'checkpoints'}" in log_path.read_text()
+        assert reference.wait(timeout=300) == 0, (tmp_path / "reference.log").read_text()[-3000:]
+    finally:
+        for process in (reference,):
+            if process.poll() is None:
+                process.kill()
+    reference_dir = runs["reference"][1]
+    assert manifest(run_dir)["completed"].keys() == manifest(reference_dir)["completed"].keys()
+    assert expert_files(run_dir) == expert_files(reference_dir) and len(expert_files(reference_dir)) >= 10
+    assert evaluations(run_dir) == evaluations(reference_dir)
+    assert policies(run_dir) == policies(reference_dir) and len(policies(reference_dir)) == 4
+    assert not list(run_dir.rglob("checkpoints")) and not list(run_dir.rglob("*.tmp-*"))
