@@ -28,7 +28,9 @@ from typing import Literal, Optional
 
 import lightning as L
 
-from rloop_lightning.callbacks import ExpertHarvester, ExportPolicy, MetricsRecorder, PassAtKEvaluation
+from rloop_lightning.callbacks import (
+    ExpertHarvester, ExportPolicy, MetricsRecorder, PassAtKEvaluation, PhaseCheckpoint,
+)
 from rloop_lightning.records import iter_records, write_json_atomic, write_jsonl_atomic
 from rloop_lightning.evaluation import Evaluator, evaluate_policy
 from rloop_lightning.grpo import GRPOModule
@@ -79,6 +81,15 @@ class RLoop:
             ``final/<task>/<split>/<metric>``); in a sweep each run gets ``run_dir/<W&B run id>``.
         seed: base seed; phase k uses ``seed + 1000 k`` (+1 for RFT); every held-out evaluation uses ``seed``.
         resume: continue a run directory that has a manifest (same configuration only).
+        checkpoint_every_n_steps: GRPO and RFT phases save a resumable checkpoint every this many
+            optimizer steps (None: by time only). A rerun after a crash resumes a phase from its last
+            checkpoint, with the outputs of an uninterrupted run.
+        checkpoint_every_seconds: ... and whenever this many seconds passed since the last one (None:
+            by steps only). The default, 30 minutes, bounds the work a crash loses on a GPU, where a DAPO
+            phase runs for hours and a checkpoint of a 7B model with its optimizer takes minutes to write
+            (a step count would have to be tuned to each model and step time); a CPU phase of a few
+            minutes writes none.
+        keep_checkpoints: keep each phase's last checkpoint when the phase completes (default: deleted).
     """
 
     def __init__(self, run_dir: str, base: BasePolicySettings, grpo: PhaseSettings, rft: PhaseSettings,
@@ -86,7 +97,8 @@ class RLoop:
                  expert_set: Optional[ExpertSetSettings] = None, vanilla: bool = False,
                  evaluate_rl_end: bool = False, rft_from: Literal["theta_k", "rl_end"] = "theta_k",
                  seed: int = 0, resume: bool = True, eval_engine: Optional[RolloutEngine] = None,
-                 wandb_project: Optional[str] = None):
+                 wandb_project: Optional[str] = None, checkpoint_every_n_steps: Optional[int] = None,
+                 checkpoint_every_seconds: Optional[float] = 1800.0, keep_checkpoints: bool = False):
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
         self.layout = RunLayout(run_dir)
@@ -103,6 +115,9 @@ class RLoop:
         self.resume = resume
         self.wandb_project = wandb_project
         self.eval_engine = eval_engine
+        self.checkpoint_every_n_steps = checkpoint_every_n_steps
+        self.checkpoint_every_seconds = checkpoint_every_seconds
+        self.keep_checkpoints = keep_checkpoints
         self.manifest = Manifest(self.layout.manifest)
 
     # ------------------------------------------------------------------ driver
@@ -179,9 +194,13 @@ class RLoop:
         self.manifest.mark_done(name, {**info, "seconds": round(time.perf_counter() - started, 2)})
 
     def prepare_directory(self, name: str) -> Path:
-        """The phase's directory, empty: one left by a crash mid-phase is wiped, and the phase redone from
-        scratch with the same seed."""
+        """The phase's directory. One left by a crash mid-phase is kept when it holds a checkpoint
+        (``_fit`` resumes from it); otherwise it is wiped, and the phase redone from scratch with the same
+        seed."""
         directory = self.layout.directory(name)
+        if PhaseCheckpoint.latest(self.layout.checkpoints(name)) is not None:
+            log.info("%s: resuming from %s", name, PhaseCheckpoint.latest(self.layout.checkpoints(name)))
+            return directory
         if directory.exists():
             shutil.rmtree(directory)
         directory.mkdir(parents=True)
@@ -228,7 +247,12 @@ class RLoop:
         trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, PassAtKEvaluation)]
         ensure_callback(trainer, ExportPolicy, ExportPolicy)
         trainer.callbacks.append(MetricsRecorder(str(directory / "metrics.jsonl")))
-        trainer.fit(cli.model, datamodule=cli.datamodule)
+        checkpoints = self.layout.checkpoints(directory.relative_to(self.layout.root).as_posix())
+        trainer.callbacks.append(PhaseCheckpoint(str(checkpoints), self.checkpoint_every_n_steps,
+                                                 self.checkpoint_every_seconds, self.keep_checkpoints))
+        # weights_only=False: the checkpoint holds RNG states (NumPy's, Python's); it is this run's own file
+        trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=PhaseCheckpoint.latest(checkpoints),
+                    weights_only=False)
 
     def run_grpo(self, theta: str, directory: Path, seed: int) -> dict:
         cli = build_phase(GRPOModule, self.grpo, self.grpo_overrides(theta, directory, seed))
