@@ -50,5 +50,5 @@ def test_loop_config_parses_and_names_existing_phase_files(path):
 def test_every_shipped_yaml_is_covered():
     covered = {p for d in PHASES for p in (CONFIGS / d).glob("*.yaml")}
     covered |= set((CONFIGS / "eval").glob("*.yaml")) | set(LOOP_CONFIGS)
-    covered |= {p for d in ("recipes", "strategies", "sweeps", "loggers") for p in (CONFIGS / d).glob("*.yaml")}
-    assert set(CONFIGS.rglob("*.yaml")) == covered  # recipes/fragments/sweeps are parsed in test_recipes.py
+    covered |= {p for d in ("recipes", "strategies", "sweeps", "loggers", "engines") for p in (CONFIGS / d).glob("*.yaml")}
+    assert set(CONFIGS.rglob("*.yaml")) == covered  # recipes/fragments/sweeps: test_recipes.py; engines: test_vllm_engine.py

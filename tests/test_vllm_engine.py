@@ -257,3 +257,24 @@ def test_rejects_bad_settings():
         VLLMEngine(sleep_level=3)
     with pytest.raises(ValueError, match="kv_cache_gib"):
         VLLMEngine(kv_cache_gib=0)
+
+
+def test_engine_fragments_compose_with_the_tiny_configs(monkeypatch):
+    from lightning.pytorch.cli import LightningCLI
+
+    from rloop_lightning.cli import fit_parser
+    from rloop_lightning.loop.phases import PhaseCLI
+    from test_recipes import parse
+
+    monkeypatch.setattr(LightningCLI, "instantiate_classes", lambda self: None)
+    monkeypatch.setattr(PhaseCLI, "before_instantiate_classes", lambda self: None)
+    configs = ROOT / "configs"
+    for fragment in ("vllm_cpu", "vllm_gpu"):
+        config = parse("grpo", ["--config", str(configs / "grpo/tiny_countdown.yaml"),
+                                "--config", str(configs / f"engines/{fragment}.yaml")])
+        assert config.model.engine.class_path == "rloop_lightning.rollout.vllm.VLLMEngine"
+        assert config.trainer.max_steps == 100  # the phase's own settings are kept
+    loop = fit_parser().parse_args(["--config", str(configs / "tiny_cpu.yaml"),
+                                    "--config", str(configs / "engines/vllm_cpu_loop.yaml")])
+    assert loop.eval_engine.class_path == "rloop_lightning.rollout.vllm.VLLMEngine"
+    assert loop.grpo.overrides["trainer.max_steps"] == 40  # the main job's own settings are kept
