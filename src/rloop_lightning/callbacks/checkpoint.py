@@ -156,9 +156,13 @@ class PhaseCheckpoint(Checkpoint):
         """Write the checkpoint of the current step (every rank calls this), then drop older ones."""
         root = self.root(trainer)
         path = root / f"step{trainer.global_step:07d}.ckpt"
-        temporary = root / f".{path.name}.tmp-{os.getpid()}"
+        # one name on every rank: sharded strategies write one directory together (one run per directory)
+        temporary = root / f".{path.name}.tmp-save"
         if trainer.is_global_zero:
             root.mkdir(parents=True, exist_ok=True)
+            if temporary.exists():  # left by a crash mid-save
+                remove(temporary)
+        trainer.strategy.barrier("PhaseCheckpoint.prepare")
         started = time.perf_counter()
         trainer.save_checkpoint(temporary)  # every rank dumps its state; ends with a barrier
         if trainer.is_global_zero:
