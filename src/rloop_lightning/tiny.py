@@ -32,6 +32,7 @@ class TinyModelSpec:
     intermediate_size: int = 384
     max_position_embeddings: int = 256
     seed: int = 0
+    vocab_size: int | None = None  # None: the character tokenizer's own size
 
 
 # Qwen2 itself is not offered: transformers 5 forces ``Qwen2Tokenizer`` (byte-level BPE) on any
@@ -42,6 +43,11 @@ BUILTIN_MODELS: dict[str, TinyModelSpec] = {
     "rloop/tiny-qwen3": TinyModelSpec(architecture="qwen3"),
     "rloop/micro-llama": TinyModelSpec(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                        num_key_value_heads=1, intermediate_size=64),
+    # ~36M parameters, 32k vocabulary: big enough that matrix multiplies, not Python, dominate
+    # (benchmarks). Prompts still encode character by character; sampled ids above the characters
+    # decode to placeholder tokens "<t12345>".
+    "rloop/small-llama-32k": TinyModelSpec(hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
+                                           num_key_value_heads=4, intermediate_size=1536, vocab_size=32768),
 }
 
 
@@ -50,12 +56,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RLOOP_CACHE", Path.home() / ".cache" / "rloop_lightning"))
 
 
-def build_tokenizer():
-    """A character-level ``PreTrainedTokenizerFast``: one token per character, plus specials."""
+def build_tokenizer(vocab_size: int | None = None):
+    """A character-level ``PreTrainedTokenizerFast``: one token per character, plus specials.
+
+    ``vocab_size`` above the characters' count adds placeholder tokens ``<t{id}>`` up to that size:
+    text never encodes to them (one token per character), sampled ids decode to them.
+    """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: index for index, token in enumerate([PAD, BOS, EOS, UNK, *CHARACTERS])}
+    tokens = [PAD, BOS, EOS, UNK, *CHARACTERS]
+    tokens += [f"<t{index}>" for index in range(len(tokens), vocab_size or 0)]
+    vocab = {token: index for index, token in enumerate(tokens)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.decoder = decoders.Fuse()
@@ -92,7 +104,7 @@ def materialize(name: str, directory: str | os.PathLike | None = None) -> Path:
     target = Path(directory) if directory else cache_dir() / name.replace("/", "--")
     if (target / "config.json").exists():
         return target
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(BUILTIN_MODELS[name].vocab_size)
     model = build_model(
         BUILTIN_MODELS[name], len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id,
         tokenizer.eos_token_id,
