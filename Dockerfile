@@ -3,7 +3,7 @@
 #   docker run --gpus all --ipc=host -v hf-cache:/data -v "$PWD/runs:/workspace/runs" \
 #     -e WANDB_API_KEY rloop-lightning grpo fit --config configs/recipes/qlora_gsm8k_grpo.yaml
 # The torch and vLLM wheels from PyPI bring their own CUDA libraries: the host driver must support
-# the CUDA version of the torch build vLLM pins (vllm>=0.8.5,<0.12: CUDA 12.4-12.8).
+# the CUDA version of the torch build that vLLM pins (vllm>=0.32, the V1 engine; see vLLM's release notes).
 FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
