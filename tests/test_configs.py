@@ -47,8 +47,15 @@ def test_loop_config_parses_and_names_existing_phase_files(path):
         assert max(evaluator.init_args.ks) <= evaluator.init_args.num_samples
 
 
+@pytest.mark.parametrize("path", sorted((CONFIGS / "loop").glob("*.yaml")), ids=str)
+def test_loop_fragment_parses_on_top_of_the_main_job(path):
+    config = fit_parser().parse_args(["--config", str(CONFIGS / "tiny_cpu.yaml"), "--config", str(path)])
+    assert config.trainer["devices"] == 2 and config.trainer["accelerator"] == "cpu"
+    assert config.grpo.overrides == fit_parser().parse_args(["--config", str(CONFIGS / "tiny_cpu.yaml")]).grpo.overrides
+
+
 def test_every_shipped_yaml_is_covered():
     covered = {p for d in PHASES for p in (CONFIGS / d).glob("*.yaml")}
-    covered |= set((CONFIGS / "eval").glob("*.yaml")) | set(LOOP_CONFIGS)
+    covered |= set((CONFIGS / "eval").glob("*.yaml")) | set(LOOP_CONFIGS) | set((CONFIGS / "loop").glob("*.yaml"))
     covered |= {p for d in ("recipes", "strategies", "sweeps", "loggers", "engines") for p in (CONFIGS / d).glob("*.yaml")}
     assert set(CONFIGS.rglob("*.yaml")) == covered  # recipes/fragments/sweeps: test_recipes.py; engines: test_vllm_engine.py

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 from rloop_lightning.algorithms.metrics import avg_at_n, mean_pass_at_k
 from rloop_lightning.policy import Policy
@@ -21,6 +22,9 @@ from rloop_lightning.rewards.runner import RewardRunner
 from rloop_lightning.rollout.base import RolloutEngine, SamplingParams
 from rloop_lightning.rollout.hf import HFGenerateEngine
 from rloop_lightning.tasks.base import Task
+
+
+Shard = tuple[int, int]  # (rank, world_size)
 
 
 @dataclass
@@ -80,24 +84,39 @@ class Evaluator:
         return self._problems
 
     def _correct_counts(self, policy: Policy, engine: RolloutEngine, samples: int,
-                        sampling: SamplingParams) -> list[int]:
-        problems = self.problems
-        rollouts = engine.generate(policy, [p["prompt"] for p in problems], samples, sampling)
-        rewards = self.runner.score_problems(problems, rollouts.prompt_index, rollouts.completions,
-                                             rollouts.completion_ids, chat_format(policy)).rewards
+                        sampling: SamplingParams, shard: Shard) -> list[int]:
+        """Correct samples per problem. With ``shard=(rank, world_size)`` this process samples problems
+        ``rank, rank + world_size, ...`` and the counts of every rank are gathered."""
+        rank, world_size = shard
+        indices = list(range(rank, len(self.problems), world_size))
+        problems = [self.problems[i] for i in indices]
         counts = [0] * len(problems)
-        for index, reward in zip(rollouts.prompt_index, rewards.tolist()):
-            counts[index] += reward >= self.correct_threshold - 1e-6
-        return counts
+        if problems:
+            rollouts = engine.generate(policy, [p["prompt"] for p in problems], samples, sampling)
+            rewards = self.runner.score_problems(problems, rollouts.prompt_index, rollouts.completions,
+                                                 rollouts.completion_ids, chat_format(policy)).rewards
+            for index, reward in zip(rollouts.prompt_index, rewards.tolist()):
+                counts[index] += reward >= self.correct_threshold - 1e-6
+        if world_size == 1:
+            return counts
+        gathered: list = [None] * world_size
+        dist.all_gather_object(gathered, (indices, counts))
+        total = [0] * len(self.problems)
+        for shard_indices, shard_counts in gathered:
+            for index, count in zip(shard_indices, shard_counts):
+                total[index] = count
+        return total
 
-    def evaluate(self, policy: Policy, engine: RolloutEngine) -> EvaluationResult:
+    def evaluate(self, policy: Policy, engine: RolloutEngine, shard: Shard = (0, 1)) -> EvaluationResult:
+        """avg@n, pass@k and greedy accuracy over the split; ``shard=(rank, world_size)`` splits the problems
+        over the processes of a torch.distributed group (every rank gets the whole result)."""
         n = self.num_samples
-        counts = self._correct_counts(policy, engine, n, self.sampling)
+        counts = self._correct_counts(policy, engine, n, self.sampling, shard)
         metrics = {f"avg@{n}": avg_at_n(counts, n)}
         metrics.update({f"pass@{k}": mean_pass_at_k(counts, n, k) for k in self.ks})
         if self.greedy:
             greedy = SamplingParams(temperature=0.0, max_new_tokens=self.sampling.max_new_tokens)
-            metrics["greedy_accuracy"] = avg_at_n(self._correct_counts(policy, engine, 1, greedy), 1)
+            metrics["greedy_accuracy"] = avg_at_n(self._correct_counts(policy, engine, 1, greedy, shard), 1)
         return EvaluationResult(self.task.name, self.split, n, [p["id"] for p in self.problems], counts, metrics)
 
     def close(self) -> None:
@@ -113,7 +132,11 @@ def evaluate_policy(policy: Policy, evaluators: Sequence[Evaluator], engine: Opt
     policies evaluated with one seed see the same sampling noise. The engine is told that a new policy
     is coming (``RolloutEngine.load_policy``): an engine holding its own weights loads this policy's.
     Each evaluator's verification workers are shut down afterwards.
+
+    Called on every rank of a torch.distributed group, the problems are split over the ranks (each
+    samples its share, seeded alike) and every rank returns the whole result; one process samples all.
     """
+    shard = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     policy.load_model()
     engine = engine or HFGenerateEngine()
     engine.load_policy(policy)
@@ -121,7 +144,7 @@ def evaluate_policy(policy: Policy, evaluators: Sequence[Evaluator], engine: Opt
     for evaluator in evaluators:
         torch.manual_seed(seed)
         try:
-            result = evaluator.evaluate(policy, engine)
+            result = evaluator.evaluate(policy, engine, shard)
         finally:
             evaluator.close()
         metrics[f"{result.task}/{result.split}"] = result.metrics

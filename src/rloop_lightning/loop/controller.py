@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -28,22 +30,28 @@ from typing import Literal, Optional
 
 import lightning as L
 
+from rloop_lightning import tiny
 from rloop_lightning.callbacks import (
     ExpertHarvester, ExportPolicy, MetricsRecorder, PassAtKEvaluation, PhaseCheckpoint,
 )
 from rloop_lightning.records import iter_records, write_json_atomic, write_jsonl_atomic
 from rloop_lightning.evaluation import Evaluator, evaluate_policy
 from rloop_lightning.grpo import GRPOModule
+from rloop_lightning.loop.distributed import barrier, is_main_process
 from rloop_lightning.loop.expert_set import ExpertSetSettings, build_expert_set
 from rloop_lightning.loop.layout import BASE_EVALUATION, RunLayout
+from rloop_lightning.loop.lock import RunDirectoryBusy, RunLock
 from rloop_lightning.loop.manifest import Manifest
-from rloop_lightning.loop.phases import PhaseCLI, PhaseSettings, build_phase, parse_phase, phase_policy
+from rloop_lightning.loop.phases import (
+    OverrideValue, PhaseCLI, PhaseSettings, build_phase, override_keys, parse_phase, phase_policy,
+)
 from rloop_lightning.prompt_stats import PromptStats
 from rloop_lightning.rft import RFTModule
 from rloop_lightning.rollout.base import RolloutEngine
 
 log = logging.getLogger(__name__)
 BUILD_RECORD = "rloop_base_build.json"  # in a built base's policy directory: which config built it
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # the form of a hub repository id: name or org/name
 
 
 @dataclass
@@ -54,6 +62,20 @@ class BasePolicySettings:
     """Hub id or local directory of theta_0."""
     build_config: Optional[str] = None
     """An RFT YAML that builds theta_0 into ``policy`` when that directory is missing."""
+
+    def check(self) -> None:
+        """Refuse, before anything is written, a ``policy`` that can be neither built nor found: a missing
+        local path (``./x``, ``/x``, ``a/b/c``: not of the hub's ``name`` or ``org/name`` form) or an
+        unknown built-in id (``rloop/...``). Hub ids are left to the hub."""
+        if self.build_config is not None or tiny.is_builtin(self.policy) or os.path.exists(self.policy):
+            return
+        if self.policy.startswith("rloop/"):
+            raise ValueError(f"base.policy {self.policy!r} is not a built-in model; built-ins: "
+                             f"{sorted(tiny.BUILTIN_MODELS)}")
+        if self.policy.startswith((".", "/", "~")) or not HUB_ID.fullmatch(self.policy):
+            raise FileNotFoundError(
+                f"base.policy {self.policy!r} does not exist (a local path, not a hub id). Point base.policy to "
+                "a policy directory, a hub id (org/name) or a built-in id, or set base.build_config to build it.")
 
 
 def ensure_callback(trainer: L.Trainer, kind: type, make) -> None:
@@ -81,6 +103,8 @@ class RLoop:
             ``final/<task>/<split>/<metric>``); in a sweep each run gets ``run_dir/<W&B run id>``.
         seed: base seed; phase k uses ``seed + 1000 k`` (+1 for RFT); every held-out evaluation uses ``seed``.
         resume: continue a run directory that has a manifest (same configuration only).
+        trainer: Trainer settings for every GRPO and RFT phase, after each phase's own overrides, e.g.
+            ``{devices: 2, strategy: ddp}`` to run the loop on two processes (``configs/loop/``).
         checkpoint_every_n_steps: GRPO and RFT phases save a resumable checkpoint every this many
             optimizer steps (None: by time only). A rerun after a crash resumes a phase from its last
             checkpoint, with the outputs of an uninterrupted run.
@@ -97,7 +121,8 @@ class RLoop:
                  expert_set: Optional[ExpertSetSettings] = None, vanilla: bool = False,
                  evaluate_rl_end: bool = False, rft_from: Literal["theta_k", "rl_end"] = "theta_k",
                  seed: int = 0, resume: bool = True, eval_engine: Optional[RolloutEngine] = None,
-                 wandb_project: Optional[str] = None, checkpoint_every_n_steps: Optional[int] = None,
+                 wandb_project: Optional[str] = None, trainer: Optional[dict[str, OverrideValue]] = None,
+                 checkpoint_every_n_steps: Optional[int] = None,
                  checkpoint_every_seconds: Optional[float] = 1800.0, keep_checkpoints: bool = False):
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
@@ -115,6 +140,7 @@ class RLoop:
         self.resume = resume
         self.wandb_project = wandb_project
         self.eval_engine = eval_engine
+        self.trainer = dict(trainer or {})
         self.checkpoint_every_n_steps = checkpoint_every_n_steps
         self.checkpoint_every_seconds = checkpoint_every_seconds
         self.keep_checkpoints = keep_checkpoints
@@ -125,37 +151,49 @@ class RLoop:
         config = config if config is not None else self.describe()
         self.validate_phases()
         tracker = None
-        if self.wandb_project:
+        if self.wandb_project and is_main_process():
             from rloop_lightning.loop.tracking import WandbTracker
 
             tracker = WandbTracker(self.wandb_project, config, self.layout.root)
             if tracker.sweep_run_id:
                 self.layout = RunLayout(self.layout.root / tracker.sweep_run_id)
                 self.manifest = Manifest(self.layout.manifest)
+        lock = RunLock(self.layout.root, main=is_main_process())  # one run per directory; ranks > 0 skip it
+        try:
+            lock.acquire()
+        except RunDirectoryBusy:
+            if tracker is not None:
+                tracker.finish()
+            raise
         try:
             return self._run(config)
         finally:
             if tracker is not None:
                 tracker.log_results(self.manifest.data["completed"])
                 tracker.finish()
+            lock.release()
 
     def _run(self, config: dict) -> dict:
-        if self.manifest.exists and not self.resume:
-            raise FileExistsError(f"{self.layout.root} already holds a run; pass --resume true or another run_dir")
-        self.manifest.check_config(config)
-        theta = self.build_base()
-        self.phase(BASE_EVALUATION, lambda d: self.evaluate(theta, BASE_EVALUATION))
+        if is_main_process():
+            if self.manifest.exists and not self.resume:
+                raise FileExistsError(f"{self.layout.root} already holds a run; pass --resume true or another run_dir")
+            self.manifest.check_config(config)
+            theta = self.build_base()
+        else:  # a rank started by the launcher mid-run: the main process wrote both
+            theta = self.base.policy
+        self.phase(BASE_EVALUATION, lambda d: self.evaluate(theta, BASE_EVALUATION), every_rank=False)
         for k in range(self.iterations):
             theta = self.iteration(k, theta)
-        from rloop_lightning.loop.report import write_report
+        if is_main_process():
+            from rloop_lightning.loop.report import write_report
 
-        report = write_report(self.layout.root)
-        log.info("RLoop finished: report at %s", report)
+            log.info("RLoop finished: report at %s", write_report(self.layout.root))
         return self.results()
 
     def validate_phases(self) -> None:
         """Parse every phase's configuration with the loop's overrides before any compute: a typo in a
         phase YAML or override fails here, before theta_0 is built or evaluated."""
+        self.base.check()
         if self.base.build_config is not None:
             parse_phase(RFTModule, PhaseSettings(self.base.build_config), {})
         parse_phase(GRPOModule, self.grpo, self.grpo_overrides(self.base.policy, self.layout.root, self.seed))
@@ -172,7 +210,7 @@ class RLoop:
             return rl_end
         if self.evaluate_rl_end:
             self.phase(layout.phase("eval_rl_end", k), lambda d: self.evaluate(rl_end, layout.phase("eval_rl_end", k)))
-        self.phase(layout.phase("expert_set", k), lambda d: self.build_experts(k))
+        self.phase(layout.phase("expert_set", k), lambda d: self.build_experts(k), every_rank=False)
         if self.manifest.info(layout.phase("expert_set", k))["size"] == 0:
             log.warning("iteration %d: empty expert set (nothing hard was solved); RFT skipped, theta_%d "
                         "carried forward", k, k)
@@ -184,14 +222,26 @@ class RLoop:
         self.phase(layout.phase("eval", k), lambda d: self.evaluate(next_theta, layout.phase("eval", k)))
         return next_theta
 
-    def phase(self, name: str, work) -> None:
-        """Run ``work(directory)`` unless the manifest says ``name`` is done; mark it done after."""
+    def phase(self, name: str, work, every_rank: bool = True) -> None:
+        """Run ``work(directory)`` unless the manifest says ``name`` is done; mark it done after.
+
+        Several processes: ``work`` runs on every rank (training and evaluation) or on the main process
+        alone (``every_rank=False``: bookkeeping; theta_0's evaluation, which runs before the other ranks
+        exist); the main process prepares the directory and marks the phase done, and every rank re-reads
+        the manifest afterwards (``loop.distributed``).
+        """
         if self.manifest.done(name):
             return
-        directory = self.prepare_directory(name)
+        main = is_main_process()
+        directory = self.prepare_directory(name) if main else self.layout.directory(name)
+        barrier()  # the directory is ready
         started = time.perf_counter()
-        info = work(directory) or {}
-        self.manifest.mark_done(name, {**info, "seconds": round(time.perf_counter() - started, 2)})
+        info = work(directory) if every_rank or main else None
+        barrier()  # every rank's outputs are written
+        if main:
+            self.manifest.mark_done(name, {**(info or {}), "seconds": round(time.perf_counter() - started, 2)})
+        barrier()
+        self.manifest.reload()
 
     def prepare_directory(self, name: str) -> Path:
         """The phase's directory. One left by a crash mid-phase is kept when it holds a checkpoint
@@ -233,14 +283,14 @@ class RLoop:
         write_json_atomic(record, {"build_config": self.base.build_config, "sha256": digest})
         return self.base.policy
 
-    @staticmethod
-    def grpo_overrides(theta: str, directory: Path, seed: int) -> dict:
-        return {"model.policy.model_name_or_path": theta, "trainer.default_root_dir": str(directory),
-                "seed_everything": seed}
+    def grpo_overrides(self, theta: str, directory: Path, seed: int) -> dict:
+        return {**override_keys("trainer", self.trainer), "model.policy.model_name_or_path": theta,
+                "trainer.default_root_dir": str(directory), "seed_everything": seed}
 
     def rft_overrides(self, theta: str, k: int, directory: Path, seed: int) -> dict:
-        return {"model.policy.model_name_or_path": theta, "trainer.default_root_dir": str(directory),
-                "data.init_args.paths": [str(self.layout.expert_set(k))], "seed_everything": seed}
+        return {**override_keys("trainer", self.trainer), "model.policy.model_name_or_path": theta,
+                "trainer.default_root_dir": str(directory), "data.init_args.paths": [str(self.layout.expert_set(k))],
+                "seed_everything": seed}
 
     def _fit(self, cli: PhaseCLI, directory: Path) -> None:
         trainer = cli.trainer
@@ -286,16 +336,17 @@ class RLoop:
         """Held-out metrics of the policy at ``policy_path`` (``evaluate_policy`` with the run's seed), loaded
         with the GRPO phase's policy settings; written to the phase's ``eval.json``."""
         policy = phase_policy(self.grpo, policy_path)
-        metrics = evaluate_policy(policy, self.evaluators, self.eval_engine, seed=self.seed)
-        write_json_atomic(self.layout.evaluation(phase), {"policy": policy_path, "metrics": metrics})
-        log.info("evaluation of %s: %s", policy_path, metrics)
+        metrics = evaluate_policy(policy, self.evaluators, self.eval_engine, seed=self.seed)  # on every rank
+        if is_main_process():
+            write_json_atomic(self.layout.evaluation(phase), {"policy": policy_path, "metrics": metrics})
+            log.info("evaluation of %s: %s", policy_path, metrics)
         return {"metrics": metrics}
 
     # ------------------------------------------------------------------ results
     def describe(self) -> dict:
         return {"run_dir": str(self.layout.root), "base": asdict(self.base), "grpo": asdict(self.grpo),
                 "rft": asdict(self.rft), "iterations": self.iterations, "expert_set": asdict(self.expert_set),
-                "vanilla": self.vanilla, "rft_from": self.rft_from, "seed": self.seed}
+                "vanilla": self.vanilla, "rft_from": self.rft_from, "seed": self.seed, "trainer": self.trainer}
 
     def results(self) -> dict:
         return dict(self.manifest.data["completed"])

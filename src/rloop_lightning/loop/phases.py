@@ -97,6 +97,11 @@ def phase_cli(module_class: type[L.LightningModule], args: ArgsType, run: bool =
     )
 
 
+def override_keys(prefix: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """``{"devices": 2}`` under ``trainer`` -> ``{"trainer.devices": 2}``."""
+    return {f"{prefix}.{key}": value for key, value in settings.items()}
+
+
 def override_args(overrides: dict[str, Any]) -> list[str]:
     return [f"--{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in overrides.items()]
 
