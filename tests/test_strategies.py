@@ -245,3 +245,20 @@ def test_grpo_fit_under_fsdp2_on_two_cpu_processes_exports_full_weights(tmp_path
     shapes = {n: p.shape for n, p in initial.named_parameters()}
     assert {n: p.shape for n, p in exported.named_parameters()} == shapes
     assert any(not torch.equal(a, b) for a, b in zip(exported.parameters(), initial.parameters()))  # trained
+
+
+@pytest.mark.parametrize("trainer, message", [
+    ({"accelerator": "cpu", "devices": (os.cpu_count() or 1) + 1, "strategy": "ddp"}, "cores"),
+    ({"accelerator": "cpu", "devices": 1, "strategy": {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}},
+     "trainer.devices=1"),
+], ids=["more-processes-than-cores", "fsdp2-on-one-device"])
+def test_the_loop_refuses_a_device_count_that_cannot_run_before_anything_is_written(tmp_path, trainer, message):
+    import json
+
+    from rloop_lightning.cli import cli_main
+    from test_loop import write_loop_config
+
+    config = write_loop_config(tmp_path / "configs", tmp_path / "run")
+    with pytest.raises(ValueError, match=message):
+        cli_main(["fit", "--config", str(config), "--trainer", json.dumps(trainer)])
+    assert not (tmp_path / "run").exists()

@@ -278,3 +278,5 @@ def test_engine_fragments_compose_with_the_tiny_configs(monkeypatch):
                                     "--config", str(configs / "engines/vllm_cpu_loop.yaml")])
     assert loop.eval_engine.class_path == "rloop_lightning.rollout.vllm.VLLMEngine"
     assert loop.grpo.overrides["trainer.max_steps"] == 40  # the main job's own settings are kept
+    assert loop.grpo.config == "configs/grpo/tiny_countdown.yaml"
+    assert loop.grpo.extra_configs == ["configs/engines/vllm_cpu.yaml"]  # vLLM rollouts in every GRPO phase

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-from jsonargparse import CLI, ActionConfigFile, ArgumentParser
+from jsonargparse import CLI, ActionConfigFile, ArgumentParser, set_parsing_settings
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from rloop_lightning.evaluation import Evaluator, evaluate_policy
@@ -85,7 +85,8 @@ def fit_command(args: ArgsType = None) -> dict:
     snapshot = json.loads(parser.dump(config, format="json", skip_none=False))  # what resume compares
     for runtime_only in ("config", "__path__", "resume"):
         snapshot.pop(runtime_only, None)
-    phase_files = [snapshot["base"].get("build_config"), snapshot["grpo"]["config"], snapshot["rft"]["config"]]
+    phase_files = [snapshot["base"].get("build_config")] + [
+        path for phase in ("grpo", "rft") for path in [snapshot[phase]["config"], *snapshot[phase].get("extra_configs", [])]]
     snapshot["phase_file_sha256"] = {
         path: hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in phase_files if path}
     init = parser.instantiate_classes(config).as_dict()
@@ -123,8 +124,14 @@ def configure_logging() -> None:
         logger.setLevel(logging.INFO)
 
 
+def configure_parsing() -> None:
+    """``--help`` shows each settings field's docstring (the string under the field, as litgpt does)."""
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+
 def cli_main(args: ArgsType = None):
     configure_logging()
+    configure_parsing()
     argv = list(sys.argv[1:] if args is None else args)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         names = ", ".join(COMMANDS)

@@ -40,10 +40,15 @@ class LoraSettings:
     """LoRA adapter settings (peft ``LoraConfig`` fields)."""
 
     r: int = 16
+    """Rank of the adapter matrices."""
     alpha: int = 32
+    """Scaling: the adapter's update is multiplied by ``alpha / r``."""
     dropout: float = 0.0
+    """Dropout on the adapter's input."""
     target_modules: str | list[str] = "all-linear"
+    """Module names (or ``all-linear``) that get an adapter."""
     bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases are trained."""
 
 
 @dataclass

@@ -15,6 +15,7 @@ piece, before any weights load.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Any
 
@@ -113,6 +114,18 @@ def check_strategy(accelerator: Any, strategy: Any) -> None:
                   else "no CUDA device is visible: check the driver (nvidia-smi) and CUDA_VISIBLE_DEVICES")
         raise RuntimeError(f"strategy {strategy_name!r} needs CUDA GPUs but torch.cuda.is_available() is False: "
                            f"{reason}. On CPU use configs/strategies/ddp_cpu.yaml")
+
+
+def check_devices(accelerator: Any, devices: Any, num_nodes: Any, strategy: Any) -> None:
+    """Raise a ``ValueError`` for a device count that cannot run: more CPU processes than this machine
+    has cores, or FSDP2 (``ModelParallelStrategy``) on a single device, which has nothing to shard over."""
+    count = int(devices) if isinstance(devices, (int, str)) and str(devices).isdigit() and int(devices) > 0 else None
+    if _accelerator_name(accelerator) == "cpu" and count is not None and count > (os.cpu_count() or 1):
+        raise ValueError(f"trainer.devices={count} CPU processes, but this machine has {os.cpu_count()} cores: "
+                         f"set trainer.devices to at most {os.cpu_count()}")
+    if "modelparallel" in _strategy_name(strategy) and count == 1 and (num_nodes or 1) == 1:
+        raise ValueError("ModelParallelStrategy (FSDP2) shards the model over several devices, but trainer.devices=1: "
+                         "set trainer.devices >= 2, or drop the strategy to train on one device")
 
 
 def is_sharded(model: nn.Module) -> bool:

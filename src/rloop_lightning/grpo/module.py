@@ -51,13 +51,22 @@ class LossSettings:
     """The policy-gradient objective. Defaults: GRPO advantages, DAPO token-mean, symmetric clip."""
 
     advantage: AdvantageEstimator = "grpo"
-    pass_k: int = 4  # k of advantage="pass_at_k" (pass@k training); at most num_generations
+    """Group advantage estimator (``rloop_lightning.algorithms.advantages``): ``pass_at_k`` is pass@k training."""
+    pass_k: int = 4
+    """k of ``advantage: pass_at_k``; at most ``num_generations``."""
     aggregation: LossAggregation = "token_mean"
+    """How token losses become one number: ``token_mean`` (DAPO), ``seq_mean_token_mean`` (GRPO) or
+    ``seq_mean_token_sum_norm`` (Dr.GRPO)."""
     clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.2  # DAPO clip-higher: 0.28
-    ratio_level: RatioLevel = "token"  # "sequence" = GSPO
+    """Lower clip of the ratio: 1 - clip_eps_low."""
+    clip_eps_high: float = 0.2
+    """Upper clip of the ratio: 1 + clip_eps_high (DAPO's clip-higher: 0.28)."""
+    ratio_level: RatioLevel = "token"
+    """Importance ratio per token, or per sequence (``sequence``: GSPO)."""
     kl_coef: float = 0.0
+    """Weight of the KL penalty to the reference policy (off in DAPO and Dr.GRPO)."""
     kl_estimator: KLEstimator = "k3"
+    """KL estimator (``rloop_lightning.algorithms.kl``)."""
 
 
 @dataclass
@@ -67,9 +76,13 @@ class ImportanceSettings:
     ``enabled=None`` follows the engine (on for vLLM, off for Hugging Face generate)."""
 
     enabled: Optional[bool] = None
+    """On, off, or None: follow the engine."""
     level: ImportanceLevel = "token"
+    """Weights per token, or one per sequence."""
     mode: ImportanceMode = "truncate"
+    """``truncate`` caps weights at ``cap``; ``mask`` drops tokens above it."""
     cap: float = 2.0
+    """The largest weight kept."""
 
 
 @dataclass
@@ -78,8 +91,11 @@ class OverlongSettings:
     ``soft_penalty`` subtracts DAPO's length penalty over the last ``buffer_length`` tokens."""
 
     mode: Literal["none", "mask", "soft_penalty"] = "none"
+    """What happens to truncated completions."""
     buffer_length: int = 4
+    """With ``soft_penalty``: the penalty grows linearly over this many tokens before the limit."""
     penalty_factor: float = 1.0
+    """With ``soft_penalty``: the penalty at the limit."""
 
 
 class GRPOModule(PolicyModule):

@@ -28,14 +28,21 @@ class ExpertSetSettings:
     """How harvested trajectories become the RFT training set."""
 
     filter: Literal["success_rate", "failed_by_start", "none"] = "success_rate"
-    hard_threshold: float = 0.5  # with filter="success_rate": keep prompts solved at most this often
+    """Which solved prompts count as hard: solved at most ``hard_threshold`` of the time over the phase
+    (``success_rate``), failed by theta_k at their first visit (``failed_by_start``), or all (``none``)."""
+    hard_threshold: float = 0.5
+    """With ``filter: success_rate``: keep prompts solved at most this often."""
     dedup: bool = True
-    max_per_prompt: int = 4  # 0 keeps every (distinct) completion
-    # completions kept per prompt the filter rejects; None (or 0): hard prompts only. None rather than 0
-    # so that run directories from before this field resume (manifest.config_differences)
+    """Drop duplicate completions of a prompt (after whitespace normalisation)."""
+    max_per_prompt: int = 4
+    """Completions kept per hard prompt, drawn at random (seeded); 0 keeps every distinct one."""
     easy_per_prompt: Optional[int] = None
-    replay: bool = False  # add the expert sets of earlier iterations
+    """Completions kept per solved prompt the filter rejects; None (or 0): hard prompts only. None rather
+    than 0 by default, so that run directories made before this setting existed still resume."""
+    replay: bool = False
+    """Add the expert sets of earlier iterations to this one."""
     seed: int = 0
+    """Seed of the per-prompt draws."""
 
 
 def is_hard(prompt_id: str, stats: PromptStats, settings: ExpertSetSettings) -> bool:

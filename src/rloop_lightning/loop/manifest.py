@@ -29,8 +29,9 @@ MAY_CHANGE_ON_RESUME: dict[str, str] = {
     "wandb_project": "where the loop logs its held-out metrics",
     "evaluators.*.init_args.reward_workers": "processes that verify held-out answers (the scores do not depend on them)",
     "iterations": "how many iterations to run, not below an iteration that has a finished phase",
-    "checkpoint_every_n_steps": "how often phases save a mid-phase checkpoint (a resumed phase computes what "
-                                "an uninterrupted one does)",
+    **{key: "how often phases save a mid-phase checkpoint, and whether the last is kept (a resumed phase "
+            "computes what an uninterrupted one does)"
+       for key in ("checkpoint_every_n_steps", "checkpoint_every_seconds", "keep_checkpoints")},
     **{f"{where}trainer.{key}": "logging and console output of the phases"
        for where in ("", "grpo.overrides.", "rft.overrides.") for key in _LOGGING},
 }

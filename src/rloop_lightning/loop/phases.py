@@ -24,7 +24,7 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from rloop_lightning.grpo import GRPOModule
 from rloop_lightning.policy import Policy
-from rloop_lightning.strategies import check_strategy
+from rloop_lightning.strategies import check_devices, check_strategy
 
 
 # Plain data: a class_path dict (``trainer.strategy: {class_path: ...}``) stays a dict, handed to the
@@ -40,6 +40,9 @@ class PhaseSettings:
     """Path of the phase's YAML."""
     overrides: dict[str, OverrideValue] = field(default_factory=dict)
     """Dotted keys of that YAML and their values, e.g. ``{"trainer.max_steps": 40}``."""
+    extra_configs: list[str] = field(default_factory=list)
+    """YAML fragments applied after ``config`` and before ``overrides`` (e.g. ``configs/engines/vllm_cpu.yaml``).
+    A loop file setting only this field adds them without restating the phase's config and overrides."""
 
 
 class PhaseCLI(LightningCLI):
@@ -58,6 +61,7 @@ class PhaseCLI(LightningCLI):
         if trainer is not None:
             strategy = class_path_or_value(trainer.get("strategy", "auto"))
             check_strategy(trainer.get("accelerator", "auto"), strategy)
+            check_devices(trainer.get("accelerator", "auto"), trainer.get("devices"), trainer.get("num_nodes"), strategy)
             if self.model_class is GRPOModule and "fsdp" in str(strategy).lower():
                 raise NotImplementedError(
                     "GRPO under FSDPStrategy (FSDP1) is not supported: its manual backward runs inside FSDP1's root "
@@ -107,7 +111,8 @@ def override_args(overrides: dict[str, Any]) -> list[str]:
 
 
 def phase_args(settings: PhaseSettings, overrides: dict[str, Any]) -> list[str]:
-    return ["--config", settings.config, *override_args(settings.overrides), *override_args(overrides)]
+    configs = [arg for path in [settings.config, *settings.extra_configs] for arg in ("--config", path)]
+    return [*configs, *override_args(settings.overrides), *override_args(overrides)]
 
 
 def build_phase(module_class: type[L.LightningModule], settings: PhaseSettings,

@@ -18,9 +18,13 @@ class SamplingParams:
     """How completions are sampled. ``temperature=0`` is greedy decoding."""
 
     temperature: float = 1.0
+    """Softmax temperature; 0 decodes greedily."""
     top_p: float = 1.0
-    top_k: int = 0  # 0 disables top-k
+    """Nucleus sampling: sample from the smallest set of tokens whose probability reaches ``top_p``."""
+    top_k: int = 0
+    """Sample from the ``top_k`` most likely tokens; 0 disables top-k."""
     max_new_tokens: int = 32
+    """Completion length limit in tokens; a completion stopped here is *truncated* (no EOS)."""
 
     def __post_init__(self):
         if self.temperature < 0:
