@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,16 +9,13 @@ import pytest
 
 from rloop_lightning.records import write_json_atomic
 from rloop_lightning.loop.layout import BASE_EVALUATION, RunLayout
+from script_modules import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "reproduce_tiny.py"
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("reproduce_tiny", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("reproduce_tiny")
 
 
 def evaluation(pass_1: float, pass_32: float, ood_pass_32: float) -> dict:

@@ -3,22 +3,19 @@ stops on a setting TRL's side cannot follow, so the TRL arm cannot drift from th
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import yaml
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "trl_arm.py"
+from script_modules import load_script
+
 PHASE = Path(__file__).resolve().parents[1] / "configs" / "grpo" / "tiny_countdown.yaml"
 
 
 @pytest.fixture(scope="module")
 def trl_arm():
-    spec = importlib.util.spec_from_file_location("trl_arm", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("trl_arm")
 
 
 def phase_file(tmp_path: Path, **changes) -> Path:
