@@ -181,10 +181,13 @@ def test_dynamic_sampling_trains_only_on_groups_with_reward_spread(monkeypatch):
     monkeypatch.setattr(GRPOModule, "_train_on", spy)
     torch.manual_seed(0)
     module = make_module(dynamic_sampling=True, max_sampling_rounds=4)
-    fit(module, make_data(), steps=3)
+    trainer = fit(module, make_data(), steps=3)
     groups = [r for step in trained for r in step]
     assert groups and all(float(r.max() - r.min()) > 1e-6 for r in groups)
     assert all(len(step) <= 8 for step in trained)
+    metrics = trainer.callback_metrics  # the last step's
+    assert 1 <= float(metrics["train/sampling_rounds"]) <= 4
+    assert 0 < float(metrics["train/informative_share"]) <= 1
 
 
 class ShiftedSamplerEngine(HFGenerateEngine):

@@ -5,11 +5,9 @@ import pytest
 from rloop_lightning.algorithms.metrics import (
     avg_at_n,
     distinct_count,
-    forgetting_rate,
     mean_pass_at_k,
     ngram_similarity,
     pass_at_k,
-    solution_diversity,
 )
 
 
@@ -60,14 +58,6 @@ def test_mean_pass_at_k_and_avg_at_n():
         avg_at_n([5], 4)
 
 
-def test_forgetting_rate():
-    previously, currently = {"a", "b", "c", "d"}, {"a", "c", "e"}
-    assert forgetting_rate(previously, currently) == 0.5  # b and d forgotten out of 4
-    assert forgetting_rate(previously, currently, evaluated={"a", "b", "c"}) == pytest.approx(1 / 3)
-    assert forgetting_rate(set(), currently) == 0.0
-    assert forgetting_rate(previously, currently, evaluated={"z"}) == 0.0
-
-
 def test_distinct_count():
     items = ["x = 2", " x = 2 ", "2", "x=2"]
     assert distinct_count(items) == 3
@@ -85,14 +75,3 @@ def test_ngram_similarity():
     assert ngram_similarity(["same text", "same text"]) == 1.0
     assert ngram_similarity(["1", "1"]) == 1.0 and ngram_similarity(["1", "2"]) == 0.0  # shorter than n
     assert ngram_similarity(["only one"]) == 0.0 and ngram_similarity([]) == 0.0
-
-
-def test_solution_diversity():
-    result = solution_diversity({"p1": ["abcd", "abce", " abcd"], "p2": ["7"], "p3": []})
-    # distinct after strip: p1 2, p2 1 -> 1.5; similarity only for p1:
-    # (abcd, abce) 1/3, (abcd, abcd) 1, (abce, abcd) 1/3 -> 5/9
-    assert result["mean_distinct_correct"] == 1.5
-    assert result["mean_ngram_similarity"] == pytest.approx(5 / 9)
-    assert result["prompts_with_correct"] == 2
-    empty = solution_diversity({"p": []})
-    assert empty == {"mean_distinct_correct": 0.0, "mean_ngram_similarity": 0.0, "prompts_with_correct": 0}

@@ -5,11 +5,9 @@ from rloop_lightning.algorithms.kl import KLEstimator, kl_penalty
 from rloop_lightning.algorithms.metrics import (
     avg_at_n,
     distinct_count,
-    forgetting_rate,
     mean_pass_at_k,
     ngram_similarity,
     pass_at_k,
-    solution_diversity,
 )
 from rloop_lightning.algorithms.policy_loss import (
     LossAggregation,
@@ -45,7 +43,6 @@ __all__ = [
     "micro_batch_weight",
     "distinct_count",
     "dynamic_sampling_signal",
-    "forgetting_rate",
     "group_advantages",
     "kl_penalty",
     "mean_pass_at_k",
@@ -54,6 +51,5 @@ __all__ = [
     "pass_at_k",
     "select_informative_groups",
     "soft_overlong_penalty",
-    "solution_diversity",
     "zero_variance_groups",
 ]

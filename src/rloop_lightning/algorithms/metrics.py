@@ -1,12 +1,10 @@
-"""Evaluation metrics: pass@k, avg@n, forgetting across an RLoop phase, and solution diversity.
+"""Evaluation metrics: pass@k, avg@n and solution diversity.
 
 * ``pass_at_k`` is the unbiased estimator of Chen et al. 2021 from ``n`` samples, ``c`` correct::
 
       pass@k = 1 - C(n - c, k) / C(n, k) = 1 - prod_{i = n - c + 1}^{n} (1 - k / i)
 
   (the product form avoids huge binomials). ``avg@n`` is the mean accuracy ``c / n``.
-* ``forgetting_rate``: of the prompts solved earlier in the phase (and evaluated now), the share
-  the current policy fails; the quantity RLoop's re-initialisation is meant to keep low.
 * Diversity: ``distinct_count`` counts distinct (stripped) strings; ``ngram_similarity`` is the
   mean pairwise Jaccard similarity of **character** trigram sets (math answers and short
   derivations are too short for whitespace-token n-grams to be informative). A text shorter than
@@ -51,14 +49,6 @@ def avg_at_n(correct_counts: Sequence[int], n: int) -> float:
     return sum(correct_counts) / (n * len(correct_counts))
 
 
-def forgetting_rate(previously_solved: set, currently_solved: set, evaluated: set | None = None) -> float:
-    """Share of previously solved prompts (among ``evaluated``, default all) not solved now; 0.0 if none."""
-    at_risk = previously_solved if evaluated is None else previously_solved & evaluated
-    if not at_risk:
-        return 0.0
-    return len(at_risk - currently_solved) / len(at_risk)
-
-
 def distinct_count(items: Sequence[str], normalize: Callable[[str], str] | None = str.strip) -> int:
     """Number of distinct items after ``normalize`` (``None``: compare as given)."""
     return len({normalize(item) if normalize is not None else item for item in items})
@@ -84,29 +74,3 @@ def ngram_similarity(texts: Sequence[str], n: int = 3) -> float:
     grams = [_char_ngrams(text, n) for text in texts]
     pairs = list(combinations(grams, 2))
     return sum(_jaccard(a, b) for a, b in pairs) / len(pairs)
-
-
-def solution_diversity(
-    correct_completions_by_prompt: dict[str, list[str]],
-    n: int = 3,
-    normalize: Callable[[str], str] | None = str.strip,
-) -> dict[str, float | int]:
-    """Diversity of correct solutions.
-
-    ``mean_distinct_correct``: distinct correct completions per prompt, averaged over prompts with
-    at least one; ``mean_ngram_similarity``: ``ngram_similarity`` averaged over prompts with at least
-    two (lower = more diverse), both computed after ``normalize``; ``prompts_with_correct``: how
-    many prompts had at least one. Averages are 0.0 when no prompt qualifies.
-    """
-    solved = [
-        [normalize(text) if normalize is not None else text for text in completions]
-        for completions in correct_completions_by_prompt.values()
-        if completions
-    ]
-    distinct = [len(set(completions)) for completions in solved]
-    similarity = [ngram_similarity(completions, n) for completions in solved if len(completions) >= 2]
-    return {
-        "mean_distinct_correct": sum(distinct) / len(distinct) if distinct else 0.0,
-        "mean_ngram_similarity": sum(similarity) / len(similarity) if similarity else 0.0,
-        "prompts_with_correct": len(solved),
-    }

@@ -256,11 +256,12 @@ class GRPOModule(PolicyModule):
         rewards, correct = torch.stack([g.rewards for g in groups]), torch.stack([g.correct for g in groups])
         return dynamic_sampling_signal(rewards, correct, self.dynamic_sampling_signal)
 
-    def sample_groups(self, problems: list[dict]) -> tuple[list[Group], list[Group]]:
-        """(groups to train on, every group sampled). Dynamic sampling refills dropped groups."""
+    def sample_groups(self, problems: list[dict]) -> tuple[list[Group], list[Group], dict[str, float]]:
+        """(groups to train on, every group sampled, dynamic-sampling metrics). Dynamic sampling refills
+        dropped groups."""
         groups = self._sample(problems)
         if not self.dynamic_sampling:
-            return groups, groups
+            return groups, groups, {}
         buffer = DynamicSamplingBuffer(target_groups=len(problems), max_rounds=self.max_sampling_rounds)
         sampled = list(groups)
         buffer.add(groups, self._filter_values(groups))
@@ -268,23 +269,25 @@ class GRPOModule(PolicyModule):
             groups = self._sample(self.trainer.datamodule.refill(len(problems) - buffer.num_groups))
             sampled.extend(groups)
             buffer.add(groups, self._filter_values(groups))
-        informative = buffer.take().groups
+        sample = buffer.take()
+        informative = sample.groups
+        metrics = {"train/sampling_rounds": float(sample.rounds), "train/informative_share": sample.informative_fraction}
         if self.trainer.world_size > 1 and len(informative) < len(problems):
             # equal batch shapes on every rank (DDP): pad with zero-advantage groups, which add no gradient
             uninformative = [g for g in sampled if all(g is not kept for kept in informative)]
             informative = informative + uninformative[: len(problems) - len(informative)]
-        return informative, sampled
+        return informative, sampled, metrics
 
     # ------------------------------------------------------------------ training
     def training_step(self, problems: list[dict], batch_index: int) -> dict:
         started = time.perf_counter()
-        train_groups, sampled = self.sample_groups(problems)
+        train_groups, sampled, sampling_metrics = self.sample_groups(problems)
         reward_health = self.scoring_stats.end_step(self.max_bad_steps)  # raises after max_bad_steps failed steps
         rollout_seconds = time.perf_counter() - started
         step = self.rollout_step
         self.rollout_step += 1
         records = trajectories(sampled, step)
-        metrics = {**self._sampling_metrics(sampled, rollout_seconds, step), **reward_health}
+        metrics = {**self._sampling_metrics(sampled, rollout_seconds, step), **sampling_metrics, **reward_health}
         if train_groups or self.trainer.world_size > 1:  # DDP ranks must run the same backward passes
             metrics.update(self._train_on(train_groups or sampled[: len(problems)]))
         else:
