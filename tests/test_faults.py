@@ -113,7 +113,7 @@ def test_a_copied_run_directory_resumes_after_changes_that_compute_nothing_diffe
         evaluator["reward_workers"] = 1  # was 0
     changed = tmp_path / "loop.yaml"
     changed.write_text(yaml.safe_dump({**loop, "run_dir": str(copy)}))
-    for work in ("run_grpo", "build_experts", "run_rft", "evaluate"):
+    for work in ("run_grpo", "build_experts", "run_rft", "evaluate_held_out"):
         monkeypatch.setattr(RLoop, work, lambda *args, **kwargs: pytest.fail("a completed phase was re-run"))
     cli_main(["fit", "--config", str(changed)])
     recorded = manifest(copy)["config"]

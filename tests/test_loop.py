@@ -174,7 +174,7 @@ def test_rerun_is_a_no_op(loop_run, monkeypatch):
                 if p.is_file() and not p.name.startswith("report.") and p.name != ".lock"}  # both rewritten on purpose
 
     before, manifest_before = snapshot(), manifest(run_dir)
-    for work in ("run_grpo", "build_experts", "run_rft", "evaluate"):
+    for work in ("run_grpo", "build_experts", "run_rft", "evaluate_held_out"):
         monkeypatch.setattr(RLoop, work, lambda *args, **kwargs: pytest.fail("a completed phase was re-run"))
     cli_main(["fit", "--config", str(config)])
     assert manifest(run_dir) == manifest_before  # same phases, same recorded seconds
@@ -354,3 +354,21 @@ def test_base_is_built_once_and_a_changed_build_config_is_refused(tmp_path):
     with pytest.raises(ValueError, match="now has other contents") as error:
         loop().build_base()
     assert f"Delete {policy.parent}" in str(error.value)
+
+
+def test_a_base_build_cut_short_by_max_time_is_warned(tmp_path, caplog):
+    from rloop_lightning.loop import BasePolicySettings, PhaseSettings
+    from rloop_lightning.loop.controller import BUILD_RECORD
+
+    config = base_build_yaml(steps=100_000)
+    config["trainer"]["max_time"] = "00:00:00:01"
+    build = tmp_path / "base.yaml"
+    build.write_text(yaml.safe_dump(config))
+    policy = tmp_path / "base" / "policy"
+    loop = RLoop(str(tmp_path / "run"), BasePolicySettings(str(policy), str(build)), PhaseSettings("unused.yaml"),
+                 PhaseSettings("unused.yaml"), evaluators=[])
+    with caplog.at_level(logging.WARNING, logger="rloop_lightning.loop.controller"):
+        loop.build_base()
+    steps = json.loads((policy / BUILD_RECORD).read_text())["steps"]
+    assert 0 < steps < 100_000
+    assert f"stopped after {steps} of 100000 steps" in caplog.text

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from rloop_lightning.loop.manifest import Manifest, ManifestError, config_differences, flatten
+from rloop_lightning.loop.manifest import Manifest, ManifestError, config_differences, dotted_items
 
 CONFIG = {"run_dir": "runs/x", "iterations": 2, "expert_set": {"filter": "success_rate", "max_per_prompt": 4},
           "grpo": {"config": "g.yaml", "overrides": {"trainer.max_steps": 3}}, "evaluators": [1, 2]}
@@ -30,7 +30,7 @@ def changed(**dotted) -> dict:
 
 
 def test_flatten_uses_dotted_keys_and_keeps_lists_as_leaves():
-    assert flatten({"a": {"b": 1, "c": {"d": [1, {"e": 2}]}}, "f": None}) == {
+    assert dotted_items({"a": {"b": 1, "c": {"d": [1, {"e": 2}]}}, "f": None}) == {
         "a.b": 1, "a.c.d": [1, {"e": 2}], "f": None}
 
 
@@ -108,7 +108,7 @@ def run_config(**dotted) -> dict:
 
 
 def test_a_list_of_dicts_is_compared_item_by_item():
-    assert flatten({"e": [{"a": 1}, {"a": 2}]}) == {"e.0.a": 1, "e.1.a": 2}
+    assert dotted_items({"e": [{"a": 1}, {"a": 2}]}) == {"e.0.a": 1, "e.1.a": 2}
     assert config_differences(run_config(), run_config(evaluators__1__init_args__num_samples=8)) == [
         "evaluators.1.init_args.num_samples: 4 -> 8"]
 

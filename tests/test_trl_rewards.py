@@ -166,3 +166,33 @@ def test_grpo_fit_runs_every_trl_reward(tmp_path, chat_model_dir, chat):
     if not chat:  # a message-reading function on a string policy: refused before any sampling, by name
         with pytest.raises(RewardFunctionError, match="'accuracy_reward' failed the set-up check"):
             cli_main(["grpo", "fit", "--config", str(grpo_config(tmp_path, model, TRL_PATHS[:1], steps=1))])
+
+
+def test_rloop_fit_trains_with_trl_accuracy_reward_on_a_chat_policy(tmp_path, chat_model_dir):
+    """The loop (GRPO phase, expert set, evaluation) with TRL's ``accuracy_reward`` on a chat-template policy
+    and a MATH-format file: no reward errors or timeouts in any step, and the records score as TRL does."""
+    from test_loop import manifest, read_jsonl, rft_yaml
+
+    RecordScores.steps.clear()
+    rft = tmp_path / "rft.yaml"
+    rft.write_text(yaml.safe_dump(rft_yaml()))
+    task = {"class_path": "rloop_lightning.tasks.MATH", "init_args": {"path": str(MATH_FILES), "train_path": None}}
+    loop = {"run_dir": str(tmp_path / "loop"), "iterations": 1, "base": {"policy": str(chat_model_dir)},
+            "grpo": {"config": str(grpo_config(tmp_path, str(chat_model_dir), ["trl.rewards.accuracy_reward"]))},
+            "rft": {"config": str(rft)},
+            "evaluators": [{"task": task, "split": "test", "num_samples": 2, "ks": [1, 2], "limit": 2,
+                            "sampling": {"max_new_tokens": 10}}]}
+    path = tmp_path / "loop.yaml"
+    path.write_text(yaml.safe_dump(loop))
+    cli_main(["fit", "--config", str(path)])
+    run_dir = tmp_path / "loop"
+    assert {"eval/theta_0", "iter_00/grpo", "iter_00/expert_set"} <= set(manifest(run_dir)["completed"])
+    rows = read_jsonl(run_dir / "iter_00" / "grpo" / "metrics.jsonl")
+    assert len(rows) == 2 and all(row["rewards/errors"] == 0 and row["rewards/timeouts"] == 0 for row in rows)
+    by_id = {p["id"]: p for p in math_problems()}
+    for records, stats, names in RecordScores.steps:
+        assert names == ["accuracy_reward"] and stats["num_errors"] == 0
+        completions = [[{"role": "assistant", "content": r["completion"]}] for r in records]
+        trl_scores = trl_rewards.accuracy_reward(completions=completions,
+                                                 solution=[by_id[r["prompt_id"]]["solution"] for r in records])
+        assert [r["reward"] for r in records] == [0.0 if s is None else s for s in trl_scores]

@@ -102,7 +102,7 @@ def score_groups(problems: Sequence[dict], rollouts: Rollouts, num_generations: 
     return groups
 
 
-def flatten(groups: Sequence[Group]) -> dict:
+def flatten_groups(groups: Sequence[Group]) -> dict:
     """Flat per-completion lists and tensors of ``groups``, group by group."""
     return {
         "prompt_ids": [g.prompt_ids for g in groups for _ in g.completions],

@@ -33,8 +33,8 @@ from rloop_lightning.algorithms import (
 from rloop_lightning.algorithms.importance import (
     ImportanceLevel, ImportanceMode, pad_logprobs, truncated_importance_weights,
 )
-from rloop_lightning.grpo.groups import Group, ScoringStats, flatten, score_groups, trainer_state, trajectories
-from rloop_lightning.grpo.metrics import step_metrics, step_sums
+from rloop_lightning.grpo.groups import Group, ScoringStats, flatten_groups, score_groups, trainer_state, trajectories
+from rloop_lightning.grpo.step_metrics import step_metrics, step_sums
 from rloop_lightning.policy import Policy, PolicyBatch
 from rloop_lightning.policy_module import PolicyModule
 from rloop_lightning.prompt_stats import PromptStats
@@ -300,7 +300,7 @@ class GRPOModule(PolicyModule):
         return {"trajectories": records}
 
     def _train_on(self, groups: list[Group]) -> dict:
-        flat = flatten(groups)
+        flat = flatten_groups(groups)
         advantages = group_advantages(flat["rewards"], self.loss_settings.advantage,
                                       k=self.loss_settings.pass_k).flatten()  # [N]
         batch = self.policy.make_batch(flat["prompt_ids"], flat["completion_ids"]).to(self.device)

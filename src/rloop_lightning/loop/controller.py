@@ -178,12 +178,12 @@ class RLoop:
             if self.manifest.exists and not self.resume:
                 raise FileExistsError(f"{self.layout.root} already holds a run; pass --resume true or another run_dir")
             self.manifest.check_config(config)
-            theta = self.build_base()
+            theta_path = self.build_base()
         else:  # a rank started by the launcher mid-run: the main process wrote both
-            theta = self.base.policy
-        self.phase(BASE_EVALUATION, lambda d: self.evaluate(theta, BASE_EVALUATION), every_rank=False)
+            theta_path = self.base.policy
+        self.phase(BASE_EVALUATION, lambda d: self.evaluate_held_out(theta_path, BASE_EVALUATION), every_rank=False)
         for k in range(self.iterations):
-            theta = self.iteration(k, theta)
+            theta_path = self.iteration(k, theta_path)
         if is_main_process():
             from rloop_lightning.loop.report import write_report
 
@@ -200,26 +200,26 @@ class RLoop:
         if not self.vanilla:
             parse_phase(RFTModule, self.rft, self.rft_overrides(self.base.policy, 0, self.layout.root, self.seed))
 
-    def iteration(self, k: int, theta: str) -> str:
+    def iteration(self, k: int, theta_path: str) -> str:
         layout = self.layout
         grpo = layout.phase("grpo", k)
         rl_end = str(layout.policy(grpo))
-        self.phase(grpo, lambda d: self.run_grpo(theta, d, seed=self.seed + 1000 * k))
+        self.phase(grpo, lambda d: self.run_grpo(theta_path, d, seed=self.seed + 1000 * k))
         if self.vanilla:
-            self.phase(layout.phase("eval", k), lambda d: self.evaluate(rl_end, layout.phase("eval", k)))
+            self.phase(layout.phase("eval", k), lambda d: self.evaluate_held_out(rl_end, layout.phase("eval", k)))
             return rl_end
         if self.evaluate_rl_end:
-            self.phase(layout.phase("eval_rl_end", k), lambda d: self.evaluate(rl_end, layout.phase("eval_rl_end", k)))
+            self.phase(layout.phase("eval_rl_end", k), lambda d: self.evaluate_held_out(rl_end, layout.phase("eval_rl_end", k)))
         self.phase(layout.phase("expert_set", k), lambda d: self.build_experts(k), every_rank=False)
         if self.manifest.info(layout.phase("expert_set", k))["size"] == 0:
             log.warning("iteration %d: empty expert set (nothing hard was solved); RFT skipped, theta_%d "
                         "carried forward", k, k)
-            return theta
+            return theta_path
         rft = layout.phase("rft", k)
-        start = theta if self.rft_from == "theta_k" else rl_end
+        start = theta_path if self.rft_from == "theta_k" else rl_end
         self.phase(rft, lambda d: self.run_rft(start, k, d, seed=self.seed + 1000 * k + 1))
         next_theta = str(layout.policy(rft))
-        self.phase(layout.phase("eval", k), lambda d: self.evaluate(next_theta, layout.phase("eval", k)))
+        self.phase(layout.phase("eval", k), lambda d: self.evaluate_held_out(next_theta, layout.phase("eval", k)))
         return next_theta
 
     def phase(self, name: str, work, every_rank: bool = True) -> None:
@@ -280,15 +280,20 @@ class RLoop:
         log.info("building the base policy %s with %s", path, self.base.build_config)
         cli = build_phase(RFTModule, PhaseSettings(self.base.build_config), {"trainer.default_root_dir": str(path.parent)})
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-        write_json_atomic(record, {"build_config": self.base.build_config, "sha256": digest})
+        steps, planned = cli.trainer.global_step, cli.trainer.max_steps
+        if 0 < planned and steps < planned:  # stopped by trainer.max_time: a loaded machine builds a weaker base
+            log.warning("the base build stopped after %d of %d steps (trainer.max_time in %s): theta_0 is "
+                        "under-trained; delete %s and rerun on an idle machine for the intended base",
+                        steps, planned, self.base.build_config, path.parent)
+        write_json_atomic(record, {"build_config": self.base.build_config, "sha256": digest, "steps": steps})
         return self.base.policy
 
-    def grpo_overrides(self, theta: str, directory: Path, seed: int) -> dict:
-        return {**override_keys("trainer", self.trainer), "model.policy.model_name_or_path": theta,
+    def grpo_overrides(self, theta_path: str, directory: Path, seed: int) -> dict:
+        return {**override_keys("trainer", self.trainer), "model.policy.model_name_or_path": theta_path,
                 "trainer.default_root_dir": str(directory), "seed_everything": seed}
 
-    def rft_overrides(self, theta: str, k: int, directory: Path, seed: int) -> dict:
-        return {**override_keys("trainer", self.trainer), "model.policy.model_name_or_path": theta,
+    def rft_overrides(self, theta_path: str, k: int, directory: Path, seed: int) -> dict:
+        return {**override_keys("trainer", self.trainer), "model.policy.model_name_or_path": theta_path,
                 "trainer.default_root_dir": str(directory), "data.init_args.paths": [str(self.layout.expert_set(k))],
                 "seed_everything": seed}
 
@@ -304,8 +309,8 @@ class RLoop:
         trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=PhaseCheckpoint.latest(checkpoints),
                     weights_only=False)
 
-    def run_grpo(self, theta: str, directory: Path, seed: int) -> dict:
-        cli = build_phase(GRPOModule, self.grpo, self.grpo_overrides(theta, directory, seed))
+    def run_grpo(self, theta_path: str, directory: Path, seed: int) -> dict:
+        cli = build_phase(GRPOModule, self.grpo, self.grpo_overrides(theta_path, directory, seed))
         ensure_callback(cli.trainer, ExpertHarvester, ExpertHarvester)
         self._fit(cli, directory)
         return {"policy": str(directory / "policy"), "steps": cli.model.rollout_step}
@@ -327,12 +332,12 @@ class RLoop:
         log.info("iteration %d expert set: %s", k, summary)
         return summary
 
-    def run_rft(self, theta: str, k: int, directory: Path, seed: int) -> dict:
-        cli = build_phase(RFTModule, self.rft, self.rft_overrides(theta, k, directory, seed))
+    def run_rft(self, theta_path: str, k: int, directory: Path, seed: int) -> dict:
+        cli = build_phase(RFTModule, self.rft, self.rft_overrides(theta_path, k, directory, seed))
         self._fit(cli, directory)
-        return {"policy": str(directory / "policy"), "started_from": theta}
+        return {"policy": str(directory / "policy"), "started_from": theta_path}
 
-    def evaluate(self, policy_path: str, phase: str) -> dict:
+    def evaluate_held_out(self, policy_path: str, phase: str) -> dict:
         """Held-out metrics of the policy at ``policy_path`` (``evaluate_policy`` with the run's seed), loaded
         with the GRPO phase's policy settings; written to the phase's ``eval.json``."""
         policy = phase_policy(self.grpo, policy_path)

@@ -42,7 +42,7 @@ class ManifestError(ValueError):
     """``manifest.json`` cannot be read; the message names it and says what to do."""
 
 
-def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+def dotted_items(data: Any, prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; a list of dicts by index (``evaluators.0.split``), other
     lists are leaves."""
     if isinstance(data, list) and data and all(isinstance(item, dict) for item in data):
@@ -51,7 +51,7 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
         return {prefix: data}
     flat: dict[str, Any] = {}
     for key, value in data.items():
-        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        flat.update(dotted_items(value, f"{prefix}.{key}" if prefix else str(key)))
     return flat
 
 
@@ -62,7 +62,7 @@ def config_differences(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> li
     A field absent on one side and null on the other is no difference: a field added to the code
     later, with a null (off) default, does not change what an older run directory did.
     """
-    old_flat, new_flat = flatten(old), flatten(new)
+    old_flat, new_flat = dotted_items(old), dotted_items(new)
     lines = []
     for key in sorted(set(old_flat) | set(new_flat)):
         if any(fnmatchcase(key, pattern) for pattern in ignore):
