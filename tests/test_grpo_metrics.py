@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rloop_lightning.grpo.groups import Group
-from rloop_lightning.grpo.metrics import step_metrics, step_sums
+from rloop_lightning.grpo.step_metrics import step_metrics, step_sums
 
 
 def group(pid, completions, rewards, correct, truncated=None):
