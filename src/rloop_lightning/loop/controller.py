@@ -11,8 +11,10 @@ Each phase is a fresh Lightning Trainer built from its own YAML (the same file t
 seed. ``vanilla=True`` runs the baseline one flag away: the same K GRPO phases chained from each
 other's end points, no expert set, no RFT, no re-initialisation.
 
-Resume: the manifest records completed phases; a rerun skips them, wipes a half-done phase's
-directory and redoes it with the same seed, so expert sets never gain or lose trajectories.
+Resume: the manifest records completed phases; a rerun skips them and continues a half-done GRPO or
+RFT phase from its last mid-phase checkpoint (``PhaseCheckpoint``), or wipes and redoes it with the
+same seed when it has none, so expert sets never gain or lose trajectories. Several processes: see
+``loop.distributed`` (every rank trains and evaluates; the main process keeps the books).
 """
 
 from __future__ import annotations
