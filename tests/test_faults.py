@@ -195,11 +195,8 @@ def test_long_options_are_never_abbreviated_and_the_tip_names_the_command(comman
 
 def test_every_fault_probe_is_a_test_here():
     """scripts/fault_probes.py replays the faults through these tests: each probe names an existing one."""
-    import importlib.util
+    from script_modules import load_script
 
-    spec = importlib.util.spec_from_file_location("fault_probes", REPO / "scripts" / "fault_probes.py")
-    probes = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probes)
-    for probe in probes.PROBES:
+    for probe in load_script("fault_probes").PROBES:
         path, name = probe.test.split("::")
         assert f"def {name.split('[')[0]}(" in (REPO / path).read_text(), probe.test
