@@ -142,7 +142,7 @@ def policies(run_dir: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("devices", [1])
+@pytest.mark.parametrize("devices", [1, 2])
 def test_sigkilled_loop_resumes_mid_phase_to_the_uninterrupted_run(tmp_path, devices):
     """SIGKILL ``rloop fit`` at a random moment after a GRPO checkpoint, then after an RFT checkpoint;
     each rerun resumes that phase from its checkpoint (harvest shards before it kept as they are), and
