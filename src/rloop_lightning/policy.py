@@ -465,13 +465,3 @@ class Policy(nn.Module):
             "lora": asdict(self.lora) if self.lora else None, "load_in_4bit": self.load_in_4bit,
             "prompt_template": self.prompt_template, "use_chat_template": self.use_chat_template,
         }
-
-    def clone_settings(self, model_name_or_path: str) -> "Policy":
-        """A new, unloaded policy with these settings reading weights from ``model_name_or_path``."""
-        return Policy(
-            model_name_or_path, revision=None, dtype=self.dtype_name, lora=self.lora,
-            load_in_4bit=self.load_in_4bit, gradient_checkpointing=self.gradient_checkpointing,
-            trust_remote_code=self.trust_remote_code, use_chat_template=self.use_chat_template,
-            prompt_template=self.prompt_template, system_prompt=self.system_prompt,
-            attn_implementation=self.attn_implementation,
-        )
