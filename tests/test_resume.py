@@ -85,6 +85,9 @@ def test_grpo_phase_resumes_to_the_uninterrupted_outputs(tmp_path, stop_at):
     with pytest.raises(RuntimeError, match="crash"):
         run_phase(GRPOModule, config, resumed, every_n_steps=2, stop_at=stop_at)
     assert PhaseCheckpoint.latest(resumed / "checkpoints") is not None
+    # what a SIGKILL inside an atomic write leaves: the resumed phase removes it
+    for leftover in ("rank00/.step0000009.jsonl.tmp-1", ".prompt_stats.rank00.json.tmp-1"):
+        (resumed / "experts" / leftover).write_text('{"half a record')
     run_phase(GRPOModule, config, resumed, every_n_steps=2)
     reference = phase_outputs(tmp_path / "reference")
     assert any(name.startswith("experts/rank00/step") for name in reference)

@@ -7,7 +7,8 @@ share a file) and keeps per-prompt solve statistics in ``{dirpath}/prompt_stats.
 
 A phase resumed from a mid-phase checkpoint (``PhaseCheckpoint``) keeps the shards of the steps
 before the checkpoint's rollout step as they are and deletes this rank's later ones, which the
-resumed phase writes again; the statistics file goes back to the checkpoint's.
+resumed phase writes again; the statistics file goes back to the checkpoint's. Temporary files that a
+process killed mid-write left behind are removed when the phase starts again.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Optional
 
 import lightning as L
 
-from rloop_lightning.records import write_json_atomic, write_jsonl_atomic
+from rloop_lightning.records import remove_temporaries, write_json_atomic, write_jsonl_atomic
 
 EXPERT_FIELDS = ("prompt_id", "prompt", "completion", "answer", "step", "reward", "logprob", "num_tokens")
 
@@ -43,6 +44,9 @@ class ExpertHarvester(L.Callback):
         return self.root(trainer) / f"rank{trainer.global_rank:02d}"
 
     def on_train_start(self, trainer, pl_module) -> None:
+        # this rank alone writes its shards and statistics file: any temporary of them is a killed write's
+        remove_temporaries(self.rank_dir(trainer), "step*.jsonl")
+        remove_temporaries(self.root(trainer), f"prompt_stats.rank{trainer.global_rank:02d}.json")
         if trainer.ckpt_path is None:
             return
         resumed_at = pl_module.rollout_step  # the next rollout step; shards of earlier steps stay
