@@ -21,8 +21,9 @@ def countdown_dataset(problems: list[dict], instruction: str = ""):
 
 def grpo_config(output_dir: str, *, seed: int, max_steps: int, learning_rate: float, prompts_per_step: int,
                 num_generations: int, max_completion_length: int, epsilon_high: float = 0.2,
-                logging_steps: int = 1):
-    """A ``GRPOConfig`` with the settings above and the given step, batch and sampling sizes."""
+                logging_steps: int = 1, **options):
+    """A ``GRPOConfig`` with the settings above and the given step, batch and sampling sizes; ``options``
+    are further ``GRPOConfig`` fields (e.g. ``use_vllm=True``)."""
     from trl import GRPOConfig
 
     return GRPOConfig(
@@ -32,5 +33,5 @@ def grpo_config(output_dir: str, *, seed: int, max_steps: int, learning_rate: fl
         per_device_train_batch_size=prompts_per_step * num_generations, gradient_accumulation_steps=1,
         num_generations=num_generations, max_completion_length=max_completion_length, temperature=1.0,
         top_p=1.0, top_k=0, beta=0.0, num_iterations=1, epsilon=0.2, epsilon_high=epsilon_high,
-        loss_type="dapo", scale_rewards="group", dataloader_num_workers=0,
+        loss_type="dapo", scale_rewards="group", dataloader_num_workers=0, **options,
     )
