@@ -60,3 +60,13 @@ def test_named_paths_finds_each_kind():
             "`--config configs/loop/ddp_cpu.yaml`, `tests/test_loop.py::test_x`, runs/study/scripts/x.py")
     assert named_paths(text) == {"benchmarks/grpo_step.py", "scripts/trl_arm.py", "configs/loop/ddp_cpu.yaml",
                                  "tests/test_loop.py::test_x"}
+
+
+def test_ci_runs_the_readme_test_command():
+    """README: "`.ci/run` runs exactly the second command" (the fresh-machine install and test run)."""
+    readme = (REPO / "README.md").read_text()
+    commands = re.findall(r"```bash\n(.+?)\n```", readme, flags=re.S)
+    test_command = commands[1]
+    assert "pytest" in test_command and "\n" not in test_command
+    ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci[-1] == test_command
