@@ -17,13 +17,16 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 
 from rloop_lightning.algorithms.importance import pad_logprobs
 from rloop_lightning.callbacks import MetricsRecorder
 from rloop_lightning.data.datamodules import PromptDataModule
 from rloop_lightning.evaluation import Evaluator, evaluate_policy
 from rloop_lightning.grpo import GRPOModule
+from rloop_lightning.loop.phases import PhaseSettings, build_phase
 from rloop_lightning.policy import LoraSettings, Policy
+from rloop_lightning.rft import RFTModule
 from rloop_lightning.rollout.base import SamplingParams
 from rloop_lightning.rollout.vllm import VLLMEngine
 from rloop_lightning.tasks import Countdown
@@ -133,6 +136,61 @@ def test_grpo_with_vllm_learns_and_logs_the_mismatch(engine, tmp_path):
     mismatch = [row["rollout/mismatch_kl"] for row in rows]
     assert all(abs(value) < 1e-4 for value in mismatch), mismatch  # synced weights: sampler == trainer (k3 >= 0 up to rounding)
     assert "rollout/mismatch_kl" in trainer.logged_metrics
+
+
+def phase_yaml(name: str, tmp_path: Path, **trainer) -> Path:
+    """A shipped phase YAML with only its first callback (the policy export or the harvester) and
+    ``trainer`` settings on top, written to ``tmp_path``."""
+    config = yaml.safe_load((ROOT / "configs" / name).read_text())
+    config["trainer"]["callbacks"] = config["trainer"]["callbacks"][:1]
+    config["trainer"].update(enable_progress_bar=False, enable_model_summary=False, **trainer)
+    path = tmp_path / Path(name).name.replace(".yaml", f"_{Path(name).parent.name}.yaml")
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def held_out_pass_at_1(policy_dir: Path, engine: VLLMEngine) -> float:
+    """pass@1 of the policy saved in ``policy_dir`` on 100 Countdown test problems x 16 samples."""
+    evaluator = Evaluator(Countdown(), split="test", num_samples=16, ks=[1], limit=100, greedy=False,
+                          sampling=SamplingParams(temperature=1.0, max_new_tokens=16))
+    return evaluate_policy(Policy(str(policy_dir)), [evaluator], engine, seed=0)["countdown/test"]["pass@1"]
+
+
+@pytest.mark.slow
+def test_grpo_phase_with_vllm_learns_on_the_tiny_countdown_base(tmp_path):
+    """The main job's first two phases as shipped, on real vLLM: the tiny Countdown base
+    (``configs/base/tiny_countdown.yaml``, 1000 RFT steps), then GRPO from it with
+    ``configs/grpo/tiny_countdown.yaml`` + ``configs/engines/vllm_cpu.yaml`` for 40 steps. Countdown's
+    held-out pass@1 (100 test problems x 16 samples, sampled by vLLM) rises well beyond sampling noise
+    (measured: 0.21 -> 0.31, +-0.01 each). About 5 minutes on 2 cores."""
+    base_dir, grpo_dir = tmp_path / "base", tmp_path / "grpo"
+    base = build_phase(RFTModule, PhaseSettings(str(phase_yaml("base/tiny_countdown.yaml", tmp_path,
+                                                               max_time=None))),
+                       {"trainer.default_root_dir": str(base_dir)})
+    base.trainer.fit(base.model, datamodule=base.datamodule)
+    assert base.trainer.global_step == 1000
+    grpo_settings = PhaseSettings(str(phase_yaml("grpo/tiny_countdown.yaml", tmp_path, max_steps=40)),
+                                  extra_configs=[str(ROOT / "configs/engines/vllm_cpu.yaml")])
+    grpo = build_phase(GRPOModule, grpo_settings, {"trainer.default_root_dir": str(grpo_dir),
+                                                   "model.policy.model_name_or_path": str(base_dir / "policy")})
+    grpo.trainer.callbacks.append(MetricsRecorder(str(grpo_dir / "metrics.jsonl")))
+    engine = grpo.model.engine
+    assert isinstance(engine, VLLMEngine)
+    try:
+        grpo.trainer.fit(grpo.model, datamodule=grpo.datamodule)
+        grpo.model.policy.save(grpo_dir / "policy")
+        before, after = held_out_pass_at_1(base_dir / "policy", engine), held_out_pass_at_1(grpo_dir / "policy", engine)
+    finally:
+        engine.close()
+
+    rows = [json.loads(line) for line in (grpo_dir / "metrics.jsonl").read_text().splitlines()]
+    rewards = [row["train/reward_mean"] for row in rows]
+    # the training reward is noisy (+-0.07 a step, prompts differ in difficulty): measured 0.25 in the first
+    # half, 0.29 in the second; the held-out pass@1 below is the firm evidence of learning
+    assert len(rewards) == 40 and 0.1 < sum(rewards) / 40 < 0.9, rewards
+    assert all(abs(row["rollout/mismatch_kl"]) < 1e-4 for row in rows)
+    assert list((grpo_dir / "experts" / "rank00").glob("step*.jsonl"))  # harvested along the way
+    assert before > 0.1 and after > before + 0.04, (before, after)
 
 
 def test_evaluation_scores_each_policy_with_its_own_weights(engine, tmp_path, monkeypatch):
