@@ -114,6 +114,27 @@ def test_sampler_logprobs_match_the_trainer(engine, temperature):
         assert max_sampler_gap(policy, rollouts, 1.0) > 0.05
 
 
+def test_closing_an_engine_leaves_other_engines_working(engine):
+    """vLLM's own shutdown of an in-process engine destroys process-wide state (its parallel groups and
+    torch.distributed's default group): another engine in the process, such as the loop's evaluation
+    engine after a GRPO phase's engine is gone, then fails its next step. ``close`` frees without that."""
+    policy = tiny_policy()
+    sampling = SamplingParams(max_new_tokens=4)
+    engine.load_policy(policy)
+    assert len(engine.generate(policy, PROMPTS, 2, sampling)) == 6  # running before the other one starts
+    other = VLLMEngine(enforce_eager=True, seed=1)
+    assert len(other.generate(policy, PROMPTS, 2, sampling)) == 6
+    other.llm.llm_engine.engine_core.shutdown()  # what the collector runs when it takes the engine
+    other.close()
+    engine.load_policy(policy)
+    assert len(engine.generate(policy, PROMPTS, 2, sampling)) == 6
+    restarted = VLLMEngine(enforce_eager=True, seed=1)  # a closed engine starts again on its next use
+    restarted.generate(policy, PROMPTS, 1, sampling)
+    restarted.close()
+    assert restarted.llm is None and len(restarted.generate(policy, PROMPTS, 1, sampling)) == 3
+    restarted.close()
+
+
 def test_full_weight_sync_after_grpo_steps(engine, tmp_path):
     torch.manual_seed(0)
     policy = tiny_policy()
@@ -267,6 +288,11 @@ trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=2, strategy="ddp", l
                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 trainer.fit(module, data)
 print(f"rank {trainer.global_rank}: synced {engine.num_syncs} times", flush=True)
+engine.llm.llm_engine.engine_core.shutdown()  # what the collector runs when it takes the engine
+engine.close()  # as the loop does after a GRPO phase
+assert torch.distributed.is_initialized()  # Lightning's process group survives the engine
+torch.distributed.barrier()
+print(f"rank {trainer.global_rank}: process group alive", flush=True)
 """
 
 
@@ -281,7 +307,7 @@ def test_engine_under_lightning_ddp_on_two_cpu_processes(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     for rank in (0, 1):
-        assert f"rank {rank}: synced 2 times" in output
+        assert f"rank {rank}: synced 2 times" in output and f"rank {rank}: process group alive" in output
 
 
 def test_micro_model_head_size_is_refused_before_loading(micro_policy):

@@ -314,7 +314,10 @@ class RLoop:
     def run_grpo(self, theta_path: str, directory: Path, seed: int) -> dict:
         cli = build_phase(GRPOModule, self.grpo, self.grpo_overrides(theta_path, directory, seed))
         ensure_callback(cli.trainer, ExpertHarvester, ExpertHarvester)
-        self._fit(cli, directory)
+        try:
+            self._fit(cli, directory)
+        finally:
+            cli.model.engine.close()  # a vLLM engine's model and KV cache go before the RFT phase starts
         return {"policy": str(directory / "policy"), "steps": cli.model.rollout_step}
 
     def build_experts(self, k: int) -> dict:

@@ -73,6 +73,10 @@ class RolloutEngine(ABC):
         """A new policy is about to be sampled from (e.g. another theta_k in held-out evaluation):
         engines holding their own weights load all of them here (or the policy's adapter)."""
 
+    def close(self) -> None:
+        """Free what the engine holds (an engine with its own copy of the model frees it); a later
+        ``generate`` starts it again."""
+
     def check_prompt_lengths(self, policy: Policy, prompt_ids: list[list[int]], sampling: SamplingParams,
                              max_context: Optional[int]) -> None:
         if max_context is None:

@@ -33,11 +33,13 @@ Sleep mode (CUDA only; ``enable_sleep_mode``) frees the GPU for training between
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -209,6 +211,7 @@ class VLLMEngine(RolloutEngine):
         self._next_lora_id = 1
         self._lora_directory: Optional[str] = None
         self._weights_discarded = False  # level-2 sleep drops the weights: sync before sampling
+        self._release: Optional[weakref.finalize] = None
 
     # ------------------------------------------------------------------ set-up
     def build(self, policy: Policy):
@@ -248,6 +251,7 @@ class VLLMEngine(RolloutEngine):
         log.info("starting vLLM (%s) on %s (rank %d of %d)", self.device, kwargs["model"], rank, world_size)
         with _keep_torch_threads():
             self.llm = vllm.LLM(**kwargs)
+        self._release = _release_without_global_teardown(self.llm)
         self.base_source = source
         return self.llm
 
@@ -360,8 +364,14 @@ class VLLMEngine(RolloutEngine):
             self.asleep = False
 
     def close(self) -> None:
-        """Drop vLLM and the temporary adapter directory."""
+        """Release vLLM (its model and KV cache) and the temporary adapter directory; other engines in this
+        process and its ``torch.distributed`` process group keep working (``_release_without_global_teardown``)."""
+        if self._release is not None:
+            self._release()
+            self._release = None
         self.llm = None
+        self.base_source = None
+        self.asleep = self._weights_discarded = False  # a restarted engine is awake, with its weights
         self.lora_request = None
         if self._lora_directory:
             shutil.rmtree(self._lora_directory, ignore_errors=True)
@@ -389,6 +399,31 @@ def _export_launcher_ranks(rank: int) -> None:
         raise RuntimeError(f"vLLM's external launcher joins the process group through env://, but {missing} "
                            "are not set: start the job with torchrun or Lightning's launcher")
 
+
+
+def _release_without_global_teardown(llm) -> weakref.finalize:
+    """Replace the in-process engine core's finalizer with one that frees the same resources but leaves
+    process-wide state alone; returns it (call it to release now; it runs at most once).
+
+    vLLM's own (``EngineCore.shutdown``) ends with ``cleanup_dist_env_and_memory``: it destroys vLLM's
+    process-wide parallel groups, so every other engine in the process fails its next step ("pipeline
+    model parallel group is not initialized"), and ``torch.distributed``'s default process group, the one
+    Lightning's DDP/FSDP and the loop's barriers run on. It runs whenever the garbage collector takes an
+    engine, e.g. a finished GRPO phase's, while the loop's evaluation engine and the next phase go on.
+    """
+    client = llm.llm_engine.engine_core  # InprocClient: the engine core runs in this process (checked at start)
+    client._finalizer.detach()
+    return weakref.finalize(llm, _release_engine_core, client.engine_core)
+
+
+def _release_engine_core(core) -> None:
+    """``EngineCore.shutdown`` without its process-wide teardown."""
+    core.structured_output_manager.clear_backend()
+    if core.model_executor:
+        core.model_executor.shutdown()
+    if core.scheduler:
+        core.scheduler.shutdown()
+    gc.unfreeze()  # vLLM froze the objects made at start-up: let the collector free them
 
 
 @contextmanager
