@@ -424,6 +424,8 @@ def _release_engine_core(core) -> None:
     if core.scheduler:
         core.scheduler.shutdown()
     gc.unfreeze()  # vLLM froze the objects made at start-up: let the collector free them
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # hand the freed GPU memory back for training (the rest of vLLM's clean-up)
 
 
 @contextmanager
