@@ -103,12 +103,12 @@ def read_records(paths, required: Iterable[str] = ()) -> list[dict]:
     return list(iter_records(paths, required))
 
 
-def temporary_path(path: Path) -> Path:
+def _temporary_path(path: Path) -> Path:
     """Where this process writes ``path`` before the atomic rename: ``.{name}.tmp-{pid}`` beside it."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def remove_temporaries(directory: Path, pattern: str = "*") -> None:
+def remove_temporaries(directory: Path, pattern: str) -> None:
     """Delete the temporary files that a process killed inside an atomic write (SIGKILL, OOM) left in
     ``directory`` for files matching ``pattern``. Call it only where no other process writes them."""
     for temporary in Path(directory).glob(f".{pattern}.tmp-*"):
@@ -122,7 +122,7 @@ def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> int:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = temporary_path(path)
+    temporary = _temporary_path(path)
     count = 0
     try:
         with open(temporary, "w", encoding="utf-8") as handle:
@@ -142,6 +142,6 @@ def write_json_atomic(path: str | os.PathLike, data) -> None:
     """Write ``data`` as JSON to ``path`` via a temporary file and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = temporary_path(path)
+    temporary = _temporary_path(path)
     temporary.write_text(json.dumps(data, indent=1, sort_keys=True))
     os.replace(temporary, path)

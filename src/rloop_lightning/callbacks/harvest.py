@@ -43,10 +43,13 @@ class ExpertHarvester(L.Callback):
     def rank_dir(self, trainer: L.Trainer) -> Path:
         return self.root(trainer) / f"rank{trainer.global_rank:02d}"
 
+    def stats_path(self, trainer: L.Trainer) -> Path:
+        return self.root(trainer) / f"prompt_stats.rank{trainer.global_rank:02d}.json"
+
     def on_train_start(self, trainer, pl_module) -> None:
         # this rank alone writes its shards and statistics file: any temporary of them is a killed write's
         remove_temporaries(self.rank_dir(trainer), "step*.jsonl")
-        remove_temporaries(self.root(trainer), f"prompt_stats.rank{trainer.global_rank:02d}.json")
+        remove_temporaries(self.root(trainer), self.stats_path(trainer).name)
         if trainer.ckpt_path is None:
             return
         resumed_at = pl_module.rollout_step  # the next rollout step; shards of earlier steps stay
@@ -56,8 +59,7 @@ class ExpertHarvester(L.Callback):
         self.write_prompt_stats(trainer, pl_module)
 
     def write_prompt_stats(self, trainer, pl_module) -> None:
-        write_json_atomic(self.root(trainer) / f"prompt_stats.rank{trainer.global_rank:02d}.json",
-                          pl_module.prompt_stats.to_dict())
+        write_json_atomic(self.stats_path(trainer), pl_module.prompt_stats.to_dict())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         records = (outputs or {}).get("trajectories", [])
