@@ -3,13 +3,14 @@
 It owns the three things every phase needs and should not re-implement:
 - turning a problem's prompt into model input (chat template when the tokenizer has one, a plain
   template otherwise) and (prompt, completion) pairs into a padded batch;
-- per-token log-probs and entropy of completion tokens;
+- per-token log-probs and entropy of completion tokens, the LM head applied ``logprob_chunk_size``
+  tokens at a time (``algorithms.chunked_logprobs``) so no [batch, tokens, vocabulary] logits exist;
 - the reference policy, the weights the phase started from: under LoRA the base with adapters
   disabled, or, when the policy was loaded from an adapter directory (theta_k of an RLoop
   iteration), a frozen copy of that adapter; under full fine-tuning a frozen copy made on first use.
 
 Batches use the generation layout ``[left-padded prompt | right-padded completion]`` so that the
-completion occupies the same columns in every row and logits are computed for those columns only.
+completion occupies the same columns in every row and the head runs on those columns only.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import copy
 import inspect
 import json
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Optional, Sequence
@@ -27,12 +28,15 @@ import torch
 from torch import Tensor, nn
 
 from rloop_lightning import tiny
+from rloop_lightning.algorithms.chunked_logprobs import chosen_token_logprobs, logprobs_from_logits
 from rloop_lightning.strategies import forwards_in_lockstep
 
 log = logging.getLogger(__name__)
 
 DType = Literal["float32", "bfloat16", "float16", "auto"]
 REFERENCE_ADAPTER = "reference"  # the frozen copy of the adapter a policy was loaded from
+# config fields of models whose forward transforms the head's output (Gemma 2, Cohere, Granite)
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 @dataclass
@@ -121,7 +125,8 @@ def shared_prefix_cache(model: nn.Module, input_ids: Tensor, attention_mask: Ten
 
 
 def shared_prompt_logits(model: nn.Module, batch: PolicyBatch, force: bool = False) -> Optional[Tensor]:
-    """Completion logits [N, C, V] with each distinct prompt of the batch run through the model once.
+    """Completion logits [N, C, V] with each distinct prompt of the batch run through the model once
+    (final hidden states [N, C, H] inside ``head_returns_hidden_states``).
 
     GRPO batches hold G completions per prompt: the prompts' keys and values are computed once per
     distinct prompt and the completions run on top of that cache. The logits equal those of a full
@@ -138,6 +143,30 @@ def shared_prompt_logits(model: nn.Module, batch: PolicyBatch, force: bool = Fal
                  use_cache=True, logits_to_keep=batch.completion_mask.shape[1], **{cache_argument(model): cache})
     # the prompt's last position predicts the first completion token, completion position t token t + 1
     return torch.cat([prompt_output.logits[inverse], rest.logits[:, :-1]], dim=1)
+
+
+@contextmanager
+def head_returns_hidden_states(model: nn.Module) -> Iterator[Optional[nn.Module]]:
+    """Within, ``model(...).logits`` are the final hidden states: the LM head is swapped for an identity.
+    Yields the head, or None (nothing swapped) for a model whose forward transforms the head's output
+    (soft-capping, scaling): only the full logits are exact there.
+
+    The whole model still runs, so FSDP2's root pre-forward gathers the root unit (embeddings, final
+    norm, head) as in any forward, and the root keeps it gathered until its backward: the head the
+    chunks use is the full weight. peft's wrapper is looked through (the head is not adapted by
+    ``all-linear``; an adapted head is a module the chunks call as it is).
+    """
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if any(getattr(causal_lm.config, field, None) not in (None, 1, 1.0) for field in LOGIT_TRANSFORMS):
+        yield None
+        return
+    head = causal_lm.get_output_embeddings()
+    name = next(name for name, child in causal_lm.named_children() if child is head)
+    setattr(causal_lm, name, nn.Identity())
+    try:
+        yield head
+    finally:
+        setattr(causal_lm, name, head)
 
 
 def keep_trainable_4bit_layout(model: nn.Module) -> None:
@@ -183,6 +212,11 @@ class Policy(nn.Module):
         prompt_template: used when no chat template applies; ``{prompt}`` is the problem's prompt.
         system_prompt: optional system message for chat templates.
         attn_implementation: passed to ``from_pretrained`` (``sdpa``, ``flash_attention_2``, ...).
+        logprob_chunk_size: completion tokens per application of the LM head when computing log-probs
+            and entropy (training, old policy, KL reference); the backward recomputes each chunk's
+            logits, so memory grows with this x vocabulary (~4 KB x 152k vocabulary x 512 = 0.3 GB a
+            buffer) instead of batch x completion length x vocabulary. ``None`` computes the full
+            logits at once (the same numbers, up to float rounding).
     """
 
     def __init__(
@@ -198,8 +232,12 @@ class Policy(nn.Module):
         prompt_template: str = "{prompt}",
         system_prompt: Optional[str] = None,
         attn_implementation: Optional[str] = None,
+        logprob_chunk_size: Optional[int] = 512,
     ):
         super().__init__()
+        if logprob_chunk_size is not None and logprob_chunk_size <= 0:
+            raise ValueError(f"policy.logprob_chunk_size must be a positive number of tokens (or null for the full "
+                             f"logits at once), got {logprob_chunk_size}")
         if load_in_4bit and lora is None:
             raise ValueError("load_in_4bit=True (QLoRA) needs `lora` settings: 4-bit weights cannot be trained")
         if "{prompt}" not in prompt_template:
@@ -214,6 +252,7 @@ class Policy(nn.Module):
         self.prompt_template = prompt_template
         self.system_prompt = system_prompt
         self.attn_implementation = attn_implementation
+        self.logprob_chunk_size = logprob_chunk_size
         self.source = self._resolve_source(model_name_or_path)
         self.tokenizer = self._load_tokenizer()
         has_template = bool(getattr(self.tokenizer, "chat_template", None))
@@ -374,29 +413,26 @@ class Policy(nn.Module):
 
         ``temperature`` divides the logits, so log-probs are those of the distribution that sampled
         the tokens (as the sampler reported them); 0 (greedy) counts as 1. ``share_prompts`` runs
-        each distinct prompt once (see ``shared_prompt_logits``); the result is the same.
+        each distinct prompt once (see ``shared_prompt_logits``); the result is the same. The model
+        returns hidden states and the head runs ``logprob_chunk_size`` tokens at a time
+        (``chosen_token_logprobs``); every rank takes the same path, as it depends only on settings.
         """
         model = model if model is not None else self.require_model()
         # checkpointed training keeps no KV cache: nothing to share
         share_prompts = share_prompts and not (self.gradient_checkpointing and model.training)
-        logits = shared_prompt_logits(model, batch, force=forwards_in_lockstep(model)) if share_prompts else None
-        if logits is None:
-            logits = model(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                position_ids=position_ids(batch.attention_mask),
-                logits_to_keep=batch.completion_mask.shape[1] + 1, use_cache=False,
-            ).logits[:, :-1]
-        if temperature and temperature != 1.0:
-            logits = logits / temperature
+        chunked = head_returns_hidden_states(model) if self.logprob_chunk_size is not None else nullcontext()
+        with chunked as head:
+            outputs = shared_prompt_logits(model, batch, force=forwards_in_lockstep(model)) if share_prompts else None
+            if outputs is None:
+                outputs = model(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    position_ids=position_ids(batch.attention_mask),
+                    logits_to_keep=batch.completion_mask.shape[1] + 1, use_cache=False,
+                ).logits[:, :-1]
         targets = batch.input_ids[:, batch.prompt_length:]
-        log_probs = torch.log_softmax(logits.float(), dim=-1)  # [N, C, V]
-        chosen = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [N, C]
-        if not with_entropy:
-            return chosen, None
-        with torch.no_grad():  # a diagnostic: no [N, C, V] graph kept alive until backward
-            detached = log_probs.detach()
-            entropy = -(detached.exp() * detached).sum(-1)
-        return chosen, entropy
+        if head is None:  # [N, C, V] logits
+            return logprobs_from_logits(outputs, targets, temperature, with_entropy)
+        return chosen_token_logprobs(outputs, head, targets, self.logprob_chunk_size, temperature, with_entropy)
 
     @contextmanager
     def reference(self) -> Iterator[nn.Module]:
