@@ -284,9 +284,31 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def fsdp1_gradients(rank: int, completions: list[str]) -> dict:
+    """FSDP1 (flat parameters): this rank's gradient shard after a full-logit and a chunked backward."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from rloop_lightning.strategies import fsdp_wrap_classes
+
+    policy = Policy("rloop/micro-llama")
+    policy.load_model()
+    policy.model = FullyShardedDataParallel(policy.model, auto_wrap_policy=ModuleWrapPolicy(
+        fsdp_wrap_classes(policy.model)), device_id=torch.device("cpu"))
+    batch = policy.encode_pairs(["1 2 -> 3\n", "1 2 -> 3\n"], completions)
+    gradients = {}
+    for chunk_size in (None, 2):
+        policy.logprob_chunk_size = chunk_size
+        policy.model.zero_grad(set_to_none=True)
+        logprobs, _ = policy.completion_logprobs(batch, temperature=0.7)
+        (logprobs * batch.completion_mask).sum().backward()
+        gradients[chunk_size] = torch.cat([p.grad.flatten() for p in policy.model.parameters()])
+    return gradients
+
+
 def fsdp2_worker(rank: int, port: int, output: str) -> None:
-    """Shard micro-llama with FSDP2; each rank its own batch (different completion lengths, so different
-    chunk counts); full-logit and chunked gradients, gathered, must agree."""
+    """Shard micro-llama with FSDP2 (and FSDP1); each rank its own batch (different completion lengths, so
+    different chunk counts); full-logit and chunked gradients, gathered, must agree."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -296,12 +318,13 @@ def fsdp2_worker(rank: int, port: int, output: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         torch.set_num_threads(1)
+        completions = ["1+2", "2+1"] if rank == 0 else ["1+2=3 and 3", "3"]
+        fsdp1 = fsdp1_gradients(rank, completions)
         policy = Policy("rloop/micro-llama")
         policy.load_model()
         shard_with_fsdp2(policy.model, init_device_mesh("cpu", (2,)))
-        completions = ["1+2", "2+1"] if rank == 0 else ["1+2=3 and 3", "3"]
         batch = policy.encode_pairs(["1 2 -> 3\n", "1 2 -> 3\n"], completions)
-        results = {}
+        results = {"fsdp1": fsdp1}
         for chunk_size in (None, 2):
             for share_prompts in (False, True):
                 policy.logprob_chunk_size = chunk_size
@@ -322,12 +345,16 @@ def fsdp2_worker(rank: int, port: int, output: str) -> None:
 
 
 @pytest.mark.slow
-def test_chunks_under_fsdp2_on_two_processes(tmp_path):
-    """The head is in FSDP2's root unit, gathered by the model's forward and kept until its backward: the
-    chunks (and their recomputation in the backward) see the full weight on every rank."""
+def test_chunks_under_fsdp_on_two_processes(tmp_path):
+    """The head is in FSDP's root unit, gathered by the model's forward and kept until its backward: the
+    chunks (and their recomputation in the backward) see the full weight on every rank (FSDP2 and FSDP1)."""
+    tiny.materialize("rloop/micro-llama")  # once, before two processes would build it at the same time
     torch.multiprocessing.spawn(fsdp2_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     for rank in (0, 1):
         results = torch.load(tmp_path / f"rank{rank}.pt")
+        fsdp1 = results["fsdp1"]
+        assert fsdp1[None].abs().max() > 1e-2
+        torch.testing.assert_close(fsdp1[2], fsdp1[None], atol=1e-5, rtol=1e-4)
         for share_prompts in (False, True):
             plain, chunked = results[(None, share_prompts)], results[(2, share_prompts)]
             for key in ("logprobs", "no_grad", "entropy"):

@@ -151,22 +151,23 @@ def head_returns_hidden_states(model: nn.Module) -> Iterator[Optional[nn.Module]
     Yields the head, or None (nothing swapped) for a model whose forward transforms the head's output
     (soft-capping, scaling): only the full logits are exact there.
 
-    The whole model still runs, so FSDP2's root pre-forward gathers the root unit (embeddings, final
-    norm, head) as in any forward, and the root keeps it gathered until its backward: the head the
-    chunks use is the full weight. peft's wrapper is looked through (the head is not adapted by
+    The whole model still runs, so FSDP's root pre-forward gathers the root unit (embeddings, final
+    norm, head) as in any forward, and the root (FSDP1 and FSDP2) keeps it gathered until its
+    backward: the head the chunks use is the full weight. peft's wrapper is looked through (the head is not adapted by
     ``all-linear``; an adapted head is a module the chunks call as it is).
     """
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if any(getattr(causal_lm.config, field, None) not in (None, 1, 1.0) for field in LOGIT_TRANSFORMS):
         yield None
         return
-    head = causal_lm.get_output_embeddings()
-    name = next(name for name, child in causal_lm.named_children() if child is head)
-    setattr(causal_lm, name, nn.Identity())
+    head = causal_lm.get_output_embeddings()  # through wrappers: FSDP1's forwards attributes it lacks
+    parent, name = next((module, name) for module in causal_lm.modules()
+                        for name, child in module.named_children() if child is head)
+    setattr(parent, name, nn.Identity())
     try:
         yield head
     finally:
-        setattr(causal_lm, name, head)
+        setattr(parent, name, head)
 
 
 def keep_trainable_4bit_layout(model: nn.Module) -> None:
