@@ -22,7 +22,6 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 from benchmarks import harness
