@@ -169,3 +169,20 @@ def test_grpo_refuses_the_fsdp_shorthand_too(monkeypatch):
     with pytest.raises(NotImplementedError, match="fsdp2.yaml"):
         phase_cli(GRPOModule, ["--config", str(CONFIGS / "grpo/tiny_countdown.yaml"), "--trainer.accelerator",
                                    "gpu", "--trainer.strategy", "fsdp"], run=False)
+
+
+def test_8gb_recipes_hold_the_settings_their_memory_table_adds_up():
+    """docs/scale_out.md's 8 GB column: chunks of 256, engine and evaluation batches of 64, micro-batch 8; the
+    24 GB recipe's update at micro-batch 64 with the default chunk (512)."""
+    grpo = parse("grpo", ["--config", str(CONFIGS / "recipes/qlora_gsm8k_grpo_8gb.yaml")]).model
+    assert (grpo.policy.init_args.logprob_chunk_size, grpo.engine.init_args.batch_size, grpo.micro_batch_size) == (256, 64, 8)
+    rft = parse("rft", ["--config", str(CONFIGS / "recipes/qlora_gsm8k_rft_8gb.yaml")])
+    assert rft.model.policy.init_args.logprob_chunk_size == 256
+    evaluation = next(c for c in rft.trainer.callbacks if c.class_path.endswith("PassAtKEvaluation"))
+    assert evaluation.init_args.engine.init_args.batch_size == 64
+    loop = parse("fit", ["--config", str(CONFIGS / "recipes/qlora_gsm8k_rloop_8gb.yaml")])
+    assert loop.eval_engine.init_args.batch_size == 64
+    assert (loop.grpo.config, loop.rft.config) == ("configs/recipes/qlora_gsm8k_grpo_8gb.yaml",
+                                                   "configs/recipes/qlora_gsm8k_rft_8gb.yaml")
+    big = parse("grpo", ["--config", str(CONFIGS / "recipes/qlora_gsm8k_grpo.yaml")]).model
+    assert (big.policy.init_args.logprob_chunk_size, big.micro_batch_size) == (512, 64)

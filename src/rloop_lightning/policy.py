@@ -215,9 +215,10 @@ class Policy(nn.Module):
         attn_implementation: passed to ``from_pretrained`` (``sdpa``, ``flash_attention_2``, ...).
         logprob_chunk_size: completion tokens per application of the LM head when computing log-probs
             and entropy (training, old policy, KL reference); the backward recomputes each chunk's
-            logits, so memory grows with this x vocabulary (~4 KB x 152k vocabulary x 512 = 0.3 GB a
-            buffer) instead of batch x completion length x vocabulary. ``None`` computes the full
-            logits at once (the same numbers, up to float rounding).
+            logits, so memory grows with this x vocabulary (~12 B each: 0.95 GB at 512 tokens and a
+            152k vocabulary, ``benchmarks.update_memory``), not with batch x completion length x
+            vocabulary (18 B each). ``None`` computes the full logits at once (the same numbers, up
+            to float rounding).
     """
 
     def __init__(
