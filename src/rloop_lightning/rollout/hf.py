@@ -89,13 +89,40 @@ class HFGenerateEngine(RolloutEngine):
     Args:
         batch_size: completions generated per ``generate`` call (memory knob).
         share_prompts: pre-fill each distinct prompt once per call.
+        max_batch_tokens: at most this many KV-cache token slots per ``generate`` call, each
+            completion taking (the call's widest prompt + ``max_new_tokens``): the cache is then at
+            most this x the model's KV bytes per token (28.7 KB for Qwen2.5-1.5B), whatever the
+            prompt lengths. Calls hold ``min(batch_size, max_batch_tokens // that)`` completions;
+            ``None`` (default) splits by ``batch_size`` alone.
     """
 
-    def __init__(self, batch_size: int = 256, share_prompts: bool = True):
+    def __init__(self, batch_size: int = 256, share_prompts: bool = True, max_batch_tokens: Optional[int] = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_batch_tokens is not None and max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1 (or null), got {max_batch_tokens}")
         self.batch_size = batch_size
         self.share_prompts = share_prompts
+        self.max_batch_tokens = max_batch_tokens
+
+    def completions_per_call(self, policy: Policy, prompt_ids: list[list[int]], sampling: SamplingParams) -> int:
+        """``batch_size``, lowered so that a call's completions x (widest prompt + ``max_new_tokens``) fit
+        ``max_batch_tokens``; the widest prompt of all ranks when their forwards run in lockstep (FSDP2),
+        so that every rank makes the same number of calls."""
+        if self.max_batch_tokens is None:
+            return self.batch_size
+        widest = max((len(ids) for ids in prompt_ids), default=0)
+        if forwards_in_lockstep(policy.model):
+            widest_everywhere = torch.tensor(widest, device=next(policy.model.parameters()).device)
+            torch.distributed.all_reduce(widest_everywhere, op=torch.distributed.ReduceOp.MAX)
+            widest = int(widest_everywhere)
+        slots = widest + sampling.max_new_tokens
+        if slots > self.max_batch_tokens:
+            raise ValueError(f"HFGenerateEngine max_batch_tokens={self.max_batch_tokens} cannot hold even one "
+                             f"completion: the widest prompt has {widest} tokens and max_new_tokens="
+                             f"{sampling.max_new_tokens}, so one needs {slots}; raise max_batch_tokens to at least "
+                             f"{slots} or shorten the prompts or max_new_tokens")
+        return min(self.batch_size, self.max_batch_tokens // slots)
 
     def generate(self, policy: Policy, prompts: list[str], num_samples: int,
                  sampling: SamplingParams) -> Rollouts:
@@ -103,10 +130,11 @@ class HFGenerateEngine(RolloutEngine):
         prompt_ids = policy.encode_prompts(prompts)
         self.check_prompt_lengths(policy, prompt_ids, sampling, policy.context_length)
         requests = [(index, prompt_ids[index]) for index in range(len(prompts)) for _ in range(num_samples)]
+        per_call = self.completions_per_call(policy, prompt_ids, sampling)
         result = Rollouts([], [], [], [], [], [])
         with inference_mode(model):
-            for start in range(0, len(requests), self.batch_size):
-                self._generate_chunk(policy, requests[start: start + self.batch_size], sampling, result)
+            for start in range(0, len(requests), per_call):
+                self._generate_chunk(policy, requests[start: start + per_call], sampling, result)
         return result
 
     def _generate_chunk(self, policy: Policy, requests, sampling: SamplingParams, result: Rollouts) -> None:
