@@ -224,6 +224,22 @@ def test_the_model_returns_no_logits_on_the_chunked_path(micro_policy):
     assert shapes == [(7, columns, 32), (7, columns, len(micro_policy.tokenizer))]
 
 
+def test_a_model_that_transforms_its_logits_keeps_the_full_logits(micro_policy):
+    """Soft-capping (Gemma 2) or scaling (Cohere, Granite) happen after the head inside the model's forward:
+    the chunks would skip them, so such a model is run as it is."""
+    batch = grouped_batch(micro_policy)
+    with torch.no_grad():
+        chunked = micro_policy.completion_logprobs(batch)[0]
+    micro_policy.model.config.final_logit_softcapping = 30.0
+    shapes = []
+    hook = micro_policy.model.register_forward_hook(lambda module, args, output: shapes.append(output.logits.shape))
+    with torch.no_grad():
+        full = micro_policy.completion_logprobs(batch)[0]
+    hook.remove()
+    assert shapes == [(7, batch.completion_mask.shape[1] + 1, len(micro_policy.tokenizer))]
+    torch.testing.assert_close(full, chunked, atol=1e-5, rtol=0)  # Llama's forward ignores the field
+
+
 def test_qlora_policy_chunks_equal_the_full_logits():
     """QLoRA (4-bit base, fp32 head after prepare_model_for_kbit_training): the same log-probs and adapter
     gradients, with the reference (adapters disabled) too."""

@@ -148,8 +148,8 @@ def shared_prompt_logits(model: nn.Module, batch: PolicyBatch, force: bool = Fal
 @contextmanager
 def head_returns_hidden_states(model: nn.Module) -> Iterator[Optional[nn.Module]]:
     """Within, ``model(...).logits`` are the final hidden states: the LM head is swapped for an identity.
-    Yields the head, or None (nothing swapped) for a model whose forward transforms the head's output
-    (soft-capping, scaling): only the full logits are exact there.
+    Yields the head, or None (nothing swapped) for a model without one or whose forward transforms the
+    head's output (soft-capping, scaling: ``LOGIT_TRANSFORMS``): only the full logits are exact there.
 
     The whole model still runs, so FSDP's root pre-forward gathers the root unit (embeddings, final
     norm, head) as in any forward, and the root (FSDP1 and FSDP2) keeps it gathered until its
@@ -157,10 +157,10 @@ def head_returns_hidden_states(model: nn.Module) -> Iterator[Optional[nn.Module]
     ``all-linear``; an adapted head is a module the chunks call as it is).
     """
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if any(getattr(causal_lm.config, field, None) not in (None, 1, 1.0) for field in LOGIT_TRANSFORMS):
+    head = causal_lm.get_output_embeddings()  # through wrappers: FSDP1's forwards attributes it lacks
+    if head is None or any(getattr(causal_lm.config, field, None) not in (None, 1, 1.0) for field in LOGIT_TRANSFORMS):
         yield None
         return
-    head = causal_lm.get_output_embeddings()  # through wrappers: FSDP1's forwards attributes it lacks
     parent, name = next((module, name) for module in causal_lm.modules()
                         for name, child in module.named_children() if child is head)
     setattr(parent, name, nn.Identity())
