@@ -153,12 +153,13 @@ def head_returns_hidden_states(model: nn.Module) -> Iterator[Optional[nn.Module]
 
     The whole model still runs, so FSDP's root pre-forward gathers the root unit (embeddings, final
     norm, head) as in any forward, and the root (FSDP1 and FSDP2) keeps it gathered until its
-    backward: the head the chunks use is the full weight. peft's wrapper is looked through (the head is not adapted by
-    ``all-linear``; an adapted head is a module the chunks call as it is).
+    backward: the head the chunks use is the full weight. peft's wrapper is looked through (the head
+    is not adapted by ``all-linear``; an adapted head is a module the chunks call as it is).
     """
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = causal_lm.get_output_embeddings()  # through wrappers: FSDP1's forwards attributes it lacks
-    if head is None or any(getattr(causal_lm.config, field, None) not in (None, 1, 1.0) for field in LOGIT_TRANSFORMS):
+    transformed = any(getattr(causal_lm.config, field, None) not in (None, 1, 1.0) for field in LOGIT_TRANSFORMS)
+    if head is None or transformed:
         yield None
         return
     parent, name = next((module, name) for module in causal_lm.modules()

@@ -1,6 +1,7 @@
-"""The maths of RLVR, free of Lightning: advantages, policy losses, KL, DAPO sampling, metrics."""
+"""The maths of RLVR, free of Lightning: advantages, policy losses, KL, DAPO sampling, metrics, log-probs."""
 
 from rloop_lightning.algorithms.advantages import AdvantageEstimator, group_advantages
+from rloop_lightning.algorithms.chunked_logprobs import chosen_token_logprobs, logprobs_from_logits
 from rloop_lightning.algorithms.kl import KLEstimator, kl_penalty
 from rloop_lightning.algorithms.metrics import (
     avg_at_n,
@@ -39,12 +40,14 @@ __all__ = [
     "RatioLevel",
     "aggregate",
     "avg_at_n",
+    "chosen_token_logprobs",
     "clipped_policy_loss",
     "micro_batch_weight",
     "distinct_count",
     "dynamic_sampling_signal",
     "group_advantages",
     "kl_penalty",
+    "logprobs_from_logits",
     "mean_pass_at_k",
     "ngram_similarity",
     "overlong_mask",
