@@ -326,7 +326,8 @@ class GRPOModule(PolicyModule):
     @torch.no_grad()
     def _logprobs_without_grad(self, batch: PolicyBatch) -> torch.Tensor:
         chunks = [self.policy.completion_logprobs(batch.select(rows), temperature=self.sampling.temperature,
-                                                  share_prompts=self.share_prompts)[0]
+                                                  share_prompts=self.share_prompts, top_k=self.sampling.top_k,
+                                                  top_p=self.sampling.top_p)[0]
                   for rows in self._chunks(batch)]
         return torch.cat(chunks)
 
@@ -355,7 +356,7 @@ class GRPOModule(PolicyModule):
                     micro = batch.select(rows)
                     logprobs, entropy = self.policy.completion_logprobs(
                         micro, with_entropy=True, temperature=self.sampling.temperature,
-                        share_prompts=self.share_prompts)
+                        share_prompts=self.share_prompts, top_k=self.sampling.top_k, top_p=self.sampling.top_p)
                     micro_mask = mask[rows]
                     old = old_logprobs[rows] if old_logprobs is not None else logprobs.detach()
                     kl = (kl_penalty(logprobs, ref_logprobs[rows], settings.kl_estimator)
