@@ -232,7 +232,7 @@ class GRPOModule(PolicyModule):
                              f"{completions} completions do not split into {self.num_mini_batches} mini-batches")
         problems = datamodule.problems
         self.engine.check_prompt_lengths(self.policy, self.policy.encode_prompts([p["prompt"] for p in problems]),
-                                         self.sampling, self.policy.context_length)
+                                         self.sampling, self.policy.context_length, [p["id"] for p in problems])
         self.runner.check_problems(problems, chat_format(self.policy), trainer_state(self.trainer))
         log.info("GRPO set-up checked: %d prompts, reward functions %s", len(problems),
                  [function_name(f) for f in functions])
