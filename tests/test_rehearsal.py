@@ -27,7 +27,7 @@ ALLOWED = {
     "path", "paths",
     # GPU -> CPU
     "accelerator", "devices", "num_nodes", "precision", "strategy", "data_parallel_size", "max_model_len",
-    "kv_cache_gib", "enforce_eager", "reward_workers",
+    "kv_cache_gib", "enforce_eager", "enable_sleep_mode", "reward_workers",
     # sizes
     "max_steps", "max_epochs", "max_time", "every_n_train_steps", "every_n_steps", "num_samples", "ks", "limit",
     "max_new_tokens", "num_generations", "batch_size", "micro_batch_size", "num_mini_batches",
