@@ -78,7 +78,7 @@ def test_qlora_gsm8k_rloop(tmp_path):
 def test_dapo_qwen2_5_math_7b_lora_grpo(tmp_path):
     """2 CPU processes (DDP over gloo), one vLLM CPU engine per rank fed LoRA adapters."""
     output = rehearse(["grpo", "fit"], "dapo_qwen2.5_math_7b_lora_grpo", f"--trainer.default_root_dir={tmp_path}")
-    assert "Starting with 2 processes" in output or "distributed_backend=gloo" in output
+    assert "Starting with 2 processes" in output
     checkpoint = last_checkpoint(tmp_path)
     assert checkpoint["global_step"] == 2  # one rollout step, the recipe's mini-batches (2 in the rehearsal)
     assert_finite_state(checkpoint)

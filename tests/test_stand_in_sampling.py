@@ -125,3 +125,18 @@ def test_vllm_sampler_logprobs_and_end_tokens():
         assert_stops_at_every_end_token(policy, rollouts)
     finally:
         engine.close()
+
+
+def test_truncated_scoring_stays_finite_for_a_token_outside_the_kept_set():
+    """After an update (or by kernel rounding) a sampled token can fall outside the trainer's top-p set: it is
+    kept (``algorithms.truncation``), so log-probs, entropy and gradients stay finite."""
+    policy = stand_in(True)
+    prompt_ids = policy.encode_prompts(PROMPTS[:1])
+    batch = policy.make_batch(prompt_ids, [[7, 300, IM_END]])
+    with torch.no_grad():
+        full = policy.completion_logprobs(batch)[0]
+    logprobs, entropy = policy.completion_logprobs(batch, with_entropy=True, top_p=0.05)
+    assert torch.isfinite(logprobs).all() and torch.isfinite(entropy).all()
+    assert (logprobs >= full - 1e-6).all()  # renormalised over fewer tokens: never less likely
+    logprobs.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in policy.require_model().parameters() if p.grad is not None)
