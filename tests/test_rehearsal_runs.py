@@ -84,3 +84,20 @@ def test_dapo_qwen2_5_math_7b_lora_grpo(tmp_path):
     assert_finite_state(checkpoint)
     for rank in ("00", "01"):  # each rank harvests its own prompts
         assert (tmp_path / "experts" / f"rank{rank}").is_dir()
+
+
+@pytest.mark.vllm
+def test_dapo_qwen2_5_math_7b_grpo(tmp_path):
+    """2 CPU processes sharded with FSDP2 (the recipe's ModelParallelStrategy), full-weight vLLM sync per rank."""
+    output = rehearse(["grpo", "fit"], "dapo_qwen2.5_math_7b_grpo", f"--trainer.default_root_dir={tmp_path}")
+    assert "Starting with 2 processes" in output
+    assert "max_steps=2` reached" in output
+    for rank in ("00", "01"):
+        assert (tmp_path / "experts" / f"rank{rank}").is_dir()
+
+
+def test_dapo_qwen2_5_math_7b_rft(tmp_path):
+    output = rehearse(["rft", "fit"], "dapo_qwen2.5_math_7b_rft", f"--trainer.default_root_dir={tmp_path}")
+    assert "Starting with 2 processes" in output
+    assert "max_epochs=1` reached" in output  # 8 records over 2 ranks, batch 2, 2 accumulated: 1 optimizer step
+    assert list(tmp_path.rglob("last.ckpt"))

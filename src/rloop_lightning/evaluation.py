@@ -146,8 +146,13 @@ def evaluate_policy(policy: Policy, evaluators: Sequence[Evaluator], engine: Opt
     """
     shard = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     engine = engine or HFGenerateEngine()
-    for evaluator in evaluators:  # bad input fails here, before the weights load
-        evaluator.check(policy, engine)
+    try:
+        for evaluator in evaluators:  # bad input fails here, before the weights load
+            evaluator.check(policy, engine)
+    except Exception:
+        for evaluator in evaluators:
+            evaluator.close()  # the check may have started verification workers
+        raise
     policy.load_model()
     engine.load_policy(policy)
     metrics = {}
