@@ -14,6 +14,10 @@ The rules are those of ``transformers``' ``TopKLogitsWarper`` then ``TopPLogitsW
 sorts ascending and drops the tokens whose cumulative probability is <= 1 - top_p, always keeping
 the most likely one.
 
+GRPO scores the policy's current and old log-probs this way; the KL reference is scored without
+truncation (temperature only): a reference whose own top-p set missed a sampled token would give an
+infinite penalty.
+
 Departure: ``keep`` (the scored tokens) is never dropped. A token the sampler drew is inside its
 kept set by construction; the trainer's logits differ from the sampler's by kernel rounding (and,
 after an update, by the update), which can move a boundary token out of the set: its log-prob
