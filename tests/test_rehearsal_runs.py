@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -101,3 +102,43 @@ def test_dapo_qwen2_5_math_7b_rft(tmp_path):
     assert "Starting with 2 processes" in output
     assert "max_epochs=1` reached" in output  # 8 records over 2 ranks, batch 2, 2 accumulated: 1 optimizer step
     assert list(tmp_path.rglob("last.ckpt"))
+
+
+def test_qlora_gsm8k_rloop_resumes_after_sigkill_to_the_uninterrupted_outputs(tmp_path):
+    """SIGKILL the loop mid-GRPO (after its first QLoRA checkpoint) and rerun it: the phase resumes from the
+    checkpoint and the run ends with the evaluations and policies of an uninterrupted run."""
+    import signal
+
+    from rloop_lightning.callbacks import PhaseCheckpoint
+
+    every_step = "--checkpoint_every_n_steps=1"
+    rehearse(["fit"], "qlora_gsm8k_rloop", f"--run_dir={tmp_path / 'reference'}", every_step, timeout=900)
+    run_dir, log_path = tmp_path / "run", tmp_path / "run.log"
+    args = [sys.executable, "-m", "rloop_lightning", "fit", "--config", "configs/recipes/qlora_gsm8k_rloop.yaml",
+            "--config", "configs/rehearsal/qlora_gsm8k_rloop.yaml", f"--run_dir={run_dir}", every_step]
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(args, cwd=ROOT, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT)
+    checkpoints = run_dir / "iter_00" / "grpo" / "checkpoints"
+    try:
+        while PhaseCheckpoint.latest(checkpoints) is None:
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert "iter_00/grpo" not in manifest["completed"]  # killed mid-phase
+    output = rehearse(["fit"], "qlora_gsm8k_rloop", f"--run_dir={run_dir}", every_step, timeout=900)
+    assert "Restoring states from the checkpoint path" in output
+
+    def outcome(directory: Path) -> tuple[dict, dict]:
+        evaluations = {str(p.relative_to(directory)): json.loads(p.read_text())["metrics"]
+                       for p in directory.rglob("eval.json")}
+        policies = {str(p.relative_to(directory)): p.read_bytes()
+                    for p in directory.glob("iter_*/*/policy/*.safetensors")}
+        return evaluations, policies
+
+    reference, resumed = outcome(tmp_path / "reference"), outcome(run_dir)
+    assert len(reference[1]) == 2 and resumed == reference  # the two GRPO adapters, byte for byte
