@@ -59,7 +59,7 @@ def make_case(tied: bool, bias: bool, seed: int = 0):
     return embedding, mix, head, inputs, targets
 
 
-def values_and_gradients(case, chunk_size, temperature):
+def values_and_gradients(case, chunk_size, temperature, top_k=0, top_p=1.0):
     """Log-probs, entropy and the gradients of sum(c * log pi) for the hidden states and every parameter."""
     embedding, mix, head, inputs, targets = case
     for module in (embedding, mix, head):
@@ -67,9 +67,9 @@ def values_and_gradients(case, chunk_size, temperature):
     hidden = torch.tanh(mix(embedding(inputs)))
     hidden.retain_grad()
     if chunk_size is None:
-        chosen, entropy = logprobs_from_logits(head(hidden), targets, temperature, with_entropy=True)
+        chosen, entropy = logprobs_from_logits(head(hidden), targets, temperature, True, top_k, top_p)
     else:
-        chosen, entropy = chosen_token_logprobs(hidden, head, targets, chunk_size, temperature, with_entropy=True)
+        chosen, entropy = chosen_token_logprobs(hidden, head, targets, chunk_size, temperature, True, top_k, top_p)
     weights = torch.linspace(-1, 2, chosen.numel()).view_as(chosen)
     (chosen * weights).sum().backward()
     parameters = {f"{name}.{key}": p.grad.clone() for name, module in (("embedding", embedding), ("mix", mix),
@@ -95,6 +95,24 @@ def test_chunks_equal_the_full_logits_with_gradients(chunk_size, temperature, ti
         assert torch.equal(plain[3]["head.weight"], plain[3]["embedding.weight"])
     for name, gradient in plain[3].items():  # the head (tied: through both uses), and everything below it
         assert gradient.abs().max() > 1e-3, name
+        torch.testing.assert_close(chunked[3][name], gradient, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 64])
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.5), (8, 0.7)])
+def test_truncated_chunks_equal_the_truncated_full_logits(chunk_size, top_k, top_p):
+    """The sampler's top-k / top-p set applied per chunk (``algorithms.truncation``): the same values,
+    finite entropy and the same gradients as the truncated full logits; and not the untruncated ones."""
+    case = make_case(tied=False, bias=True)
+    untruncated = values_and_gradients(case, None, 0.7)
+    plain = values_and_gradients(case, None, 0.7, top_k, top_p)
+    chunked = values_and_gradients(case, chunk_size, 0.7, top_k, top_p)
+    assert (plain[0] - untruncated[0]).abs().max() > 1e-2  # truncation renormalises: log-probs rise
+    assert torch.isfinite(chunked[0]).all() and torch.isfinite(chunked[1]).all()
+    torch.testing.assert_close(chunked[0], plain[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(chunked[1], plain[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(chunked[2], plain[2], atol=1e-5, rtol=1e-5)
+    for name, gradient in plain[3].items():
         torch.testing.assert_close(chunked[3][name], gradient, atol=1e-5, rtol=1e-5)
 
 

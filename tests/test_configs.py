@@ -57,5 +57,7 @@ def test_loop_fragment_parses_on_top_of_the_main_job(path):
 def test_every_shipped_yaml_is_covered():
     covered = {p for d in PHASES for p in (CONFIGS / d).glob("*.yaml")}
     covered |= set((CONFIGS / "eval").glob("*.yaml")) | set(LOOP_CONFIGS) | set((CONFIGS / "loop").glob("*.yaml"))
-    covered |= {p for d in ("recipes", "strategies", "sweeps", "loggers", "engines") for p in (CONFIGS / d).glob("*.yaml")}
-    assert set(CONFIGS.rglob("*.yaml")) == covered  # recipes/fragments/sweeps: test_recipes.py; engines: test_vllm_engine.py
+    covered |= {p for d in ("recipes", "strategies", "sweeps", "loggers", "engines", "rehearsal")
+                for p in (CONFIGS / d).glob("*.yaml")}
+    # recipes/fragments/sweeps: test_recipes.py; engines: test_vllm_engine.py; rehearsal: test_rehearsal.py
+    assert set(CONFIGS.rglob("*.yaml")) == covered

@@ -107,6 +107,14 @@ class Evaluator:
                 total[index] = count
         return total
 
+    def check(self, policy: Policy, engine: RolloutEngine) -> None:
+        """Before any weights load: every prompt leaves room for ``max_new_tokens`` in the model's context, and
+        the task's reward accepts the completions as the policy will pass them (strings or chat messages)."""
+        problems = self.problems
+        engine.check_prompt_lengths(policy, policy.encode_prompts([p["prompt"] for p in problems]), self.sampling,
+                                    policy.context_length, [p["id"] for p in problems])
+        self.runner.check_problems(problems, chat_format(policy))
+
     def evaluate(self, policy: Policy, engine: RolloutEngine, shard: Shard = (0, 1)) -> EvaluationResult:
         """avg@n, pass@k and greedy accuracy over the split; ``shard=(rank, world_size)`` splits the problems
         over the processes of a torch.distributed group (every rank gets the whole result)."""
@@ -137,8 +145,15 @@ def evaluate_policy(policy: Policy, evaluators: Sequence[Evaluator], engine: Opt
     samples its share, seeded alike) and every rank returns the whole result; one process samples all.
     """
     shard = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-    policy.load_model()
     engine = engine or HFGenerateEngine()
+    try:
+        for evaluator in evaluators:  # bad input fails here, before the weights load
+            evaluator.check(policy, engine)
+    except Exception:
+        for evaluator in evaluators:
+            evaluator.close()  # the check may have started verification workers
+        raise
+    policy.load_model()
     engine.load_policy(policy)
     metrics = {}
     for evaluator in evaluators:

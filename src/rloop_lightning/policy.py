@@ -198,6 +198,33 @@ def active_adapter(model: nn.Module, name: str) -> Iterator[None]:
             parameter.requires_grad_(requires_grad)
 
 
+def chat_turn_end_id(tokenizer) -> Optional[int]:
+    """The special token the chat template closes an assistant turn with (``<|im_end|>``), or None."""
+    sentinel = "RLOOP-TURN-END-PROBE"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"},
+                                              {"role": "assistant", "content": sentinel}], tokenize=False)
+    except Exception:  # a template that refuses this conversation: no turn end to add
+        return None
+    if sentinel not in text:
+        return None
+    ids = tokenizer(text[text.rindex(sentinel) + len(sentinel):], add_special_tokens=False)["input_ids"]
+    added = tokenizer.added_tokens_decoder.get(ids[0]) if ids else None
+    return ids[0] if added is not None and added.special else None
+
+
+def generation_config_end_ids(source: str, policy: "Policy") -> list[int]:
+    """``eos_token_id`` of the ``generation_config.json`` at ``source`` (an int or a list), [] without one."""
+    from transformers import GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(source, revision=policy.revision)
+    except OSError:
+        return []
+    ids = config.eos_token_id
+    return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+
+
 class Policy(nn.Module):
     """A causal LM + tokenizer from a hub id, a local directory or a built-in tiny model id.
 
@@ -264,6 +291,7 @@ class Policy(nn.Module):
         self.use_chat_template = has_template if use_chat_template is None else use_chat_template
         self.model: Optional[nn.Module] = None
         self._reference: Optional[nn.Module] = None
+        self._end_token_ids: Optional[list[int]] = None
 
     # ------------------------------------------------------------------ loading
     @staticmethod
@@ -273,6 +301,11 @@ class Policy(nn.Module):
     def _adapter_config(self) -> Optional[dict]:
         path = Path(self.source) / "adapter_config.json"
         return json.loads(path.read_text()) if path.exists() else None
+
+    def _base_source(self) -> str:
+        """The directory or hub id of the full model: the policy's own, or an adapter's base."""
+        adapter = self._adapter_config()
+        return self._resolve_source(adapter["base_model_name_or_path"]) if adapter else self.source
 
     def _load_tokenizer(self):
         from transformers import AutoTokenizer
@@ -294,9 +327,7 @@ class Policy(nn.Module):
         else:
             from transformers import AutoConfig
 
-            adapter = self._adapter_config()
-            source = self._resolve_source(adapter["base_model_name_or_path"]) if adapter else self.source
-            config = AutoConfig.from_pretrained(source, revision=self.revision,
+            config = AutoConfig.from_pretrained(self._base_source(), revision=self.revision,
                                                 trust_remote_code=self.trust_remote_code)
         return getattr(config, "max_position_embeddings", None)
 
@@ -384,8 +415,24 @@ class Policy(nn.Module):
         return self.tokenizer(texts, add_special_tokens=not self.use_chat_template)["input_ids"]
 
     def encode_completions(self, completions: Sequence[str]) -> list[list[int]]:
+        """Token ids of completions, each closed by ``end_token_ids[0]`` (the chat turn's end under a template)."""
         ids = self.tokenizer(list(completions), add_special_tokens=False)["input_ids"]
-        return [row + [self.tokenizer.eos_token_id] for row in ids]
+        return [row + [self.end_token_ids[0]] for row in ids]
+
+    @property
+    def end_token_ids(self) -> list[int]:
+        """The tokens that end a completion, first the one a completion is closed with.
+
+        First the chat template's turn end when prompts go through the template (Qwen: ``<|im_end|>``,
+        which Qwen2.5-Math's tokenizer does not call EOS), else the tokenizer's EOS; then the
+        tokenizer's EOS and every ``eos_token_id`` of the model's ``generation_config`` (Qwen2.5-Instruct
+        names ``<|im_end|>`` and ``<|endoftext|>``). Rollout engines stop at any of them.
+        """
+        if self._end_token_ids is None:
+            turn_end = chat_turn_end_id(self.tokenizer) if self.use_chat_template else None
+            ids = [turn_end, self.tokenizer.eos_token_id, *generation_config_end_ids(self._base_source(), self)]
+            self._end_token_ids = list(dict.fromkeys(i for i in ids if i is not None))
+        return self._end_token_ids
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
@@ -411,13 +458,15 @@ class Policy(nn.Module):
     # ------------------------------------------------------------------ log-probs
     def completion_logprobs(self, batch: PolicyBatch, model: Optional[nn.Module] = None,
                             with_entropy: bool = False, temperature: float = 1.0,
-                            share_prompts: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+                            share_prompts: bool = False, top_k: int = 0,
+                            top_p: float = 1.0) -> tuple[Tensor, Optional[Tensor]]:
         """Per-token log-probs [N, C] of the completion tokens (and entropy [N, C], no grad).
 
-        ``temperature`` divides the logits, so log-probs are those of the distribution that sampled
-        the tokens (as the sampler reported them); 0 (greedy) counts as 1. ``share_prompts`` runs
-        each distinct prompt once (see ``shared_prompt_logits``); the result is the same. The model
-        returns hidden states and the head runs ``logprob_chunk_size`` tokens at a time
+        ``temperature`` divides the logits and ``top_k``/``top_p`` truncate them
+        (``algorithms.truncation``), so log-probs are those of the distribution that sampled the
+        tokens (as the sampler reported them); temperature 0 (greedy) counts as 1. ``share_prompts``
+        runs each distinct prompt once (see ``shared_prompt_logits``); the result is the same.
+        The model returns hidden states and the head runs ``logprob_chunk_size`` tokens at a time
         (``chosen_token_logprobs``); every rank takes the same path, as it depends only on settings.
         """
         model = model if model is not None else self.require_model()
@@ -434,8 +483,9 @@ class Policy(nn.Module):
                 ).logits[:, :-1]
         targets = batch.input_ids[:, batch.prompt_length:]
         if head is None:  # [N, C, V] logits
-            return logprobs_from_logits(outputs, targets, temperature, with_entropy)
-        return chosen_token_logprobs(outputs, head, targets, self.logprob_chunk_size, temperature, with_entropy)
+            return logprobs_from_logits(outputs, targets, temperature, with_entropy, top_k, top_p)
+        return chosen_token_logprobs(outputs, head, targets, self.logprob_chunk_size, temperature, with_entropy,
+                                     top_k, top_p)
 
     @contextmanager
     def reference(self) -> Iterator[nn.Module]:

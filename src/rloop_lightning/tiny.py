@@ -35,9 +35,10 @@ class TinyModelSpec:
     vocab_size: int | None = None  # None: the character tokenizer's own size
 
 
-# Qwen2 itself is not offered: transformers 5 forces ``Qwen2Tokenizer`` (byte-level BPE) on any
+# No character-tokenizer Qwen2: transformers 5 forces ``Qwen2Tokenizer`` (byte-level BPE) on any
 # ``model_type: qwen2`` directory, which would discard our character tokenizer. Qwen3 is the same
-# family (GQA, RoPE, SwiGLU, plus q/k norms) and respects the saved tokenizer class.
+# family (GQA, RoPE, SwiGLU, plus q/k norms) and respects the saved tokenizer class. The Qwen2.5
+# stand-ins (``rloop/tiny-qwen2.5``, ``rloop/tiny-qwen2.5-math``) carry a BPE tokenizer: ``tiny_qwen``.
 BUILTIN_MODELS: dict[str, TinyModelSpec] = {
     "rloop/tiny-llama": TinyModelSpec(),
     "rloop/tiny-qwen3": TinyModelSpec(architecture="qwen3"),
@@ -99,19 +100,25 @@ def build_model(spec: TinyModelSpec, vocab_size: int, pad_token_id: int, bos_tok
 
 def materialize(name: str, directory: str | os.PathLike | None = None) -> Path:
     """Build the built-in model ``name`` into ``directory`` (default: the cache) unless present."""
-    if name not in BUILTIN_MODELS:
-        raise ValueError(f"unknown built-in model {name!r}; built-ins: {sorted(BUILTIN_MODELS)}")
+    from rloop_lightning import tiny_qwen
+
+    if not is_builtin(name):
+        builtins = sorted([*BUILTIN_MODELS, *tiny_qwen.STAND_INS])
+        raise ValueError(f"unknown built-in model {name!r}; built-ins: {builtins}")
     target = Path(directory) if directory else cache_dir() / name.replace("/", "--")
     if (target / "config.json").exists():
         return target
-    tokenizer = build_tokenizer(BUILTIN_MODELS[name].vocab_size)
-    model = build_model(
-        BUILTIN_MODELS[name], len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id,
-        tokenizer.eos_token_id,
-    )
     staging = target.with_name(target.name + f".tmp-{os.getpid()}")
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
+    if name in tiny_qwen.STAND_INS:  # Qwen2.5 stand-ins: their own tokenizer and generation config
+        tiny_qwen.build(tiny_qwen.STAND_INS[name], staging)
+    else:
+        tokenizer = build_tokenizer(BUILTIN_MODELS[name].vocab_size)
+        model = build_model(
+            BUILTIN_MODELS[name], len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id,
+            tokenizer.eos_token_id,
+        )
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     try:
         staging.rename(target)  # atomic: a half-built model is never picked up
     except OSError:
@@ -123,4 +130,6 @@ def materialize(name: str, directory: str | os.PathLike | None = None) -> Path:
 
 
 def is_builtin(name: str) -> bool:
-    return name in BUILTIN_MODELS
+    from rloop_lightning.tiny_qwen import STAND_INS
+
+    return name in BUILTIN_MODELS or name in STAND_INS

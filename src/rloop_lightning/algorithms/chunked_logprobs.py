@@ -2,9 +2,12 @@
 
 For final hidden states h_t, an LM head (W, b), temperature T and chosen tokens y_t::
 
-    z_t = (W h_t + b) / T        log pi(y_t) = z_t[y_t] - logsumexp(z_t)
+    z_t = trunc((W h_t + b) / T)        log pi(y_t) = z_t[y_t] - logsumexp(z_t)
     H_t = -sum_v p_tv log p_tv   (entropy, a statistic: no gradient)
     d log pi(y_t) / d z_t = onehot(y_t) - p_t
+
+where ``trunc`` sets the logits outside a sampler's top-k / top-p set to -inf (``algorithms.truncation``;
+the identity by default), so p_tv = 0 there and those logits get no gradient.
 
 ``chosen_token_logprobs`` computes this ``chunk_size`` tokens at a time and keeps only h, the
 chunk's logsumexp and the results; the backward recomputes each chunk's logits from h and W, so
@@ -37,21 +40,30 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from rloop_lightning.algorithms.truncation import truncate_logits
 
-def logprobs_from_logits(logits: Tensor, targets: Tensor, temperature: float = 1.0,
-                         with_entropy: bool = False) -> tuple[Tensor, Optional[Tensor]]:
-    """The plain path: log-probs [...] of ``targets`` under ``logits`` [..., V] / temperature, and the
-    entropy [...] (no grad). Holds several [..., V] float32 tensors: the reference the chunks must equal."""
+
+def entropy_of(log_probs: Tensor) -> Tensor:
+    """-sum_v p log p over the last axis, with truncated (-inf) entries contributing 0, not NaN."""
+    terms = log_probs.exp().mul_(log_probs)  # one [..., V] buffer
+    return -terms.masked_fill_(log_probs == float("-inf"), 0.0).sum(-1)
+
+
+def logprobs_from_logits(logits: Tensor, targets: Tensor, temperature: float = 1.0, with_entropy: bool = False,
+                         top_k: int = 0, top_p: float = 1.0) -> tuple[Tensor, Optional[Tensor]]:
+    """The plain path: log-probs [...] of ``targets`` under ``logits`` [..., V] / temperature, truncated to
+    the top-k / top-p set (``targets`` kept), and the entropy [...] (no grad). Holds several [..., V]
+    float32 tensors: the reference the chunks must equal."""
     logits = logits.float()
     if temperature and temperature != 1.0:
         logits = logits / temperature
+    logits = truncate_logits(logits, top_k, top_p, keep=targets)  # as the sampler did (no-op by default)
     log_probs = torch.log_softmax(logits, dim=-1)
     chosen = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     if not with_entropy:
         return chosen, None
     with torch.no_grad():  # a diagnostic: no [..., V] graph kept alive until backward
-        detached = log_probs.detach()
-        entropy = -(detached.exp() * detached).sum(-1)
+        entropy = entropy_of(log_probs.detach())
     return chosen, entropy
 
 
@@ -63,17 +75,20 @@ def _compute_dtype(hidden: Tensor) -> torch.dtype:
     return hidden.dtype
 
 
-def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float) -> Tensor:
-    """float32 (h W^T + b) / T of one chunk; ``weight``/``bias`` already in the compute dtype."""
+def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float, targets: Tensor,
+                  top_k: int, top_p: float) -> Tensor:
+    """float32 trunc((h W^T + b) / T) of one chunk; ``weight``/``bias`` already in the compute dtype."""
     logits = F.linear(hidden.to(weight.dtype), weight, bias).float()
-    return logits.div_(temperature) if temperature != 1.0 else logits
+    if temperature != 1.0:
+        logits.div_(temperature)
+    return truncate_logits(logits, top_k, top_p, keep=targets)
 
 
 class _LinearHeadLogprobs(torch.autograd.Function):
     """log pi(y) and entropy of a linear head, chunked; the backward recomputes the logits per chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, temperature, with_entropy):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, temperature, with_entropy, top_k, top_p):
         dtype = _compute_dtype(hidden)
         with torch.autocast(hidden.device.type, enabled=False):
             cast_weight = weight.to(dtype)  # once, not per chunk (a no-op unless autocast casts)
@@ -83,14 +98,14 @@ class _LinearHeadLogprobs(torch.autograd.Function):
             entropy = torch.empty_like(chosen) if with_entropy else chosen.new_empty(0)
             for start in range(0, hidden.shape[0], chunk_size):
                 rows = slice(start, start + chunk_size)
-                logits = _chunk_logits(hidden[rows], cast_weight, cast_bias, temperature)
+                logits = _chunk_logits(hidden[rows], cast_weight, cast_bias, temperature, targets[rows], top_k, top_p)
                 normaliser[rows] = torch.logsumexp(logits, -1)
                 log_probs = logits.sub_(normaliser[rows, None])  # in place: one [chunk, V] buffer
                 chosen[rows] = log_probs.gather(-1, targets[rows, None]).squeeze(-1)
                 if with_entropy:
-                    entropy[rows] = -log_probs.exp().mul_(log_probs).sum(-1)
+                    entropy[rows] = entropy_of(log_probs)
         ctx.save_for_backward(hidden, weight, bias, targets, normaliser)
-        ctx.chunk_size, ctx.temperature, ctx.dtype = chunk_size, temperature, dtype
+        ctx.chunk_size, ctx.temperature, ctx.dtype, ctx.top_k, ctx.top_p = chunk_size, temperature, dtype, top_k, top_p
         ctx.mark_non_differentiable(entropy)
         return chosen, entropy
 
@@ -108,7 +123,8 @@ class _LinearHeadLogprobs(torch.autograd.Function):
                 rows = slice(start, start + ctx.chunk_size)
                 scale = grad_chosen[rows, None].float()
                 # d/dz of g * log pi(y) = g * (onehot(y) - p), then the chain rule through z = logits / T
-                grad_logits = _chunk_logits(hidden[rows], cast_weight, cast_bias, ctx.temperature)
+                grad_logits = _chunk_logits(hidden[rows], cast_weight, cast_bias, ctx.temperature, targets[rows],
+                                            ctx.top_k, ctx.top_p)
                 grad_logits.sub_(normaliser[rows, None]).exp_().mul_(-scale)
                 grad_logits.scatter_add_(-1, targets[rows, None], scale)
                 if ctx.temperature != 1.0:
@@ -121,15 +137,15 @@ class _LinearHeadLogprobs(torch.autograd.Function):
                     grad_weight += grad_logits.T @ chunk
                 if needs_bias:
                     grad_bias += grad_logits.sum(0)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def _module_head_logprobs(hidden: Tensor, head: nn.Module, targets: Tensor, chunk_size: int, temperature: float,
-                          with_entropy: bool) -> tuple[Tensor, Optional[Tensor]]:
+                          with_entropy: bool, top_k: int, top_p: float) -> tuple[Tensor, Optional[Tensor]]:
     """Any head module (LoRA-adapted, quantised): one activation checkpoint per chunk."""
 
     def chunk_logprobs(chunk: Tensor, chunk_targets: Tensor) -> tuple[Tensor, Tensor]:
-        chosen, entropy = logprobs_from_logits(head(chunk), chunk_targets, temperature, with_entropy)
+        chosen, entropy = logprobs_from_logits(head(chunk), chunk_targets, temperature, with_entropy, top_k, top_p)
         return chosen, entropy if entropy is not None else chosen.detach().new_empty(0)
 
     chosen, entropy = [], []
@@ -145,11 +161,12 @@ def _module_head_logprobs(hidden: Tensor, head: nn.Module, targets: Tensor, chun
 
 
 def chosen_token_logprobs(hidden: Tensor, head: nn.Module, targets: Tensor, chunk_size: int,
-                          temperature: float = 1.0, with_entropy: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+                          temperature: float = 1.0, with_entropy: bool = False, top_k: int = 0,
+                          top_p: float = 1.0) -> tuple[Tensor, Optional[Tensor]]:
     """Log-probs [...] (float32) of ``targets`` [...] under ``head(hidden)`` / temperature, ``hidden``
     [..., H], computed ``chunk_size`` tokens at a time; the entropy [...] too (no grad) with ``with_entropy``.
 
-    Equals ``logprobs_from_logits(head(hidden), targets, temperature, with_entropy)`` up to float
+    Equals ``logprobs_from_logits(head(hidden), targets, temperature, with_entropy, top_k, top_p)`` up to float
     rounding, gradients included. ``temperature`` 0 (greedy) counts as 1. A plain ``nn.Linear`` head
     (tied or not) goes through the recomputing autograd function; any other module through activation
     checkpoints. No collective runs here: under FSDP2 the head must already be gathered (it is, in the
@@ -162,9 +179,9 @@ def chosen_token_logprobs(hidden: Tensor, head: nn.Module, targets: Tensor, chun
     flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     if type(head) is nn.Linear:
         chosen, entropy = _LinearHeadLogprobs.apply(flat_hidden, head.weight, head.bias, flat_targets,
-                                                    chunk_size, temperature, with_entropy)
+                                                    chunk_size, temperature, with_entropy, top_k, top_p)
         entropy = entropy if with_entropy else None
     else:
         chosen, entropy = _module_head_logprobs(flat_hidden, head, flat_targets, chunk_size, temperature,
-                                                with_entropy)
+                                                with_entropy, top_k, top_p)
     return chosen.view(shape), entropy.view(shape) if entropy is not None else None

@@ -232,7 +232,7 @@ class GRPOModule(PolicyModule):
                              f"{completions} completions do not split into {self.num_mini_batches} mini-batches")
         problems = datamodule.problems
         self.engine.check_prompt_lengths(self.policy, self.policy.encode_prompts([p["prompt"] for p in problems]),
-                                         self.sampling, self.policy.context_length)
+                                         self.sampling, self.policy.context_length, [p["id"] for p in problems])
         self.runner.check_problems(problems, chat_format(self.policy), trainer_state(self.trainer))
         log.info("GRPO set-up checked: %d prompts, reward functions %s", len(problems),
                  [function_name(f) for f in functions])
@@ -326,7 +326,8 @@ class GRPOModule(PolicyModule):
     @torch.no_grad()
     def _logprobs_without_grad(self, batch: PolicyBatch) -> torch.Tensor:
         chunks = [self.policy.completion_logprobs(batch.select(rows), temperature=self.sampling.temperature,
-                                                  share_prompts=self.share_prompts)[0]
+                                                  share_prompts=self.share_prompts, top_k=self.sampling.top_k,
+                                                  top_p=self.sampling.top_p)[0]
                   for rows in self._chunks(batch)]
         return torch.cat(chunks)
 
@@ -355,7 +356,7 @@ class GRPOModule(PolicyModule):
                     micro = batch.select(rows)
                     logprobs, entropy = self.policy.completion_logprobs(
                         micro, with_entropy=True, temperature=self.sampling.temperature,
-                        share_prompts=self.share_prompts)
+                        share_prompts=self.share_prompts, top_k=self.sampling.top_k, top_p=self.sampling.top_p)
                     micro_mask = mask[rows]
                     old = old_logprobs[rows] if old_logprobs is not None else logprobs.detach()
                     kl = (kl_penalty(logprobs, ref_logprobs[rows], settings.kl_estimator)

@@ -78,12 +78,18 @@ class RolloutEngine(ABC):
         ``generate`` starts it again."""
 
     def check_prompt_lengths(self, policy: Policy, prompt_ids: list[list[int]], sampling: SamplingParams,
-                             max_context: Optional[int]) -> None:
+                             max_context: Optional[int], names: Optional[list[str]] = None) -> None:
+        """Refuse prompts that leave no room for ``max_new_tokens`` in the context; ``names`` (problem ids)
+        name them in the error, else their index."""
         if max_context is None:
             return
         for index, ids in enumerate(prompt_ids):
             if len(ids) + sampling.max_new_tokens > max_context:
+                longest = max(len(row) for row in prompt_ids)
+                name = f"{names[index]!r}" if names else str(index)
                 raise ValueError(
-                    f"prompt {index} has {len(ids)} tokens; with max_new_tokens={sampling.max_new_tokens} "
-                    f"it exceeds the model context of {max_context} tokens"
+                    f"prompt {name} has {len(ids)} tokens; with max_new_tokens={sampling.max_new_tokens} it exceeds "
+                    f"the model context of {max_context} tokens ({policy.model_name_or_path}; the longest prompt "
+                    f"has {longest}): lower max_new_tokens to {max_context - longest} or less, or drop the "
+                    f"longest prompts"
                 )

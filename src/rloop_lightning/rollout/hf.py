@@ -6,7 +6,7 @@ from contextlib import contextmanager
 from typing import Optional
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from rloop_lightning.policy import Policy, cache_argument, pad, shared_prefix_cache
@@ -24,6 +24,27 @@ def inference_mode(model: torch.nn.Module):
             yield
     finally:
         model.train(was_training)
+
+
+@contextmanager
+def without_generation_config(model: torch.nn.Module):
+    """Hide the model's ``generation_config`` from ``generate`` (a blank one stands in), restoring it after.
+
+    ``generate`` fills every setting it is not given from the model's ``generation_config``:
+    Qwen2.5-Instruct's adds a repetition penalty (and top-k 20, top-p 0.8, temperature 0.7), so
+    samples would come from another distribution than the one the trainer scores. With a blank
+    config only what the engine passes applies: ``SamplingParams``, nothing else.
+    """
+    holders = [module for module in model.modules() if isinstance(module.__dict__.get("generation_config"),
+                                                                   GenerationConfig)]
+    saved = [module.generation_config for module in holders]
+    for module in holders:
+        module.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        for module, config in zip(holders, saved):
+            module.generation_config = config
 
 
 class ChosenTokenLogprobs(LogitsProcessor):
@@ -81,6 +102,11 @@ class HFGenerateEngine(RolloutEngine):
     Sampler log-probs are those of the distribution the tokens were drawn from (temperature, top-k,
     top-p applied), recorded step by step by ``ChosenTokenLogprobs``: a call holds one step's
     [B, V] scores, not all T of them, plus the KV cache (``batch_size`` bounds both).
+
+    Samples come from ``SamplingParams`` alone: the model's ``generation_config`` sampling settings
+    and processors (Qwen2.5-Instruct's repetition penalty) are not applied, because the trainer
+    scores ``softmax(logits / T)`` truncated by top-k/top-p and nothing else; a completion ends at
+    any of ``Policy.end_token_ids`` (the generation_config's end tokens among them).
 
     With ``share_prompts`` (default) the prompts of a call are pre-filled once per distinct prompt
     and the KV cache is copied to their samples: the same tokens and log-probs as a pre-fill of
@@ -154,20 +180,23 @@ class HFGenerateEngine(RolloutEngine):
             if shared is not None:
                 cache = {cache_argument(policy.model): shared[1]}
         # the warpers run in our processor list, right before the recorder, so it sees the scores
-        # that are sampled from; generate is told to add none of its own (temperature 1, top-k 0, top-p 1)
+        # that are sampled from; generate adds none of its own (temperature 1, top-k 0, top-p 1, and
+        # the model's generation_config hidden: no repetition penalty or other processor from it)
         recorder = ChosenTokenLogprobs()
         processors = LogitsProcessorList([*([] if greedy else sampling_processors(sampling)), recorder])
-        output = policy.model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, **cache,
-            max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
-            temperature=None if greedy else 1.0, top_p=None if greedy else 1.0, top_k=None if greedy else 0,
-            logits_processor=processors,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            return_dict_in_generate=True, use_cache=True, synced_gpus=synced,
-        )
+        end_ids = policy.end_token_ids  # every end token: the chat turn's, the EOS, the generation_config's
+        with without_generation_config(policy.model):
+            output = policy.model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, **cache,
+                max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
+                temperature=None if greedy else 1.0, top_p=None if greedy else 1.0, top_k=None if greedy else 0,
+                logits_processor=processors,
+                eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id,
+                return_dict_in_generate=True, use_cache=True, synced_gpus=synced,
+            )
         generated = output.sequences[:, input_ids.shape[1]:]  # [B, T]
         logprobs = recorder.logprobs(generated)  # [B, T]
-        eos = generated == tokenizer.eos_token_id
+        eos = torch.isin(generated, torch.tensor(end_ids, device=generated.device))
         has_eos = eos.any(1)
         lengths = torch.where(has_eos, eos.int().argmax(1) + 1, torch.full_like(has_eos, generated.shape[1], dtype=torch.long))
         for row, (index, ids) in enumerate(requests):

@@ -16,10 +16,13 @@ without pickling, in ``sync_weights``:
 
 Log-probs: the engine asks vLLM for *processed* log-probs (``logprobs_mode="processed_logprobs"``:
 after temperature, top-k and top-p), the distribution the tokens were drawn from. That is what the
-Hugging Face engine reports and what ``Policy.completion_logprobs(temperature=T)`` computes for
-top-k = 0 and top-p = 1, so importance weights are right at any temperature. They still differ from
-the trainer's by kernels and precision (under QLoRA also by the base), so
-``needs_importance_correction`` is True: see ``algorithms.importance``.
+Hugging Face engine reports and what ``Policy.completion_logprobs(temperature=T, top_k=k, top_p=p)``
+computes (``algorithms.truncation``), so importance weights compare like with like at any
+temperature, top-k and top-p. They still differ from the trainer's by kernels and precision (under
+QLoRA also by the base), so ``needs_importance_correction`` is True: see ``algorithms.importance``.
+Sampling follows ``SamplingParams`` alone (vLLM applies the model's ``generation_config`` sampling
+defaults only to requests without sampling parameters); completions stop at every one of
+``Policy.end_token_ids``.
 
 Several ranks (``torch.distributed`` initialised by Lightning): each rank runs its own engine on its
 own prompts with ``distributed_executor_backend="external_launcher"``, which joins the existing
@@ -277,7 +280,7 @@ class VLLMEngine(RolloutEngine):
             n=num_samples, temperature=sampling.temperature, top_p=sampling.top_p,
             top_k=sampling.top_k if sampling.top_k > 0 else -1, max_tokens=sampling.max_new_tokens,
             logprobs=0,  # 0 extra candidates: just the sampled token's log-prob
-            stop_token_ids=[policy.tokenizer.eos_token_id],
+            stop_token_ids=policy.end_token_ids,  # the chat turn's end, the EOS, the generation_config's
         )
 
     @staticmethod
