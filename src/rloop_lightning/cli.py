@@ -15,12 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, Optional
 
 from jsonargparse import CLI, ActionConfigFile, ArgumentParser, set_parsing_settings
 from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from rloop_lightning.evaluation import Evaluator, evaluate_policy
 from rloop_lightning.grpo import GRPOModule
@@ -139,4 +141,7 @@ def cli_main(args: ArgsType = None):
         if argv and argv[0] not in ("-h", "--help"):
             raise SystemExit(f"rloop: unknown command {argv[0]!r}; choose from {names}")
         return None
-    COMMANDS[argv[0]](argv[1:])  # nothing returned: console scripts print a non-int return value
+    try:
+        COMMANDS[argv[0]](argv[1:])  # nothing returned: console scripts print a non-int return value
+    except SIGTERMException:  # Lightning's SIGTERM stop (a fit without PhaseCheckpoint) carries no exit code
+        raise SystemExit(128 + signal.SIGTERM) from None

@@ -1,0 +1,135 @@
+"""Preemption: SIGTERM (what Slurm and Kubernetes send before they preempt) or SIGINT mid-phase ends the
+phase after its current batch with a checkpoint and exit status 143/130; the rerun resumes to the
+uninterrupted outputs.
+
+Before ``callbacks.preemption``, Lightning's SIGTERM handling ended ``rloop fit`` with exit status 0
+(a ``SystemExit`` with no code) and no checkpoint, so a scheduler would not requeue the job.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import lightning as L
+import pytest
+import yaml
+
+from rloop_lightning.callbacks import PhaseCheckpoint
+from rloop_lightning.callbacks.preemption import Preempted, first_signal
+from rloop_lightning.grpo import GRPOModule
+from rloop_lightning.rft import RFTModule
+from test_loop import expert_files, manifest, start_loop, write_loop_config
+import test_resume
+from rloop_lightning.loop.phases import PhaseCLI, build_phase
+from test_resume import grpo_config, phase_outputs, rft_config, run_phase
+
+
+class SignalAt(L.Callback):
+    """Send ``signum`` to this process at the start of training batch ``batch`` (counted over the fit)."""
+
+    def __init__(self, batch: int, signum: int):
+        self.batch, self.signum, self.seen = batch, signum, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.seen == self.batch:
+            os.kill(os.getpid(), self.signum)
+        self.seen += 1
+
+
+@pytest.fixture
+def signal_at(monkeypatch):
+    """``signal_at(batch, signum)``: ``run_phase``'s Trainers get ``SignalAt(batch, signum)`` too."""
+    def arm(batch: int, signum: int) -> None:
+        def with_signal(*args, **kwargs) -> PhaseCLI:
+            cli = build_phase(*args, **kwargs)
+            cli.trainer.callbacks.append(SignalAt(batch, signum))
+            return cli
+
+        monkeypatch.setattr(test_resume, "build_phase", with_signal)
+    return arm
+
+
+def test_the_first_rank_with_a_signal_stops_every_rank():
+    assert first_signal([None, None]) is None
+    assert first_signal([None, signal.SIGINT, signal.SIGTERM]) == signal.SIGINT
+    assert first_signal([signal.SIGTERM]) == signal.SIGTERM
+
+
+@pytest.mark.parametrize("module, make_config, signum, every_n_steps, step", [
+    (GRPOModule, grpo_config, signal.SIGTERM, 4, 6),  # 2 optimizer steps a batch: stopped after batch 2 (0-based)
+    (RFTModule, rft_config, signal.SIGINT, 100, 3),  # 1 step a batch, no cadence save yet; the epoch's last batch
+])
+def test_a_signal_mid_phase_saves_a_checkpoint_exits_128_plus_signal_and_resumes(
+        tmp_path, signal_at, module, make_config, signum, every_n_steps, step):
+    config = make_config(tmp_path)
+    run_phase(module, config, tmp_path / "reference", every_n_steps=None)
+    resumed = tmp_path / "resumed"
+    signal_at(2, signum)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with pytest.raises(Preempted) as stopped:
+        run_phase(module, config, resumed, every_n_steps=every_n_steps)
+    assert stopped.value.code == 128 + signum  # 143 for SIGTERM, 130 for SIGINT
+    assert f"{signal.Signals(signum).name}: phase stopped after step {step}" in str(stopped.value)
+    assert PhaseCheckpoint.latest(resumed / "checkpoints").name == f"step{step:07d}.ckpt"  # the batch finished
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # the process's own handlers are back
+    signal_at(10_000, signum)  # never
+    run_phase(module, config, resumed, every_n_steps=every_n_steps)
+    assert phase_outputs(resumed) == phase_outputs(tmp_path / "reference")
+
+
+def test_a_phase_without_checkpoint_cadence_stops_with_no_checkpoint_and_a_non_zero_status(tmp_path, signal_at):
+    config = rft_config(tmp_path)
+    signal_at(1, signal.SIGTERM)
+    with pytest.raises(Preempted, match="no checkpoint") as stopped:
+        run_phase(RFTModule, config, tmp_path / "run", every_n_steps=None)  # and every_seconds None: no cadence
+    assert stopped.value.code == 143
+    assert PhaseCheckpoint.latest(tmp_path / "run" / "checkpoints") is None
+    assert not (tmp_path / "run" / "policy").exists()  # not exported: the phase did not finish
+
+
+@pytest.mark.slow
+def test_sigterm_then_sigint_mid_loop_exit_143_and_130_and_the_rerun_resumes(tmp_path):
+    """``rloop fit`` in a subprocess: SIGTERM once GRPO has saved a harvest shard (exit 143, the manifest
+    without the phase, a checkpoint), SIGINT during RFT (exit 130); the third run completes the
+    iteration with the expert set an uninterrupted run writes."""
+    runs = {}
+    for name in ("reference", "run"):
+        config = write_loop_config(tmp_path / name, tmp_path / name / "run")
+        loop = yaml.safe_load(config.read_text())
+        loop.update(iterations=1)
+        config.write_text(yaml.safe_dump(loop))
+        runs[name] = (config, tmp_path / name / "run")
+    config, run_dir = runs["run"]
+    log_path = tmp_path / "loop.log"
+    grpo, rft = run_dir / "iter_00" / "grpo", run_dir / "iter_00" / "rft"
+
+    def signal_when(condition, signum: int) -> int:
+        process = start_loop(config, log_path)
+        try:
+            deadline = time.monotonic() + 240
+            while not condition():
+                assert process.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, "signal point not reached"
+                time.sleep(0.01)
+            process.send_signal(signum)
+            return process.wait(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+
+    assert signal_when(lambda: any((grpo / "experts").glob("rank00/*.jsonl")), signal.SIGTERM) == 143, \
+        log_path.read_text()[-3000:]
+    assert "iter_00/grpo" not in manifest(run_dir)["completed"]
+    assert PhaseCheckpoint.latest(grpo / "checkpoints") is not None
+    assert "SIGTERM: phase stopped after step" in log_path.read_text()
+    assert signal_when(lambda: (rft / "metrics.jsonl").exists() and (rft / "metrics.jsonl").read_text(),
+                       signal.SIGINT) == 130, log_path.read_text()[-3000:]
+    assert "iter_00/rft" not in manifest(run_dir)["completed"]
+    process = start_loop(config, log_path)
+    assert process.wait(timeout=300) == 0, log_path.read_text()[-3000:]
+    reference = start_loop(runs["reference"][0], tmp_path / "reference.log")
+    assert reference.wait(timeout=300) == 0, (tmp_path / "reference.log").read_text()[-3000:]
+    assert manifest(run_dir)["completed"].keys() == manifest(runs["reference"][1])["completed"].keys()
+    assert expert_files(run_dir) == expert_files(runs["reference"][1])
