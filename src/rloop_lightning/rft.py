@@ -40,6 +40,10 @@ class RFTModule(PolicyModule):
         max_length: Optional[int] = None,
         kl_coef: float = 0.0,
     ):
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be >= 1 or null, got {max_length}")
+        if kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
         super().__init__(policy, optimizer, lr_scheduler)
         self.save_hyperparameters(ignore=["policy", "optimizer", "lr_scheduler"])
         self.max_length = max_length

@@ -39,6 +39,7 @@ from rloop_lightning.callbacks import (
 from rloop_lightning.records import iter_records, write_json_atomic, write_jsonl_atomic
 from rloop_lightning.evaluation import Evaluator, evaluate_policy
 from rloop_lightning.grpo import GRPOModule
+from rloop_lightning.loop.checks import check_loop_prompts, check_phase
 from rloop_lightning.loop.distributed import barrier, is_main_process
 from rloop_lightning.loop.expert_set import ExpertSetSettings, build_expert_set
 from rloop_lightning.loop.layout import BASE_EVALUATION, RunLayout
@@ -78,6 +79,13 @@ class BasePolicySettings:
             raise FileNotFoundError(
                 f"base.policy {self.policy!r} does not exist (a local path, not a hub id). Point base.policy to "
                 "a policy directory, a hub id (org/name) or a built-in id, or set base.build_config to build it.")
+
+
+def check_checkpoint_cadence(every_n_steps: Optional[int], every_seconds: Optional[float]) -> None:
+    if every_n_steps is not None and every_n_steps < 1:
+        raise ValueError(f"checkpoint_every_n_steps must be >= 1 or null, got {every_n_steps}")
+    if every_seconds is not None and not every_seconds > 0:
+        raise ValueError(f"checkpoint_every_seconds must be > 0 or null, got {every_seconds}")
 
 
 def ensure_callback(trainer: L.Trainer, kind: type, make) -> None:
@@ -128,6 +136,7 @@ class RLoop:
                  checkpoint_every_seconds: Optional[float] = 1800.0, keep_checkpoints: bool = False):
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
+        check_checkpoint_cadence(checkpoint_every_n_steps, checkpoint_every_seconds)
         self.layout = RunLayout(run_dir)
         self.base = base
         self.grpo = grpo
@@ -193,14 +202,24 @@ class RLoop:
         return self.results()
 
     def validate_phases(self) -> None:
-        """Parse every phase's configuration with the loop's overrides before any compute: a typo in a
-        phase YAML or override fails here, before theta_0 is built or evaluated."""
+        """Parse and build every phase's configuration with the loop's overrides before any compute (no
+        weights load), and check the prompts against the context (``loop.checks``): a typo or a bad value
+        in a phase YAML or override fails here, before theta_0 is built or evaluated."""
         self.base.check()
+        theta = self.base.policy
         if self.base.build_config is not None:
-            parse_phase(RFTModule, PhaseSettings(self.base.build_config), {})
-        parse_phase(GRPOModule, self.grpo, self.grpo_overrides(self.base.policy, self.layout.root, self.seed))
+            build = PhaseSettings(self.base.build_config)
+            parse_phase(RFTModule, build, {})
+            built_from = check_phase(RFTModule, build, {}, "base build").model.policy.model_name_or_path
+            theta = theta if os.path.exists(theta) else built_from  # its tokenizer and context
+        grpo_overrides = self.grpo_overrides(theta, self.layout.root, self.seed)
+        parse_phase(GRPOModule, self.grpo, grpo_overrides)
+        grpo = check_phase(GRPOModule, self.grpo, grpo_overrides, "grpo")
         if not self.vanilla:
-            parse_phase(RFTModule, self.rft, self.rft_overrides(self.base.policy, 0, self.layout.root, self.seed))
+            rft_overrides = self.rft_overrides(theta, 0, self.layout.root, self.seed)
+            parse_phase(RFTModule, self.rft, rft_overrides)
+            check_phase(RFTModule, self.rft, rft_overrides, "rft")
+        check_loop_prompts(grpo, self.evaluators, self.eval_engine)
 
     def iteration(self, k: int, theta_path: str) -> str:
         layout = self.layout
