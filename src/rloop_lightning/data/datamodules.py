@@ -95,7 +95,7 @@ class ExpertDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         files = expand_paths(self.paths)
-        records = read_records(files, RECORD_FIELDS)
+        records = read_records(files, RECORD_FIELDS, text=RECORD_FIELDS)
         if not records:
             raise ValueError(f"no expert records in {self.paths}: nothing to train on")
         _, ranks = _ranks(self.trainer)
