@@ -45,6 +45,9 @@ from rloop_lightning.loop.expert_set import ExpertSetSettings, build_expert_set
 from rloop_lightning.loop.layout import BASE_EVALUATION, RunLayout
 from rloop_lightning.loop.lock import RunDirectoryBusy, RunLock
 from rloop_lightning.loop.manifest import Manifest
+from rloop_lightning.loop.verify import (
+    DIGESTS, ChangedOutputError, changed_outputs, is_redone, output_digests,
+)
 from rloop_lightning.loop.phases import (
     OverrideValue, PhaseCLI, PhaseSettings, build_phase, override_keys, parse_phase, phase_policy,
 )
@@ -156,6 +159,7 @@ class RLoop:
         self.checkpoint_every_seconds = checkpoint_every_seconds
         self.keep_checkpoints = keep_checkpoints
         self.manifest = Manifest(self.layout.manifest)
+        self.redone: dict[str, dict[str, str]] = {}  # phase -> the digests it must give again
 
     # ------------------------------------------------------------------ driver
     def run(self, config: Optional[dict] = None) -> dict:
@@ -189,6 +193,7 @@ class RLoop:
             if self.manifest.exists and not self.resume:
                 raise FileExistsError(f"{self.layout.root} already holds a run; pass --resume true or another run_dir")
             self.manifest.check_config(config)
+            self.verify_finished_phases()
             theta_path = self.build_base()
         else:  # a rank started by the launcher mid-run: the main process wrote both
             theta_path = self.base.policy
@@ -220,6 +225,25 @@ class RLoop:
             parse_phase(RFTModule, self.rft, rft_overrides)
             check_phase(RFTModule, self.rft, rft_overrides, "rft")
         check_loop_prompts(grpo, self.evaluators, self.eval_engine)
+
+    def verify_finished_phases(self) -> None:
+        """Check every finished phase's files against the digests the manifest recorded (``loop.verify``):
+        a missing or changed expert set or evaluation is redone, any other changed output refused."""
+        for name, info in list(self.manifest.data["completed"].items()):
+            recorded = info.get(DIGESTS)
+            problems = changed_outputs(self.layout.directory(name), recorded) if recorded is not None else []
+            if not problems:
+                continue
+            if not is_redone(name):
+                raise ChangedOutputError(
+                    f"{self.layout.root}: phase {name} finished, but " + "; ".join(problems) + ". Later phases "
+                    "were computed from it, and it cannot be recomputed bit for bit: restore the file (e.g. from "
+                    "a copy of the run directory), or start a new run directory.")
+            log.warning("%s: %s; the phase is redone", name, "; ".join(problems))
+            self.redone[name] = recorded
+            del self.manifest.data["completed"][name]
+        if self.redone:
+            self.manifest.save()
 
     def iteration(self, k: int, theta_path: str) -> str:
         layout = self.layout
@@ -260,7 +284,13 @@ class RLoop:
         info = work(directory) if every_rank or main else None
         barrier()  # every rank's outputs are written
         if main:
-            self.manifest.mark_done(name, {**(info or {}), "seconds": round(time.perf_counter() - started, 2)})
+            digests = output_digests(directory)
+            expected = self.redone.pop(name, None)
+            if expected is not None and name.endswith("expert_set") and digests != expected:
+                raise ChangedOutputError(f"{name} was rebuilt from its harvest, but its files differ from those the "
+                                         f"later phases were trained on ({sorted(expected)}): start a new run directory")
+            self.manifest.mark_done(name, {**(info or {}), "seconds": round(time.perf_counter() - started, 2),
+                                           DIGESTS: digests})
         barrier()
         self.manifest.reload()
 
@@ -348,8 +378,9 @@ class RLoop:
         if self.expert_set.replay:
             for j in range(k):
                 earlier = self.layout.expert_set(j)
-                if earlier.exists():
-                    records.extend(iter_records(earlier))
+                if not earlier.exists():  # never a smaller set
+                    raise FileNotFoundError(f"replay: the expert set of iteration {j}, {earlier}, is missing")
+                records.extend(iter_records(earlier))
             summary["size_with_replay"] = len(records)
         write_jsonl_atomic(self.layout.expert_set(k), records)
         write_json_atomic(self.layout.expert_set_summary(k), summary)
