@@ -108,7 +108,10 @@ def override_keys(prefix: str, settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def override_args(overrides: dict[str, Any]) -> list[str]:
-    return [f"--{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in overrides.items()]
+    """``--key=value`` arguments; values that are not strings as JSON, non-ASCII characters as they are (an
+    escaped character outside the BMP, a surrogate pair, is not read back by the parser)."""
+    return [f"--{key}={value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)}"
+            for key, value in overrides.items()]
 
 
 def phase_args(settings: PhaseSettings, overrides: dict[str, Any]) -> list[str]:
