@@ -36,25 +36,25 @@ def rft(**overrides) -> list[str]:
 
 
 CASES = {
-    "num_generations 1": (grpo(**{"model.num_generations": 1}), f"{GRPO}.*num_generations must be >= 2"),
-    "grpo batch_size 0": (grpo(**{"data.init_args.batch_size": 0}), f"{GRPO}.*batch_size must be >= 1, got 0"),
-    "max_new_tokens 0": (grpo(**{"model.sampling.max_new_tokens": 0}), f"{GRPO}.*max_new_tokens must be >= 1, got 0"),
-    "temperature -1": (grpo(**{"model.sampling.temperature": -1}), f"{GRPO}.*temperature must be >= 0, got -1"),
-    "top_k -1": (grpo(**{"model.sampling.top_k": -1}), f"{GRPO}.*top_k must be >= 0"),
-    "reward_timeout 0": (grpo(**{"model.reward_timeout": 0}), f"{GRPO}.*reward_timeout > 0"),
-    "grpo limit 0": (grpo(**{"data.init_args.limit": 0}), f"{GRPO}.*limit must be >= 1 or null"),
-    "grpo max_steps 0": (grpo(**{"trainer.max_steps": 0}), f"{GRPO_PARSE}.*trainer.max_steps must be >= 1"),
-    "rft max_epochs 0": (rft(**{"trainer.max_epochs": 0}), "phase config .*rft.yaml.*trainer.max_epochs must be >= 1"),
-    "rft batch_size 0": (rft(**{"data.init_args.batch_size": 0}), f"{RFT}.*batch_size must be >= 1, got 0"),
-    "rft max_length 0": (rft(**{"model.max_length": 0}), f"{RFT}.*max_length must be >= 1 or null"),
-    "devices 0": (["--trainer", json.dumps({"devices": 0})], f"{GRPO_PARSE}.*trainer.devices must be >= 1"),
-    "hard_threshold 1.5": (["--expert_set.hard_threshold", "1.5"], r"expert_set.hard_threshold is a success rate, "
+    "num_generations_1": (grpo(**{"model.num_generations": 1}), f"{GRPO}.*num_generations must be >= 2"),
+    "grpo_batch_size_0": (grpo(**{"data.init_args.batch_size": 0}), f"{GRPO}.*batch_size must be >= 1, got 0"),
+    "max_new_tokens_0": (grpo(**{"model.sampling.max_new_tokens": 0}), f"{GRPO}.*max_new_tokens must be >= 1, got 0"),
+    "temperature_-1": (grpo(**{"model.sampling.temperature": -1}), f"{GRPO}.*temperature must be >= 0, got -1"),
+    "top_k_-1": (grpo(**{"model.sampling.top_k": -1}), f"{GRPO}.*top_k must be >= 0"),
+    "reward_timeout_0": (grpo(**{"model.reward_timeout": 0}), f"{GRPO}.*reward_timeout > 0"),
+    "grpo_limit_0": (grpo(**{"data.init_args.limit": 0}), f"{GRPO}.*limit must be >= 1 or null"),
+    "grpo_max_steps_0": (grpo(**{"trainer.max_steps": 0}), f"{GRPO_PARSE}.*trainer.max_steps must be >= 1"),
+    "rft_max_epochs_0": (rft(**{"trainer.max_epochs": 0}), "phase config .*rft.yaml.*trainer.max_epochs must be >= 1"),
+    "rft_batch_size_0": (rft(**{"data.init_args.batch_size": 0}), f"{RFT}.*batch_size must be >= 1, got 0"),
+    "rft_max_length_0": (rft(**{"model.max_length": 0}), f"{RFT}.*max_length must be >= 1 or null"),
+    "devices_0": (["--trainer", json.dumps({"devices": 0})], f"{GRPO_PARSE}.*trainer.devices must be >= 1"),
+    "hard_threshold_1.5": (["--expert_set.hard_threshold", "1.5"], r"expert_set.hard_threshold is a success rate, "
                                                                     r"in \[0, 1\]; got 1.5"),
-    "hard_threshold -0.5": (["--expert_set.hard_threshold", "-0.5"], "expert_set.hard_threshold .* got -0.5"),
-    "max_per_prompt -1": (["--expert_set.max_per_prompt", "-1"], "expert_set.max_per_prompt must be >= 0, got -1"),
-    "checkpoint_every_n_steps 0": (["--checkpoint_every_n_steps", "0"], "checkpoint_every_n_steps must be >= 1 or null"),
-    "checkpoint_every_seconds 0": (["--checkpoint_every_seconds", "0"], "checkpoint_every_seconds must be > 0 or null"),
-    "grpo prompt past the context": (grpo(**{"model.sampling.max_new_tokens": 250}),
+    "hard_threshold_-0.5": (["--expert_set.hard_threshold", "-0.5"], "expert_set.hard_threshold .* got -0.5"),
+    "max_per_prompt_-1": (["--expert_set.max_per_prompt", "-1"], "expert_set.max_per_prompt must be >= 0, got -1"),
+    "checkpoint_every_n_steps_0": (["--checkpoint_every_n_steps", "0"], "checkpoint_every_n_steps must be >= 1 or null"),
+    "checkpoint_every_seconds_0": (["--checkpoint_every_seconds", "0"], "checkpoint_every_seconds must be > 0 or null"),
+    "grpo_prompt_past_the_context": (grpo(**{"model.sampling.max_new_tokens": 250}),
                                      r"grpo phase, task 'countdown' split 'train' \(model.sampling.max_new_tokens\): "
                                      r"prompt 0 has \d+ tokens; with max_new_tokens=250 it exceeds the model context "
                                      "of 256 tokens"),
@@ -75,7 +75,7 @@ def test_a_bad_value_fails_before_anything_is_written_naming_phase_and_field(cas
     ("num_samples", 0, "num_samples must be >= 1"),
     ("ks", [1, 8], r"pass@k needs 1 <= k <= num_samples=4; got ks=\[1, 8\]"),
     ("reward_timeout", 0, "need num_workers >= 0 and timeout > 0"),
-])
+], ids=["limit", "num_samples", "ks", "reward_timeout"])
 def test_an_evaluator_value_fails_before_anything_is_written(field, value, message, tmp_path):
     config = write_loop_config(tmp_path / "configs", tmp_path / "run")
     evaluator = {"task": {"class_path": "rloop_lightning.tasks.Countdown", "init_args": {"num_test": 4}},

@@ -52,7 +52,7 @@ def test_report_refuses_a_missing_baseline_before_writing(tmp_path):
 @pytest.mark.parametrize("output, error, message", [
     ("{tmp}", IsADirectoryError, "is a directory; give a file path"),
     ("{tmp}/file.txt/eval.json", NotADirectoryError, "file.txt' is a file, not a directory"),
-])
+], ids=["directory", "under_a_file"])
 def test_eval_checks_its_output_before_evaluating(tmp_path, monkeypatch, output, error, message):
     (tmp_path / "file.txt").write_text("")
     monkeypatch.setattr(cli, "evaluate_policy", lambda *args, **kwargs: pytest.fail("evaluated first"))
@@ -68,7 +68,7 @@ def test_eval_writes_an_output_in_a_new_directory(tmp_path):
     assert set(json.loads(output.read_text())) == {"countdown/test"}
 
 
-@pytest.mark.parametrize("name", ["r\u00fcn \u00e9t\u00e9", "\u5b9f\u9a13", "run\U0001F600"])
+@pytest.mark.parametrize("name", ["r\u00fcn \u00e9t\u00e9", "\u5b9f\u9a13", "run\U0001F600"], ids=["latin", "cjk", "emoji"])
 def test_a_run_directory_with_non_ascii_characters_reaches_the_phases_as_written(tmp_path, name):
     run_dir = tmp_path / name / "run"
     write_loop_config(tmp_path / "configs", run_dir)

@@ -33,7 +33,8 @@ def write_jsonl(path, rows) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("value, kind", [(42, "int"), (["a", "b"], "list"), (True, "bool"), ({"x": 1}, "dict")])
+@pytest.mark.parametrize("value, kind", [(42, "int"), (["a", "b"], "list"), (True, "bool"), ({"x": 1}, "dict")],
+                         ids=["int", "list", "bool", "dict"])
 def test_a_gsm8k_row_with_a_non_text_question_names_file_line_and_type(tmp_path, value, kind):
     path = write_jsonl(tmp_path / "test.jsonl", [GOOD, {"question": value, "answer": "#### 3"}])
     with pytest.raises(RecordError, match=rf"{path}:2: field 'question' is {kind} \(.*\), expected text"):
@@ -64,7 +65,7 @@ def test_a_numeric_math_answer_is_an_answer(tmp_path):
      "field 'content' is list"),
     ({"prompt": "q", "reward_model": "1"}, "field 'reward_model' is str, expected an object"),
     ({"prompt": "q", "reward_model": {"ground_truth": [1]}}, "field 'ground_truth' is list"),
-])
+], ids=["int_prompt", "list_content", "str_reward_model", "list_ground_truth"])
 def test_dapo_rows_of_the_wrong_type_name_file_and_line(tmp_path, row, message):
     path = write_jsonl(tmp_path / "train.jsonl", [row])
     with pytest.raises(RecordError, match=rf"{path}:1: {message}"):
@@ -97,7 +98,7 @@ def test_a_hub_row_of_the_wrong_type_names_dataset_split_and_row(monkeypatch):
     ({"prompt": None, "completion": "x"}, "field 'prompt' is NoneType"),
     ({"prompt": "p", "completion": 12}, r"field 'completion' is int \('12'\), expected text"),
     ({"prompt": ["p"], "completion": "x"}, "field 'prompt' is list"),
-])
+], ids=["null_prompt", "int_completion", "list_prompt"])
 def test_an_rft_record_of_the_wrong_type_names_file_and_line(tmp_path, row, message):
     path = write_jsonl(tmp_path / "experts.jsonl", [{"prompt": "a", "completion": "b"}, row])
     with pytest.raises(RecordError, match=rf"{path}:2: {message}"):

@@ -137,7 +137,7 @@ def test_reward_functions_get_their_own_copies_of_problems_and_completions():
     (returns_a_set, "returned set, expected a list of numbers or None, one per completion; a set has no order"),
     (returns_a_generator, "returned generator, expected a list .*; return a list, not an iterator or generator"),
     (returns_a_string, "returned str, expected a list of numbers or None"),
-])
+], ids=["set", "generator", "string"])
 def test_a_reward_returning_a_set_generator_or_string_is_refused_by_name(function, message):
     with pytest.raises(ValueError, match=f"reward function '{function.__name__}' {message}"):
         RewardRunner([function], num_workers=0)(["p", "q"], ["c", "d"])

@@ -156,6 +156,7 @@ class PhaseCheckpoint(Checkpoint):
         """End the phase after this batch on a signal: save a checkpoint if the phase has a cadence, raise
         ``Preempted``."""
         self._signals.restore()
+        self._signals.received = None  # handled here, not again at teardown
         saved = None
         if self.every_n_steps is not None or self.every_seconds is not None:
             saved = self.save(trainer) if trainer.global_step != self._last_saved_step else self.latest(self.root(trainer))
@@ -170,7 +171,15 @@ class PhaseCheckpoint(Checkpoint):
         self._signals.restore()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """A signal that came after the last batch (while the phase exported its policy) still stops the
+        run: the phase is not marked done, and a rerun redoes it."""
+        signum = first_signal(gather(trainer, self._signals.received)) if stage == "fit" else None
         self._signals.restore()
+        if signum is not None:
+            message = (f"{signal.Signals(signum).name} after the last training batch: the phase finished but is "
+                       "not marked done, and a rerun redoes it")
+            log.warning(message)
+            raise Preempted(signum, message)
 
     def _due(self, trainer: L.Trainer) -> bool:
         step = trainer.global_step
