@@ -7,8 +7,8 @@ tests/test_command_inputs.py): each asserts one fault's intended outcome, so a p
 that outcome, a failing one a regression, and one that runs past its time limit a hang.
 They run in one pytest process under pytest-timeout, the whole run under a wall-clock limit too.
 
-    python scripts/fault_probes.py            # every probe (about 5 minutes on 2 cores)
-    python scripts/fault_probes.py --fast     # without the end-to-end runs (about 2 minutes)
+    python scripts/fault_probes.py            # every probe (about 7 minutes on 2 cores)
+    python scripts/fault_probes.py --fast     # without the end-to-end runs (about 3 minutes)
     python scripts/fault_probes.py --timeout 60
 
 Outcomes: "clear error" (refused, the message names the culprit, before any compute or write where
@@ -89,6 +89,8 @@ PROBES = [
           PREEMPT + "test_a_signal_mid_phase_saves_a_checkpoint_exits_128_plus_signal_and_resumes[rft_sigint]"),
     Probe("SIGTERM in a phase without checkpoint cadence", "handled: exit 143, no checkpoint",
           PREEMPT + "test_a_phase_without_checkpoint_cadence_stops_with_no_checkpoint_and_a_non_zero_status"),
+    Probe("SIGTERM after a phase's last batch, during its export", "handled: exit 143, the phase redone on rerun",
+          PREEMPT + "test_a_signal_after_the_last_batch_still_stops_the_run_with_a_non_zero_status"),
     Probe("SIGTERM then SIGINT on rloop fit (subprocess)", "handled: exit 143, then 130; the rerun resumes",
           PREEMPT + "test_sigterm_then_sigint_mid_loop_exit_143_and_130_and_the_rerun_resumes", slow=True),
     Probe("reward function exits (set-up, in-process)", "clear error naming it",

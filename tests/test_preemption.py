@@ -150,3 +150,19 @@ def test_sigterm_then_sigint_mid_loop_exit_143_and_130_and_the_rerun_resumes(tmp
     assert f"Restoring states from the checkpoint path at {rft_checkpoint}" in log_path.read_text()
     assert set(manifest(run_dir)["completed"]) == {"eval/theta_0", "iter_00/grpo", "iter_00/expert_set",
                                                    "iter_00/rft", "iter_00/eval"}
+
+
+def test_lightning_sigterm_stop_outside_a_phase_checkpoint_exits_143(monkeypatch):
+    """A fit without ``PhaseCheckpoint`` (the base build, a standalone phase YAML without it) stops on SIGTERM
+    with Lightning's ``SIGTERMException``, a ``SystemExit`` with no code: ``rloop`` exits 143 instead of 0."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from rloop_lightning import cli
+
+    def stopped(args):
+        raise SIGTERMException
+
+    monkeypatch.setitem(cli.COMMANDS, "rft", stopped)
+    with pytest.raises(SystemExit) as exit_:
+        cli.cli_main(["rft", "fit"])
+    assert exit_.value.code == 143

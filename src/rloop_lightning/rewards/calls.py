@@ -170,8 +170,15 @@ def score_chunk(functions: Sequence[Callable], batch: RewardBatch, state: Traine
 
 def _keywords(batch: RewardBatch, state: TrainerState, log: CallLog) -> dict[str, Any]:
     """What one call gets: its own copy of the batch's inputs (functions may mutate what they are given)."""
-    return {**copy.deepcopy(batch.keywords()), "trainer_state": copy.copy(state), "log_extra": log.log_extra,
-            "log_metric": log.log_metric}
+    inputs = {name: [None if ids is None else list(ids) for ids in values] if name == "completion_ids"
+              else _own_copy(values) for name, values in batch.keywords().items()}  # token ids: ints, a flat copy
+    return {**inputs, "trainer_state": copy.copy(state), "log_extra": log.log_extra, "log_metric": log.log_metric}
+
+
+def _own_copy(values: list) -> list:
+    """A copy of one input a function may mutate: a list of strings copied flat (strings cannot change),
+    anything else (chat messages, problem columns) deeply."""
+    return list(values) if all(isinstance(value, str) for value in values) else copy.deepcopy(values)
 
 
 def _call(function: Callable, keywords: dict, seconds: float) -> Any:
