@@ -7,7 +7,7 @@ tests/test_command_inputs.py): each asserts one fault's intended outcome, so a p
 that outcome, a failing one a regression, and one that runs past its time limit a hang.
 They run in one pytest process under pytest-timeout, the whole run under a wall-clock limit too.
 
-    python scripts/fault_probes.py            # every probe (about 7 minutes on 2 cores)
+    python scripts/fault_probes.py            # every probe (about 8 minutes on 2 cores)
     python scripts/fault_probes.py --fast     # without the end-to-end runs (about 3 minutes)
     python scripts/fault_probes.py --timeout 60
 
@@ -93,6 +93,10 @@ PROBES = [
           PREEMPT + "test_a_signal_after_the_last_batch_still_stops_the_run_with_a_non_zero_status"),
     Probe("SIGTERM then SIGINT on rloop fit (subprocess)", "handled: exit 143, then 130; the rerun resumes",
           PREEMPT + "test_sigterm_then_sigint_mid_loop_exit_143_and_130_and_the_rerun_resumes", slow=True),
+    Probe("SIGTERM to the main one of 2 DDP processes", "handled: both stop after one step, exit 143",
+          PREEMPT + "test_sigterm_to_the_main_process_of_two_ranks_stops_both_after_the_same_batch", slow=True),
+    Probe("SIGTERM in a fit without PhaseCheckpoint (base build)", "handled: exit 143, not 0",
+          PREEMPT + "test_lightning_sigterm_stop_outside_a_phase_checkpoint_exits_143"),
     Probe("reward function exits (set-up, in-process)", "clear error naming it",
           REWARDS + "test_a_reward_that_exits_at_set_up_is_a_named_error_never_a_clean_exit[0]"),
     Probe("reward function exits (set-up, 2 workers)", "clear error naming it",

@@ -166,3 +166,31 @@ def test_lightning_sigterm_stop_outside_a_phase_checkpoint_exits_143(monkeypatch
     with pytest.raises(SystemExit) as exit_:
         cli.cli_main(["rft", "fit"])
     assert exit_.value.code == 143
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_main_process_of_two_ranks_stops_both_after_the_same_batch(tmp_path):
+    """Two DDP processes (gloo): SIGTERM reaches only the main one; the ranks gather their signals after
+    each batch, so both stop after the same step, and the run exits 143 at once instead of hanging."""
+    run_dir = tmp_path / "run"
+    config = write_loop_config(tmp_path / "configs", run_dir)
+    loop = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**loop, "iterations": 1, "trainer": {"devices": 2, "strategy": "ddp"}}))
+    log_path = tmp_path / "loop.log"
+    grpo = run_dir / "iter_00" / "grpo"
+    process = start_loop(config, log_path)
+    try:
+        deadline = time.monotonic() + 300
+        while not any((grpo / "experts").glob("rank00/*.jsonl")):
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no harvest shard in time"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 143, log_path.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    stops = [line.split("] ", 1)[1] for line in log_path.read_text().splitlines() if "phase stopped after step" in line]
+    assert len(stops) == 2 and stops[0] == stops[1], stops  # one line per rank, the same step and checkpoint
+    assert PhaseCheckpoint.latest(grpo / "checkpoints") is not None
+    assert "iter_00/grpo" not in manifest(run_dir)["completed"]
