@@ -1,12 +1,14 @@
 """Replay the faults of a hostile but fair user and print a table of each with its outcome.
 
-The probes are the fault tests themselves (tests/test_reward_faults.py, tests/test_faults.py and the
-crash/resume test of tests/test_loop.py): each asserts one fault's intended outcome, so a passing test
-means that outcome, a failing one a regression, and one that runs past its time limit a hang.
+The probes are the fault tests themselves (tests/test_reward_faults.py, tests/test_faults.py, the
+crash/resume test of tests/test_loop.py, and the second round's tests/test_preemption.py,
+tests/test_checks.py, tests/test_data_errors.py, tests/test_resume_verify.py and
+tests/test_command_inputs.py): each asserts one fault's intended outcome, so a passing test means
+that outcome, a failing one a regression, and one that runs past its time limit a hang.
 They run in one pytest process under pytest-timeout, the whole run under a wall-clock limit too.
 
-    python scripts/fault_probes.py            # every probe (about 5 minutes on 2 cores)
-    python scripts/fault_probes.py --fast     # without the end-to-end runs (about 2 minutes)
+    python scripts/fault_probes.py            # every probe (about 7 minutes on 2 cores)
+    python scripts/fault_probes.py --fast     # without the end-to-end runs (about 3 minutes)
     python scripts/fault_probes.py --timeout 60
 
 Outcomes: "clear error" (refused, the message names the culprit, before any compute or write where
@@ -40,6 +42,8 @@ class Probe:
 
 
 REWARDS, FAULTS, LOOP = "tests/test_reward_faults.py::", "tests/test_faults.py::", "tests/test_loop.py::"
+PREEMPT, CHECKS, DATA = "tests/test_preemption.py::", "tests/test_checks.py::", "tests/test_data_errors.py::"
+VERIFY, COMMANDS = "tests/test_resume_verify.py::", "tests/test_command_inputs.py::"
 PROBES = [
     Probe("verifier never returns (set-up, in-process)", "clear error, bounded",
           REWARDS + "test_a_verifier_that_never_returns_is_refused_at_set_up_in_bounded_time[0]"),
@@ -79,6 +83,87 @@ PROBES = [
                    "rloop grpo fit --help]"),
     Probe("SIGKILL mid-GRPO, mid-RFT, after a shard", "handled: resumes to identical expert sets",
           LOOP + "test_killed_runs_resume_to_the_same_expert_sets", slow=True),
+    Probe("SIGTERM mid-GRPO phase", "handled: checkpoint after the batch, exit 143, resumes identically",
+          PREEMPT + "test_a_signal_mid_phase_saves_a_checkpoint_exits_128_plus_signal_and_resumes[grpo_sigterm]"),
+    Probe("SIGINT mid-RFT phase, at an epoch's last batch", "handled: checkpoint, exit 130, resumes identically",
+          PREEMPT + "test_a_signal_mid_phase_saves_a_checkpoint_exits_128_plus_signal_and_resumes[rft_sigint]"),
+    Probe("SIGTERM in a phase without checkpoint cadence", "handled: exit 143, no checkpoint",
+          PREEMPT + "test_a_phase_without_checkpoint_cadence_stops_with_no_checkpoint_and_a_non_zero_status"),
+    Probe("SIGTERM after a phase's last batch, during its export", "handled: exit 143, the phase redone on rerun",
+          PREEMPT + "test_a_signal_after_the_last_batch_still_stops_the_run_with_a_non_zero_status"),
+    Probe("SIGTERM then SIGINT on rloop fit (subprocess)", "handled: exit 143, then 130; the rerun resumes",
+          PREEMPT + "test_sigterm_then_sigint_mid_loop_exit_143_and_130_and_the_rerun_resumes", slow=True),
+    Probe("SIGTERM to the main one of 2 DDP processes", "handled: both stop after one step, exit 143",
+          PREEMPT + "test_sigterm_to_the_main_process_of_two_ranks_stops_both_after_the_same_batch", slow=True),
+    Probe("SIGTERM in a fit without PhaseCheckpoint (base build)", "handled: exit 143, not 0",
+          PREEMPT + "test_lightning_sigterm_stop_outside_a_phase_checkpoint_exits_143"),
+    Probe("reward function exits (set-up, in-process)", "clear error naming it",
+          REWARDS + "test_a_reward_that_exits_at_set_up_is_a_named_error_never_a_clean_exit[0]"),
+    Probe("reward function exits (set-up, 2 workers)", "clear error naming it",
+          REWARDS + "test_a_reward_that_exits_at_set_up_is_a_named_error_never_a_clean_exit[2]"),
+    Probe("reward exits mid-training; one raises KeyboardInterrupt", "clear error naming it",
+          REWARDS + "test_a_reward_that_exits_mid_training_or_raises_keyboard_interrupt_is_a_named_error"),
+    Probe("Ctrl-C during an in-process reward call", "handled: stays a KeyboardInterrupt",
+          REWARDS + "test_a_real_ctrl_c_during_a_reward_call_stays_a_keyboard_interrupt"),
+    Probe("reward mutates problem columns and completions", "handled: each call gets its own copy",
+          REWARDS + "test_reward_functions_get_their_own_copies_of_problems_and_completions"),
+    *(Probe(f"reward function returns a {kind}", "clear error naming it",
+            REWARDS + f"test_a_reward_returning_a_set_generator_or_string_is_refused_by_name[{kind}]")
+      for kind in ("set", "generator", "string")),
+    *(Probe(f"{case.replace('_', ' ')}", "clear error naming phase and field, before anything is written",
+            CHECKS + f"test_a_bad_value_fails_before_anything_is_written_naming_phase_and_field[{case}]")
+      for case in ("num_generations_1", "grpo_batch_size_0", "max_new_tokens_0", "temperature_-1", "top_k_-1",
+                   "reward_timeout_0", "grpo_limit_0", "grpo_max_steps_0", "rft_max_epochs_0", "rft_batch_size_0",
+                   "rft_max_length_0", "devices_0", "hard_threshold_1.5", "hard_threshold_-0.5", "max_per_prompt_-1",
+                   "checkpoint_every_n_steps_0", "checkpoint_every_seconds_0", "grpo_prompt_past_the_context")),
+    *(Probe(f"evaluator {field} out of range", "clear error before anything is written",
+            CHECKS + f"test_an_evaluator_value_fails_before_anything_is_written[{field}]")
+      for field in ("limit", "num_samples", "reward_timeout")),
+    Probe("1 MB prompt in an evaluation", "clear error before anything is written",
+          CHECKS + "test_a_one_megabyte_prompt_in_an_evaluation_fails_before_anything_is_written"),
+    Probe("bad values in rloop grpo fit, rloop rft fit, rloop eval", "clear error",
+          CHECKS + "test_the_standalone_commands_check_the_same_values"),
+    *(Probe(f"GSM8K question of type {kind}", "clear error with file and line",
+            DATA + f"test_a_gsm8k_row_with_a_non_text_question_names_file_line_and_type[{kind}]")
+      for kind in ("int", "list", "bool", "dict")),
+    Probe("GSM8K answer is a number", "clear error with file and line",
+          DATA + "test_a_gsm8k_answer_that_is_a_number_names_the_row"),
+    Probe("MATH parquet column of the wrong type", "clear error with file and row",
+          DATA + "test_a_parquet_column_of_the_wrong_type_names_file_and_row"),
+    *(Probe(f"DAPO row: {case.replace('_', ' ')}", "clear error with file and line",
+            DATA + f"test_dapo_rows_of_the_wrong_type_name_file_and_line[{case}]")
+      for case in ("int_prompt", "list_content", "str_reward_model", "list_ground_truth")),
+    *(Probe(f"{damage} parquet file", "clear error naming it", DATA + f"test_a_corrupt_parquet_file_is_named[{damage}]")
+      for damage in ("garbage", "truncated")),
+    Probe("hub dataset row of the wrong type", "clear error with dataset, split and row",
+          DATA + "test_a_hub_row_of_the_wrong_type_names_dataset_split_and_row"),
+    *(Probe(f"RFT record: {case.replace('_', ' ')}", "clear error with file and line",
+            DATA + f"test_an_rft_record_of_the_wrong_type_names_file_and_line[{case}]")
+      for case in ("null_prompt", "int_completion", "list_prompt")),
+    Probe("RFT parquet column of the wrong type", "clear error with file and row",
+          DATA + "test_an_rft_parquet_column_of_the_wrong_type_names_the_row"),
+    Probe("RFT completion longer than the context", "handled: truncated to fit, counted, warned",
+          DATA + "test_an_rft_phase_truncates_records_past_the_context_and_warns"),
+    *(Probe(f"theta_k's weights: {damage}, then resume", "clear error naming the file, before anything runs",
+            VERIFY + f"test_a_changed_or_missing_policy_is_refused_naming_the_file_before_anything_runs[{damage}]")
+      for damage in ("flip", "truncate", "delete")),
+    Probe("finished expert set deleted, resume with replay", "handled: rebuilt identically, replayed whole",
+          VERIFY + "test_a_deleted_expert_set_is_rebuilt_identically_and_replay_uses_all_of_it"),
+    Probe("expert set deleted and a harvest shard changed", "clear error naming the shard",
+          VERIFY + "test_an_expert_set_whose_harvest_changed_is_refused"),
+    Probe("finished evaluation deleted", "handled: redone to the same numbers",
+          VERIFY + "test_a_deleted_evaluation_is_redone_to_the_same_numbers"),
+    Probe("replay of a missing earlier expert set", "clear error naming it",
+          VERIFY + "test_replay_of_a_missing_earlier_expert_set_is_an_error_never_a_smaller_set"),
+    Probe("rloop report on a directory that is not a run", "clear error, nothing written",
+          COMMANDS + "test_report_refuses_a_directory_that_is_not_a_run_and_writes_nothing"),
+    Probe("rloop report --baseline missing", "clear error, nothing written",
+          COMMANDS + "test_report_refuses_a_missing_baseline_before_writing"),
+    *(Probe(f"rloop eval --output {case.replace('_', ' ')}", "clear error before evaluating",
+            COMMANDS + f"test_eval_checks_its_output_before_evaluating[{case}]") for case in ("directory", "under_a_file")),
+    *(Probe(f"run_dir with {kind} characters", "handled: paths reach the phases as written",
+            COMMANDS + f"test_a_run_directory_with_non_ascii_characters_reaches_the_phases_as_written[{kind}]")
+      for kind in ("latin", "cjk", "emoji")),
 ]
 
 

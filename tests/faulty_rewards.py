@@ -37,6 +37,43 @@ def digit_share(completions, **kwargs):
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
 
 
+def exits(completions, **kwargs):
+    raise SystemExit(0)
+
+
+def exits_on_real_completions(completions, completion_ids, **kwargs):
+    if any(completion_ids):
+        raise SystemExit(0)
+    return [0.0] * len(completions)
+
+
+def interrupts(completions, **kwargs):
+    raise KeyboardInterrupt
+
+
+def appends_to_numbers(completions, numbers, **kwargs):
+    for row in numbers:
+        row.append(99)
+    return [0.0] * len(completions)
+
+
+def rewrites_completions(completions, **kwargs):
+    completions[:] = [""] * len(completions)
+    return [0.0] * len(completions)
+
+
+def returns_a_set(completions, **kwargs):
+    return {float(i) for i in range(len(completions))}
+
+
+def returns_a_generator(completions, **kwargs):
+    return (0.0 for _ in completions)
+
+
+def returns_a_string(completions, **kwargs):
+    return "1" * len(completions)
+
+
 FAULTS = {
     "verifier never returns": never_returns,
     "verifier stalls on real completions": stalls_on_real_completions,

@@ -8,6 +8,8 @@ counted as 0 without a word, and a phase whose every reward failed trained on ze
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 
 import lightning as L
@@ -17,12 +19,14 @@ import torch
 from rloop_lightning.data.datamodules import PromptDataModule
 from rloop_lightning.grpo import GRPOModule
 from rloop_lightning.policy import Policy
-from rloop_lightning.rewards import RewardFunctionError
+from rloop_lightning.rewards import RewardFunctionError, RewardFunctionExit, RewardRunner, check_reward_output
 from rloop_lightning.rollout.base import SamplingParams
 from rloop_lightning.tasks import Countdown
 
 from faulty_rewards import (  # noqa: I001 -- tests/ is on sys.path
-    always_raises, digit_share, nan_on_real_completions, nan_reward, never_returns, stalls_on_real_completions,
+    always_raises, appends_to_numbers, digit_share, exits, exits_on_real_completions, interrupts, nan_on_real_completions,
+    nan_reward, never_returns, returns_a_generator, returns_a_set, returns_a_string, rewrites_completions,
+    stalls_on_real_completions,
 )
 
 TIMEOUT = 0.5
@@ -86,3 +90,56 @@ def test_nan_rewards_at_run_time_are_counted_and_warned_as_errors(caplog):
     assert module.scoring_stats.num_errors == 8
     assert "reward function 'nan_on_real_completions' returned nan on 8/8 completions; scored 0" in [
         r.getMessage() for r in caplog.records]
+
+
+# ---------------------------------------------------------------------------- exits, mutation, return types
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_reward_that_exits_at_set_up_is_a_named_error_never_a_clean_exit(workers):
+    with pytest.raises(RewardFunctionExit, match=r"reward function 'exits' raised SystemExit\(0\): a reward function "
+                                                 "must return scores"):
+        fit(exits, reward_workers=workers)
+
+
+def test_a_reward_that_exits_mid_training_or_raises_keyboard_interrupt_is_a_named_error():
+    with pytest.raises(RewardFunctionExit, match=r"'exits_on_real_completions' raised SystemExit\(0\)"):
+        fit(exits_on_real_completions, digit_share, steps=2)
+    with pytest.raises(RewardFunctionExit, match=r"'interrupts' raised KeyboardInterrupt\(\)"):
+        fit(interrupts)
+
+
+def test_a_real_ctrl_c_during_a_reward_call_stays_a_keyboard_interrupt():
+    def waits_for_ctrl_c(completions, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+        return [0.0] * len(completions)
+
+    runner = RewardRunner([waits_for_ctrl_c], num_workers=0, timeout=10)
+    with pytest.raises(KeyboardInterrupt):
+        runner(["p"], ["c"])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_reward_functions_get_their_own_copies_of_problems_and_completions():
+    problems = [{"prompt": "p0", "numbers": [1, 2], "target": 3}, {"prompt": "p1", "numbers": [4], "target": 4}]
+    completions = ["12", "a4", "x"]
+    alone = RewardRunner([digit_share], num_workers=0).score_problems(problems, [0, 1, 1], completions)
+    runner = RewardRunner([appends_to_numbers, rewrites_completions, digit_share], num_workers=0)
+    for _ in range(2):
+        result = runner.score_problems(problems, [0, 1, 1], completions)
+        assert result.per_function["digit_share"] == alone.per_function["digit_share"] == [1.0, 0.5, 0.0]
+    assert problems[0]["numbers"] == [1, 2] and problems[1]["numbers"] == [4]
+    assert completions == ["12", "a4", "x"]
+
+
+@pytest.mark.parametrize("function, message", [
+    (returns_a_set, "returned set, expected a list of numbers or None, one per completion; a set has no order"),
+    (returns_a_generator, "returned generator, expected a list .*; return a list, not an iterator or generator"),
+    (returns_a_string, "returned str, expected a list of numbers or None"),
+], ids=["set", "generator", "string"])
+def test_a_reward_returning_a_set_generator_or_string_is_refused_by_name(function, message):
+    with pytest.raises(ValueError, match=f"reward function '{function.__name__}' {message}"):
+        RewardRunner([function], num_workers=0)(["p", "q"], ["c", "d"])
+    assert check_reward_output(digit_share, (0.5, None), 2) == [0.5, None]  # a tuple is a sequence
+    assert check_reward_output(digit_share, torch.tensor([1.0, 0.0]), 2) == [1.0, 0.0]

@@ -15,12 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, Optional
 
 from jsonargparse import CLI, ActionConfigFile, ArgumentParser, set_parsing_settings
 from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from rloop_lightning.evaluation import Evaluator, evaluate_policy
 from rloop_lightning.grpo import GRPOModule
@@ -57,6 +60,8 @@ def evaluate(policy: Policy, evaluators: list[Evaluator], engine: Optional[Rollo
         seed: seeds the sampling before each evaluator, so two policies evaluated with one seed see the
             same noise.
     """
+    if output:
+        check_writable(Path(output))
     report = evaluate_policy(policy, evaluators, engine, seed=seed)
     text = json.dumps(report, indent=2)
     print(text)
@@ -64,6 +69,18 @@ def evaluate(policy: Policy, evaluators: list[Evaluator], engine: Optional[Rollo
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(text + "\n")
     return report
+
+
+def check_writable(path: Path) -> None:
+    """Refuse, before any work, an output path that cannot be written: a directory, or one under a
+    directory (or its nearest existing parent) this process cannot write to."""
+    if path.is_dir():
+        raise IsADirectoryError(f"--output {str(path)!r} is a directory; give a file path")
+    existing = next(parent for parent in [path, *path.parents] if parent.exists())
+    if existing != path and not existing.is_dir():
+        raise NotADirectoryError(f"--output {str(path)!r}: {str(existing)!r} is a file, not a directory")
+    if not os.access(existing, os.W_OK):
+        raise PermissionError(f"--output {str(path)!r} cannot be written ({str(existing)!r} is not writable)")
 
 
 def eval_command(args: ArgsType = None) -> dict:
@@ -139,4 +156,7 @@ def cli_main(args: ArgsType = None):
         if argv and argv[0] not in ("-h", "--help"):
             raise SystemExit(f"rloop: unknown command {argv[0]!r}; choose from {names}")
         return None
-    COMMANDS[argv[0]](argv[1:])  # nothing returned: console scripts print a non-int return value
+    try:
+        COMMANDS[argv[0]](argv[1:])  # nothing returned: console scripts print a non-int return value
+    except SIGTERMException:  # Lightning's SIGTERM stop (a fit without PhaseCheckpoint) carries no exit code
+        raise SystemExit(128 + signal.SIGTERM) from None

@@ -61,6 +61,10 @@ class Evaluator:
                  ks: Sequence[int] = (1, 4, 16), sampling: Optional[SamplingParams] = None,
                  limit: Optional[int] = None, greedy: bool = True, reward_workers: int = 0,
                  reward_timeout: float = 10.0, correct_threshold: float = 1.0):
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be >= 1 or null (every problem), got {limit}")
         if any(k > num_samples or k < 1 for k in ks):
             raise ValueError(f"pass@k needs 1 <= k <= num_samples={num_samples}; got ks={list(ks)}")
         self.task = task

@@ -38,12 +38,16 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     return found
 
 
-def _check_fields(record: object, required: Iterable[str], where: str) -> dict:
+def _check_fields(record: object, required: Iterable[str], where: str, text: Iterable[str] = ()) -> dict:
     if not isinstance(record, dict):
         raise RecordError(f"{where}: expected a JSON object, got {type(record).__name__}")
     missing = [field for field in required if field not in record]
     if missing:
         raise RecordError(f"{where}: missing field(s) {missing}; present: {sorted(record)}")
+    for field in text:
+        if field in record and not isinstance(record[field], str):
+            raise RecordError(f"{where}: field {field!r} is {type(record[field]).__name__} "
+                              f"({str(record[field])[:60]!r}), expected text")
     return record
 
 
@@ -57,8 +61,8 @@ def decode_line(raw: bytes, where: str) -> str:
             "record files must be UTF-8, e.g. iconv -f latin1 -t utf-8") from None
 
 
-def iter_jsonl(path: Path, required: Iterable[str] = ()) -> Iterator[dict]:
-    required = tuple(required)
+def iter_jsonl(path: Path, required: Iterable[str] = (), text: Iterable[str] = ()) -> Iterator[dict]:
+    required, text = tuple(required), tuple(text)
     with open(path, "rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
             if line_number == 1:
@@ -70,37 +74,50 @@ def iter_jsonl(path: Path, required: Iterable[str] = ()) -> Iterator[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise RecordError(f"{path}:{line_number}: malformed JSON ({error.msg})") from None
-            yield _check_fields(record, required, f"{path}:{line_number}")
+            yield _check_fields(record, required, f"{path}:{line_number}", text)
 
 
-def iter_parquet(path: Path, required: Iterable[str] = ()) -> Iterator[dict]:
+def iter_parquet(path: Path, required: Iterable[str] = (), text: Iterable[str] = ()) -> Iterator[dict]:
+    import pyarrow
     import pyarrow.parquet as pq
 
-    required = tuple(required)
-    parquet = pq.ParquetFile(path)
+    required, text = tuple(required), tuple(text)
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pyarrow.ArrowException, OSError) as error:
+        raise RecordError(f"{path}: not a readable parquet file ({error})") from None
     missing = [field for field in required if field not in parquet.schema_arrow.names]
     if missing:
         raise RecordError(f"{path}: missing column(s) {missing}; present: {parquet.schema_arrow.names}")
     row = 0
-    for batch in parquet.iter_batches():
+    batches = parquet.iter_batches()
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pyarrow.ArrowException, OSError) as error:
+            raise RecordError(f"{path}: unreadable after row {row} (a corrupt or truncated parquet file: "
+                              f"{error})") from None
+        if batch is None:
+            return
         for record in batch.to_pylist():
             row += 1
-            yield record
+            yield _check_fields(record, required, f"{path}: row {row}", text)
 
 
-def iter_records(paths, required: Iterable[str] = ()) -> Iterator[dict]:
-    """Yield records from jsonl/parquet files in order, validating ``required`` fields."""
+def iter_records(paths, required: Iterable[str] = (), text: Iterable[str] = ()) -> Iterator[dict]:
+    """Yield records from jsonl/parquet files in order, validating ``required`` fields, and that the
+    ``text`` fields hold strings (a number, list, bool or null there names the file and row)."""
     for path in expand_paths(paths):
         if path.suffix == ".parquet":
-            yield from iter_parquet(path, required)
+            yield from iter_parquet(path, required, text)
         elif path.suffix in (".jsonl", ".json"):
-            yield from iter_jsonl(path, required)
+            yield from iter_jsonl(path, required, text)
         else:
             raise RecordError(f"{path}: unsupported record file type {path.suffix!r} (use .jsonl or .parquet)")
 
 
-def read_records(paths, required: Iterable[str] = ()) -> list[dict]:
-    return list(iter_records(paths, required))
+def read_records(paths, required: Iterable[str] = (), text: Iterable[str] = ()) -> list[dict]:
+    return list(iter_records(paths, required, text))
 
 
 def _temporary_path(path: Path) -> Path:

@@ -6,11 +6,17 @@ where m masks completion tokens (the prompt carries no loss) and pi_ref is the p
 started from (``Policy.reference``: theta_k in RLoop iteration k, also under LoRA, where it is a
 frozen copy of theta_k's adapter). In RLoop this is the *exploit* step: starting again from
 theta_k, fit the expert set harvested during exploration. The same module warms up the tiny base on solver demonstrations.
+
+Length: a record longer than ``max_length`` (default: the model context) has its completion truncated
+to fit; the set-up counts and warns about such records. A record whose prompt alone leaves no room for
+a completion token is refused, naming it.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
@@ -19,6 +25,26 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from rloop_lightning.algorithms.kl import kl_penalty
 from rloop_lightning.policy import Policy
 from rloop_lightning.policy_module import PolicyModule
+
+log = logging.getLogger(__name__)
+
+
+def count_truncated(policy: Policy, records: Sequence[dict], limit: int, chunk: int = 1024) -> int:
+    """How many (prompt, completion + EOS) records exceed ``limit`` tokens (their completions are truncated);
+    ``ValueError`` naming the first record whose prompt alone is ``limit`` tokens or more."""
+    truncated = 0
+    for start in range(0, len(records), chunk):
+        part = records[start:start + chunk]
+        prompts = policy.encode_prompts([r["prompt"] for r in part])
+        completions = policy.encode_completions([r["completion"] for r in part])
+        for offset, (prompt, completion) in enumerate(zip(prompts, completions)):
+            if len(prompt) >= limit:
+                raise ValueError(
+                    f"record {start + offset} ({part[offset]['prompt'][:60]!r}...): its prompt has {len(prompt)} "
+                    f"tokens, not below the length limit of {limit} (max_length, or the model context): no "
+                    "completion token would be trained")
+            truncated += len(prompt) + len(completion) > limit
+    return truncated
 
 
 class RFTModule(PolicyModule):
@@ -40,15 +66,35 @@ class RFTModule(PolicyModule):
         max_length: Optional[int] = None,
         kl_coef: float = 0.0,
     ):
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be >= 1 or null, got {max_length}")
+        if kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
         super().__init__(policy, optimizer, lr_scheduler)
         self.save_hyperparameters(ignore=["policy", "optimizer", "lr_scheduler"])
         self.max_length = max_length
         self.kl_coef = kl_coef
         self._step_started = time.perf_counter()
+        self.length_limit = max_length
+
+    def setup(self, stage: str) -> None:
+        """The length limit: ``max_length``, at most the model context; records over it are counted and warned."""
+        if stage != "fit":
+            return
+        context = self.policy.context_length
+        self.length_limit = min(filter(None, (self.max_length, context)), default=None)
+        records = getattr(getattr(self.trainer.datamodule, "dataset", None), "records", None)
+        if self.length_limit is None or not records:
+            return
+        truncated = count_truncated(self.policy, records, self.length_limit)
+        if truncated:
+            log.warning("%d of %d records are longer than %d tokens (max_length=%s, model context %s): their "
+                        "completions are truncated to fit", truncated, len(records), self.length_limit,
+                        self.max_length, context)
 
     def training_step(self, records: list[dict], batch_index: int) -> torch.Tensor:
         batch = self.policy.encode_pairs(
-            [r["prompt"] for r in records], [r["completion"] for r in records], self.max_length
+            [r["prompt"] for r in records], [r["completion"] for r in records], self.length_limit
         ).to(self.device)
         logprobs, entropy = self.policy.completion_logprobs(batch, with_entropy=True)
         mask = batch.completion_mask.to(logprobs.dtype)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -126,6 +127,22 @@ def check_devices(accelerator: Any, devices: Any, num_nodes: Any, strategy: Any)
     if "modelparallel" in _strategy_name(strategy) and count == 1 and (num_nodes or 1) == 1:
         raise ValueError("ModelParallelStrategy (FSDP2) shards the model over several devices, but trainer.devices=1: "
                          "set trainer.devices >= 2, or drop the strategy to train on one device")
+
+
+def check_trainer_values(trainer: Mapping) -> None:
+    """``max_steps`` -1 or >= 1, ``max_epochs`` null, -1 or >= 1, integer ``devices`` -1 or >= 1: a phase
+    that trains no step gives an empty expert set hours later, not an error."""
+    max_steps = trainer.get("max_steps", -1)
+    if max_steps is not None and max_steps != -1 and max_steps < 1:
+        raise ValueError(f"trainer.max_steps must be >= 1 (or -1: bounded by epochs), got {max_steps}")
+    max_epochs = trainer.get("max_epochs")
+    if max_epochs is not None and max_epochs != -1 and max_epochs < 1:
+        raise ValueError(f"trainer.max_epochs must be >= 1, -1 or null, got {max_epochs}")
+    devices = trainer.get("devices", "auto")
+    count = int(devices) if isinstance(devices, int) or (isinstance(devices, str) and devices.lstrip("-").isdigit()) \
+        else None
+    if count is not None and count != -1 and count < 1:
+        raise ValueError(f"trainer.devices must be >= 1 (or -1: every device, or 'auto'), got {devices!r}")
 
 
 def is_sharded(model: nn.Module) -> bool:

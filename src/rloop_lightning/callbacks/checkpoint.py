@@ -21,6 +21,10 @@ when an update is skipped), and it writes ``last.ckpt`` in place, so a SIGKILL m
 usable checkpoint. Here a checkpoint is written to a temporary name and renamed; the previous one
 is deleted only after the rename. Once the phase completes (``on_fit_end``), the checkpoints are
 deleted, unless ``keep_last``.
+
+SIGTERM or SIGINT (a preemption, Ctrl-C) stops the phase after its current training batch: a
+checkpoint is saved there when the phase has a cadence (``every_n_steps`` or ``every_seconds``), and
+``Preempted`` exits with status 128 + the signal (``callbacks.preemption``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -39,6 +44,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Checkpoint
 
+from rloop_lightning.callbacks.preemption import Preempted, StopSignals, first_signal
 from rloop_lightning.data.resumable import ResumableDataLoader
 
 log = logging.getLogger(__name__)
@@ -95,6 +101,7 @@ class PhaseCheckpoint(Checkpoint):
         self._last_saved_step = 0
         self._last_saved_time = time.monotonic()
         self._restored: Optional[dict[str, Any]] = None  # this rank's state, until training starts
+        self._signals = StopSignals()
 
     # ------------------------------------------------------------------ paths
     def root(self, trainer: L.Trainer) -> Path:
@@ -115,6 +122,7 @@ class PhaseCheckpoint(Checkpoint):
 
     # ------------------------------------------------------------------ saving
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._signals.install()  # after Lightning's own handlers (its SIGTERM stop exits with status 0)
         self._last_saved_step = trainer.global_step
         self._last_saved_time = time.monotonic()
         loader = self.loader(trainer)
@@ -140,6 +148,38 @@ class PhaseCheckpoint(Checkpoint):
             loader.batches_trained = batch_idx + 1
         if self._due(trainer):
             self.save(trainer)
+        signum = first_signal(gather(trainer, self._signals.received))  # every rank stops after one batch
+        if signum is not None:
+            self.stop(trainer, signum)
+
+    def stop(self, trainer: L.Trainer, signum: int) -> None:
+        """End the phase after this batch on a signal: save a checkpoint if the phase has a cadence, raise
+        ``Preempted``."""
+        self._signals.restore()
+        self._signals.received = None  # handled here, not again at teardown
+        saved = None
+        if self.every_n_steps is not None or self.every_seconds is not None:
+            saved = self.save(trainer) if trainer.global_step != self._last_saved_step else self.latest(self.root(trainer))
+        name = signal.Signals(signum).name
+        where = (f"checkpoint {saved}; rerun the same command to resume from it" if saved is not None else
+                 "no checkpoint (no cadence, or no optimizer step yet): a rerun starts the phase over")
+        message = f"{name}: phase stopped after step {trainer.global_step}, {where}"
+        log.warning(message)
+        raise Preempted(signum, message)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._signals.restore()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """A signal that came after the last batch (while the phase exported its policy) still stops the
+        run: the phase is not marked done, and a rerun redoes it."""
+        signum = first_signal(gather(trainer, self._signals.received)) if stage == "fit" else None
+        self._signals.restore()
+        if signum is not None:
+            message = (f"{signal.Signals(signum).name} after the last training batch: the phase finished but is "
+                       "not marked done, and a rerun redoes it")
+            log.warning(message)
+            raise Preempted(signum, message)
 
     def _due(self, trainer: L.Trainer) -> bool:
         step = trainer.global_step

@@ -26,6 +26,11 @@ from rloop_lightning.tasks.base import Split, Task
 RECORD_FIELDS = ("prompt", "completion")
 
 
+def check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
 def collate_records(records: list[dict]) -> list[dict]:
     return records
 
@@ -80,6 +85,7 @@ class ExpertDataModule(L.LightningDataModule):
     def __init__(self, paths: list[str], batch_size: int = 32, shuffle: bool = True,
                  num_workers: int = 0, seed: int = 0):
         super().__init__()
+        check_batch_size(batch_size)
         self.paths = paths
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -89,7 +95,7 @@ class ExpertDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         files = expand_paths(self.paths)
-        records = read_records(files, RECORD_FIELDS)
+        records = read_records(files, RECORD_FIELDS, text=RECORD_FIELDS)
         if not records:
             raise ValueError(f"no expert records in {self.paths}: nothing to train on")
         _, ranks = _ranks(self.trainer)
@@ -142,6 +148,7 @@ class DemonstrationDataModule(L.LightningDataModule):
     def __init__(self, task: Task, split: Split = "train", batch_size: int = 64, num_workers: int = 0,
                  vary_demonstrations: bool = True):
         super().__init__()
+        check_batch_size(batch_size)
         self.vary_demonstrations = vary_demonstrations
         self.task = task
         self.split = split
@@ -189,6 +196,9 @@ class PromptDataModule(L.LightningDataModule):
     def __init__(self, task: Task, split: Split = "train", batch_size: int = 16, limit: Optional[int] = None,
                  seed: int = 0):
         super().__init__()
+        check_batch_size(batch_size)
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be >= 1 or null (every problem), got {limit}")
         self.task = task
         self.split = split
         self.batch_size = batch_size

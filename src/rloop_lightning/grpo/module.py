@@ -98,6 +98,12 @@ class OverlongSettings:
     """With ``soft_penalty``: the penalty at the limit."""
 
 
+def check_reward_settings(reward_workers: int, reward_timeout: float, max_bad_steps: int) -> None:
+    if reward_workers < 0 or not reward_timeout > 0 or max_bad_steps < 1:
+        raise ValueError(f"need reward_workers >= 0, reward_timeout > 0 and max_bad_steps >= 1; got "
+                         f"{reward_workers}, {reward_timeout}, {max_bad_steps}")
+
+
 class GRPOModule(PolicyModule):
     """Group-relative policy optimisation with the DAPO/Dr.GRPO/GSPO variants.
 
@@ -168,6 +174,7 @@ class GRPOModule(PolicyModule):
                             ("micro_batch_size", micro_batch_size), ("max_sampling_rounds", max_sampling_rounds)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        check_reward_settings(reward_workers, reward_timeout, max_bad_steps)
         settings = loss or LossSettings()
         if settings.advantage == "pass_at_k" and not 1 <= settings.pass_k <= num_generations:
             raise ValueError(f"loss.pass_k must be in 1..num_generations={num_generations}, got {settings.pass_k}")

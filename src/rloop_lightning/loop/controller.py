@@ -39,11 +39,15 @@ from rloop_lightning.callbacks import (
 from rloop_lightning.records import iter_records, write_json_atomic, write_jsonl_atomic
 from rloop_lightning.evaluation import Evaluator, evaluate_policy
 from rloop_lightning.grpo import GRPOModule
+from rloop_lightning.loop.checks import check_loop_prompts, check_phase
 from rloop_lightning.loop.distributed import barrier, is_main_process
 from rloop_lightning.loop.expert_set import ExpertSetSettings, build_expert_set
 from rloop_lightning.loop.layout import BASE_EVALUATION, RunLayout
 from rloop_lightning.loop.lock import RunDirectoryBusy, RunLock
 from rloop_lightning.loop.manifest import Manifest
+from rloop_lightning.loop.verify import (
+    DIGESTS, ChangedOutputError, changed_outputs, is_redone, output_digests,
+)
 from rloop_lightning.loop.phases import (
     OverrideValue, PhaseCLI, PhaseSettings, build_phase, override_keys, parse_phase, phase_policy,
 )
@@ -78,6 +82,13 @@ class BasePolicySettings:
             raise FileNotFoundError(
                 f"base.policy {self.policy!r} does not exist (a local path, not a hub id). Point base.policy to "
                 "a policy directory, a hub id (org/name) or a built-in id, or set base.build_config to build it.")
+
+
+def check_checkpoint_cadence(every_n_steps: Optional[int], every_seconds: Optional[float]) -> None:
+    if every_n_steps is not None and every_n_steps < 1:
+        raise ValueError(f"checkpoint_every_n_steps must be >= 1 or null, got {every_n_steps}")
+    if every_seconds is not None and not every_seconds > 0:
+        raise ValueError(f"checkpoint_every_seconds must be > 0 or null, got {every_seconds}")
 
 
 def ensure_callback(trainer: L.Trainer, kind: type, make) -> None:
@@ -128,6 +139,7 @@ class RLoop:
                  checkpoint_every_seconds: Optional[float] = 1800.0, keep_checkpoints: bool = False):
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
+        check_checkpoint_cadence(checkpoint_every_n_steps, checkpoint_every_seconds)
         self.layout = RunLayout(run_dir)
         self.base = base
         self.grpo = grpo
@@ -147,6 +159,7 @@ class RLoop:
         self.checkpoint_every_seconds = checkpoint_every_seconds
         self.keep_checkpoints = keep_checkpoints
         self.manifest = Manifest(self.layout.manifest)
+        self.redone: dict[str, dict[str, str]] = {}  # phase -> the digests it must give again
 
     # ------------------------------------------------------------------ driver
     def run(self, config: Optional[dict] = None) -> dict:
@@ -180,6 +193,7 @@ class RLoop:
             if self.manifest.exists and not self.resume:
                 raise FileExistsError(f"{self.layout.root} already holds a run; pass --resume true or another run_dir")
             self.manifest.check_config(config)
+            self.verify_finished_phases()
             theta_path = self.build_base()
         else:  # a rank started by the launcher mid-run: the main process wrote both
             theta_path = self.base.policy
@@ -193,14 +207,43 @@ class RLoop:
         return self.results()
 
     def validate_phases(self) -> None:
-        """Parse every phase's configuration with the loop's overrides before any compute: a typo in a
-        phase YAML or override fails here, before theta_0 is built or evaluated."""
+        """Parse and build every phase's configuration with the loop's overrides before any compute (no
+        weights load), and check the prompts against the context (``loop.checks``): a typo or a bad value
+        in a phase YAML or override fails here, before theta_0 is built or evaluated."""
         self.base.check()
+        theta = self.base.policy
         if self.base.build_config is not None:
-            parse_phase(RFTModule, PhaseSettings(self.base.build_config), {})
-        parse_phase(GRPOModule, self.grpo, self.grpo_overrides(self.base.policy, self.layout.root, self.seed))
+            build = PhaseSettings(self.base.build_config)
+            parse_phase(RFTModule, build, {})
+            built_from = check_phase(RFTModule, build, {}, "base build").model.policy.model_name_or_path
+            theta = theta if os.path.exists(theta) else built_from  # its tokenizer and context
+        grpo_overrides = self.grpo_overrides(theta, self.layout.root, self.seed)
+        parse_phase(GRPOModule, self.grpo, grpo_overrides)
+        grpo = check_phase(GRPOModule, self.grpo, grpo_overrides, "grpo")
         if not self.vanilla:
-            parse_phase(RFTModule, self.rft, self.rft_overrides(self.base.policy, 0, self.layout.root, self.seed))
+            rft_overrides = self.rft_overrides(theta, 0, self.layout.root, self.seed)
+            parse_phase(RFTModule, self.rft, rft_overrides)
+            check_phase(RFTModule, self.rft, rft_overrides, "rft")
+        check_loop_prompts(grpo, self.evaluators, self.eval_engine)
+
+    def verify_finished_phases(self) -> None:
+        """Check every finished phase's files against the digests the manifest recorded (``loop.verify``):
+        a missing or changed expert set or evaluation is redone, any other changed output refused."""
+        for name, info in list(self.manifest.data["completed"].items()):
+            recorded = info.get(DIGESTS)
+            problems = changed_outputs(self.layout.directory(name), recorded) if recorded is not None else []
+            if not problems:
+                continue
+            if not is_redone(name):
+                raise ChangedOutputError(
+                    f"{self.layout.root}: phase {name} finished, but " + "; ".join(problems) + ". Later phases "
+                    "were computed from it, and it cannot be recomputed bit for bit: restore the file (e.g. from "
+                    "a copy of the run directory), or start a new run directory.")
+            log.warning("%s: %s; the phase is redone", name, "; ".join(problems))
+            self.redone[name] = recorded
+            del self.manifest.data["completed"][name]
+        if self.redone:
+            self.manifest.save()
 
     def iteration(self, k: int, theta_path: str) -> str:
         layout = self.layout
@@ -241,9 +284,16 @@ class RLoop:
         info = work(directory) if every_rank or main else None
         barrier()  # every rank's outputs are written
         if main:
-            self.manifest.mark_done(name, {**(info or {}), "seconds": round(time.perf_counter() - started, 2)})
+            digests = output_digests(directory)
+            expected = self.redone.pop(name, None)
+            if expected is None or not name.endswith("expert_set") or digests == expected:
+                self.manifest.mark_done(name, {**(info or {}), "seconds": round(time.perf_counter() - started, 2),
+                                               DIGESTS: digests})
         barrier()
         self.manifest.reload()
+        if not self.manifest.done(name):  # every rank reads the main process's verdict from the manifest
+            raise ChangedOutputError(f"{name} was rebuilt from its harvest, but its files differ from those the "
+                                     "later phases were trained on: start a new run directory")
 
     def prepare_directory(self, name: str) -> Path:
         """The phase's directory. One left by a crash mid-phase is kept when it holds a checkpoint
@@ -329,8 +379,9 @@ class RLoop:
         if self.expert_set.replay:
             for j in range(k):
                 earlier = self.layout.expert_set(j)
-                if earlier.exists():
-                    records.extend(iter_records(earlier))
+                if not earlier.exists():  # never a smaller set
+                    raise FileNotFoundError(f"replay: the expert set of iteration {j}, {earlier}, is missing")
+                records.extend(iter_records(earlier))
             summary["size_with_replay"] = len(records)
         write_jsonl_atomic(self.layout.expert_set(k), records)
         write_json_atomic(self.layout.expert_set_summary(k), summary)

@@ -44,6 +44,14 @@ class ExpertSetSettings:
     seed: int = 0
     """Seed of the per-prompt draws."""
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.hard_threshold <= 1:
+            raise ValueError(f"expert_set.hard_threshold is a success rate, in [0, 1]; got {self.hard_threshold}")
+        for name in ("max_per_prompt", "easy_per_prompt"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"expert_set.{name} must be >= 0, got {value}")
+
 
 def is_hard(prompt_id: str, stats: PromptStats, settings: ExpertSetSettings) -> bool:
     if settings.filter == "none":

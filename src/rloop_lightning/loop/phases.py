@@ -24,7 +24,7 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from rloop_lightning.grpo import GRPOModule
 from rloop_lightning.policy import Policy
-from rloop_lightning.strategies import check_devices, check_strategy
+from rloop_lightning.strategies import check_devices, check_strategy, check_trainer_values
 
 
 # Plain data: a class_path dict (``trainer.strategy: {class_path: ...}``) stays a dict, handed to the
@@ -62,6 +62,7 @@ class PhaseCLI(LightningCLI):
             strategy = class_path_or_value(trainer.get("strategy", "auto"))
             check_strategy(trainer.get("accelerator", "auto"), strategy)
             check_devices(trainer.get("accelerator", "auto"), trainer.get("devices"), trainer.get("num_nodes"), strategy)
+            check_trainer_values(trainer)
             if self.model_class is GRPOModule and "fsdp" in str(strategy).lower():
                 raise NotImplementedError(
                     "GRPO under FSDPStrategy (FSDP1) is not supported: its manual backward runs inside FSDP1's root "
@@ -107,7 +108,10 @@ def override_keys(prefix: str, settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def override_args(overrides: dict[str, Any]) -> list[str]:
-    return [f"--{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in overrides.items()]
+    """``--key=value`` arguments; values that are not strings as JSON, non-ASCII characters as they are (an
+    escaped character outside the BMP, a surrogate pair, is not read back by the parser)."""
+    return [f"--{key}={value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)}"
+            for key, value in overrides.items()]
 
 
 def phase_args(settings: PhaseSettings, overrides: dict[str, Any]) -> list[str]:
@@ -128,7 +132,7 @@ def parse_phase(module_class: type[L.LightningModule], settings: PhaseSettings,
     try:
         return phase_cli(module_class, phase_args(settings, overrides), run=False, instantiate=False,
                          exit_on_error=False).config
-    except ArgumentError as error:
+    except (ArgumentError, ValueError) as error:  # ValueError: PhaseCLI's own checks (strategy, devices, steps)
         raise ValueError(f"phase config {settings.config} (with its overrides {settings.overrides} and the "
                          f"loop's): {error}") from None
 

@@ -205,8 +205,21 @@ def markdown(runs: list[dict], image: str) -> str:
     return "\n".join(lines)
 
 
+def check_run_directory(path: str | Path, role: str = "run_dir") -> None:
+    """Refuse, before anything is written, a path that is not an RLoop run directory (no ``manifest.json``)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{role} {str(path)!r} is not a directory")
+    if not RunLayout(path).manifest.is_file():
+        raise ValueError(f"{role} {str(path)!r} is not an RLoop run directory (it has no manifest.json); "
+                         "point it at the run_dir of an rloop fit")
+
+
 def write_report(run_dir: str | Path, baseline: Optional[str | Path] = None) -> Path:
     """Write ``{run_dir}/report.md`` and ``report.png``; include ``baseline`` runs for comparison."""
+    check_run_directory(run_dir)
+    if baseline is not None:
+        check_run_directory(baseline, "baseline")
     layout = RunLayout(run_dir)
     runs = [load_run(layout.root)] + ([load_run(Path(baseline))] if baseline else [])
     plot(runs, layout.report_image)

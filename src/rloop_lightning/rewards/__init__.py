@@ -1,6 +1,7 @@
 """Reward functions with TRL's signature ``fn(prompts, completions, **columns) -> list[float | None]``,
 and the runner that scores batches with them in worker processes under a timeout."""
 
+from rloop_lightning.rewards.calls import RewardFunctionExit
 from rloop_lightning.rewards.format import boxed_format, think_answer_format
 from rloop_lightning.rewards.inputs import ChatFormat, RewardBatch, TrainerState, chat_format, completion_text
 from rloop_lightning.rewards.math import math_accuracy
@@ -18,6 +19,7 @@ __all__ = [
     "RewardBatch",
     "RewardFunction",
     "RewardFunctionError",
+    "RewardFunctionExit",
     "RewardResult",
     "RewardRunner",
     "RewardTimeout",

@@ -13,17 +13,25 @@ math-verify (inside TRL's ``accuracy_reward``) re-arms and then cancels that pro
 Only the main thread can take signals, so elsewhere calls run without a limit; code that never
 returns to the interpreter (a C loop holding the GIL) cannot be interrupted at all, and is the
 parent's hard deadline's job (``RewardRunner`` with workers).
+
+Isolation: every call gets its own deep copy of the prompts, completions and problem columns, so a
+function that appends to a problem's ``numbers`` or rewrites ``completions`` in place changes neither
+the cached problems nor what the next function scores. A function that raises ``SystemExit`` or
+``KeyboardInterrupt`` is not scored as a failure: the run stops with ``RewardFunctionExit`` naming it
+(a function that exits is broken, not the completion it was given). A real Ctrl-C that lands during a
+call stays a ``KeyboardInterrupt``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import inspect
 import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -42,6 +50,13 @@ class RewardTimeout(BaseException):
     """Raised inside a reward call whose time is up. A BaseException, so ``except Exception`` cannot eat it."""
 
 
+class RewardFunctionExit(RuntimeError):
+    """A reward function raised ``SystemExit`` or ``KeyboardInterrupt``: the run stops, naming it.
+
+    An ``Exception``, so that a worker process sends it back to the parent (a pool worker dies on a
+    ``BaseException``)."""
+
+
 def function_name(function: Callable) -> str:
     """``__name__`` of a function (or of a callable object that sets one), else its class name."""
     return getattr(function, "__name__", type(function).__name__)
@@ -54,8 +69,11 @@ def is_async(function: Callable) -> bool:
 def check_reward_output(function: Callable, output: Any, expected_len: int) -> list[float | None]:
     """Return ``output`` as a list of float/None, or raise ``ValueError`` naming ``function``."""
     name = function_name(function)
-    if isinstance(output, (str, bytes, dict)) or not hasattr(output, "__len__"):
-        raise ValueError(f"reward function {name!r} returned {type(output).__name__}, expected a list")
+    if isinstance(output, (str, bytes, Mapping, Set)) or not (isinstance(output, Sequence) or hasattr(output, "__array__")):
+        why = ("; a set has no order, so its values cannot be matched to completions" if isinstance(output, Set)
+               else "; return a list, not an iterator or generator" if isinstance(output, Iterator) else "")
+        raise ValueError(f"reward function {name!r} returned {type(output).__name__}, expected a list of numbers "
+                         f"or None, one per completion{why}")
     if len(output) != expected_len:
         raise ValueError(f"reward function {name!r} returned {len(output)} values for {expected_len} completions")
     values: list[float | None] = []
@@ -151,21 +169,69 @@ def score_chunk(functions: Sequence[Callable], batch: RewardBatch, state: Traine
 
 
 def _keywords(batch: RewardBatch, state: TrainerState, log: CallLog) -> dict[str, Any]:
-    return {**batch.keywords(), "trainer_state": state, "log_extra": log.log_extra, "log_metric": log.log_metric}
+    """What one call gets: its own copy of the batch's inputs (functions may mutate what they are given)."""
+    inputs = {name: [None if ids is None else list(ids) for ids in values] if name == "completion_ids"
+              else _own_copy(values) for name, values in batch.keywords().items()}  # token ids: ints, a flat copy
+    return {**inputs, "trainer_state": copy.copy(state), "log_extra": log.log_extra, "log_metric": log.log_metric}
+
+
+def _own_copy(values: list) -> list:
+    """A copy of one input a function may mutate: a list of strings copied flat (strings cannot change),
+    anything else (chat messages, problem columns) deeply."""
+    return list(values) if all(isinstance(value, str) for value in values) else copy.deepcopy(values)
 
 
 def _call(function: Callable, keywords: dict, seconds: float) -> Any:
-    with time_limit(seconds):
-        output = function(**keywords)
-        if inspect.isawaitable(output):
-            output = asyncio.run(asyncio.wait_for(output, seconds))
+    with user_interrupts() as interrupted, time_limit(seconds):
+        try:
+            output = function(**keywords)
+            if inspect.isawaitable(output):
+                output = asyncio.run(asyncio.wait_for(output, seconds))
+        except (SystemExit, KeyboardInterrupt) as stop:
+            if isinstance(stop, KeyboardInterrupt) and interrupted.is_set():
+                raise  # Ctrl-C
+            raise exit_error(function, stop) from None
     return output
+
+
+def exit_error(function: Callable, stop: BaseException) -> RewardFunctionExit:
+    what = f"SystemExit({stop.code!r})" if isinstance(stop, SystemExit) else f"{type(stop).__name__}({stop})"
+    return RewardFunctionExit(
+        f"reward function {function_name(function)!r} raised {what}: a reward function must return scores (or "
+        "raise an Exception, counted as its failure), never exit or interrupt the run; fix the function")
+
+
+@contextmanager
+def user_interrupts() -> Iterator[threading.Event]:
+    """An event set when SIGINT reaches this process in the body (main thread only); the signal still goes
+    to the handler in place, so a ``KeyboardInterrupt`` from a real Ctrl-C can be told from one a
+    function raises itself."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_interrupt(signum, frame):
+        interrupted.set()
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _score_function(function: Callable, batch: RewardBatch, state: TrainerState, timeout: float) -> FunctionScores:
     log = CallLog()
     try:
         output = _call(function, _keywords(batch, state, log), timeout)
+    except RewardFunctionExit:
+        raise
     except (RewardTimeout, Exception) as failure:  # noqa: BLE001 -- bad model output must never stop training
         if len(batch) == 1:
             return FunctionScores([_failed(failure, timeout)])
@@ -178,7 +244,10 @@ def _score_together(functions: list[Callable], batch: RewardBatch, state: Traine
     logs = [CallLog() for _ in functions]
 
     async def call(function: Callable, log: CallLog) -> Any:
-        return await asyncio.wait_for(function(**_keywords(batch, state, log)), timeout)
+        try:
+            return await asyncio.wait_for(function(**_keywords(batch, state, log)), timeout)
+        except (SystemExit, KeyboardInterrupt) as stop:
+            raise exit_error(function, stop) from None
 
     async def gather() -> list:
         return await asyncio.gather(*(call(f, log) for f, log in zip(functions, logs)), return_exceptions=True)
@@ -188,6 +257,9 @@ def _score_together(functions: list[Callable], batch: RewardBatch, state: Traine
             outputs = asyncio.run(gather())
     except RewardTimeout as failure:
         outputs = [failure] * len(functions)
+    for output in outputs:
+        if isinstance(output, RewardFunctionExit):
+            raise output
     return [FunctionScores([_failed(output, timeout)] * len(batch)) if isinstance(output, BaseException)
             else _finished(function, output, log, len(batch))
             for function, log, output in zip(functions, logs, outputs)]
@@ -206,6 +278,8 @@ def _score_one_by_one(function: Callable, batch: RewardBatch, state: TrainerStat
             if share <= 0:
                 raise RewardTimeout()
             output = _call(function, _keywords(batch.rows(row, row + 1), state, log), share)
+        except RewardFunctionExit:
+            raise
         except (RewardTimeout, Exception) as failure:  # noqa: BLE001
             scores.append(_failed(failure, timeout))
             continue

@@ -40,6 +40,16 @@ def _require(record: dict, field: str):
     return value
 
 
+def _text(record: dict, field: str, numbers: bool = False) -> str:
+    """``record[field]`` as non-empty text; with ``numbers``, an int or float (a numeric answer) too."""
+    value = _require(record, field)
+    if isinstance(value, str):
+        return value
+    if numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise _BadRecord(f"field {field!r} is {type(value).__name__} ({str(value)[:60]!r}), expected text")
+
+
 def _is_local(source: str) -> bool:
     return (
         os.path.exists(source)
@@ -194,7 +204,7 @@ class GSM8K(MathDatasetTask):
         super().__init__(path, train_path, test_path, ood_path, config_name, limit, instruction)
 
     def to_problem(self, record: dict) -> tuple[str, str, dict]:
-        question, solution = _require(record, "question"), _require(record, "answer")
+        question, solution = _text(record, "question"), _text(record, "answer")
         gold = after_marker(solution)
         if not gold:
             raise _BadRecord("field 'answer' has no '#### <final answer>' line")
@@ -232,10 +242,10 @@ class MATH(MathDatasetTask):
         super().__init__(path, train_path, test_path, ood_path, config_name, limit, instruction)
 
     def to_problem(self, record: dict) -> tuple[str, str, dict]:
-        problem = _require(record, "problem")
-        solution = record.get("solution") or ""
-        answer = record.get("answer")
-        if answer is None or not str(answer).strip():
+        problem = _text(record, "problem")
+        solution = "" if record.get("solution") in (None, "") else _text(record, "solution")
+        answer = _text(record, "answer", numbers=True) if record.get("answer") not in (None, "") else None
+        if answer is None or not answer.strip():
             answer = last_boxed(solution)
         if not answer:
             raise _BadRecord(
@@ -282,18 +292,22 @@ class DAPOMath(MathDatasetTask):
         messages = _require(record, "prompt")
         if isinstance(messages, str):
             content = messages
-        else:
+        elif isinstance(messages, list):
             user = [
                 m for m in messages if isinstance(m, dict) and m.get("role") == "user" and m.get("content")
             ]
             if not user:
                 raise _BadRecord("field 'prompt' has no user message with content")
-            content = user[-1]["content"]
+            content = _text(user[-1], "content")
+        else:
+            raise _BadRecord(f"field 'prompt' is {type(messages).__name__}, expected text or a list of messages")
         reward_model = _require(record, "reward_model")
-        truth = reward_model.get("ground_truth") if isinstance(reward_model, dict) else None
-        if truth is None or not str(truth).strip():
+        if not isinstance(reward_model, dict):
+            raise _BadRecord(f"field 'reward_model' is {type(reward_model).__name__}, expected an object")
+        if reward_model.get("ground_truth") in (None, ""):
             raise _BadRecord("missing field 'reward_model.ground_truth'")
-        return strip_dapo_wrapper(content), str(truth).strip(), {}
+        truth = _text(reward_model, "ground_truth", numbers=True)
+        return strip_dapo_wrapper(content), truth.strip(), {}
 
 
 def strip_dapo_wrapper(content: str) -> str:
