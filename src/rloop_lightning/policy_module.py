@@ -2,6 +2,7 @@
 
 Weights load in ``configure_model`` (sharded with FSDP2 when the strategy provides a device
 mesh), and the optimizer covers the policy's trainable parameters only (LoRA adapters under LoRA).
+On several ranks, training starts only when every rank has as many batches per epoch.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Optional
 import lightning as L
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from rloop_lightning.agreement import values_of_ranks
 from rloop_lightning.policy import Policy
 from rloop_lightning.strategies import is_sharded, shard_with_fsdp2
 
@@ -34,3 +36,14 @@ class PolicyModule(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """Refuse, on every rank, ranks with different numbers of batches per epoch: the rank whose data
+        ends first would leave the others waiting in their next all-reduce (end of data is a decision
+        all ranks must take together)."""
+        counts = values_of_ranks(float(self.trainer.num_training_batches))
+        if len(set(counts)) > 1:
+            listing = ", ".join(f"rank {rank}: {count:g}" for rank, count in enumerate(counts))
+            raise RuntimeError(f"the ranks have different numbers of training batches per epoch ({listing}); "
+                               "every rank must see as many batches (a DistributedSampler over the same dataset "
+                               "gives that)")

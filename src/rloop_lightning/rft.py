@@ -6,19 +6,24 @@ where m masks completion tokens (the prompt carries no loss) and pi_ref is the p
 started from (``Policy.reference``: theta_k in RLoop iteration k, also under LoRA, where it is a
 frozen copy of theta_k's adapter). In RLoop this is the *exploit* step: starting again from
 theta_k, fit the expert set harvested during exploration. The same module warms up the tiny base on solver demonstrations.
+A non-finite loss skips the batch's update on every rank (``max_bad_steps`` in a row abort the phase).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Optional
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from rloop_lightning.agreement import ranks_with
 from rloop_lightning.algorithms.kl import kl_penalty
 from rloop_lightning.policy import Policy
 from rloop_lightning.policy_module import PolicyModule
+
+log = logging.getLogger(__name__)
 
 
 class RFTModule(PolicyModule):
@@ -30,6 +35,8 @@ class RFTModule(PolicyModule):
         lr_scheduler: optional scheduler factory, stepped every optimizer step.
         max_length: cap on prompt + completion tokens (completions are truncated to fit).
         kl_coef: weight of the k3 KL penalty to the policy the phase started from; 0 disables it.
+        max_bad_steps: abort after this many consecutive batches with a non-finite loss (each is
+            skipped: no backward, no update, on every rank).
     """
 
     def __init__(
@@ -39,12 +46,24 @@ class RFTModule(PolicyModule):
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         max_length: Optional[int] = None,
         kl_coef: float = 0.0,
+        max_bad_steps: int = 3,
     ):
         super().__init__(policy, optimizer, lr_scheduler)
         self.save_hyperparameters(ignore=["policy", "optimizer", "lr_scheduler"])
         self.max_length = max_length
         self.kl_coef = kl_coef
+        if max_bad_steps < 1:
+            raise ValueError(f"max_bad_steps must be >= 1, got {max_bad_steps}")
+        self.max_bad_steps = max_bad_steps
+        self.bad_steps_in_a_row = 0
+        self._bad_ranks: list[int] = []
         self._step_started = time.perf_counter()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rloop_rft"] = {"bad_steps_in_a_row": self.bad_steps_in_a_row}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.bad_steps_in_a_row = checkpoint.get("rloop_rft", {}).get("bad_steps_in_a_row", 0)
 
     def training_step(self, records: list[dict], batch_index: int) -> torch.Tensor:
         batch = self.policy.encode_pairs(
@@ -60,9 +79,37 @@ class RFTModule(PolicyModule):
             kl = (kl_penalty(logprobs, self.policy.reference_logprobs(batch), "k3") * mask).sum() / tokens
             loss = loss + self.kl_coef * kl
             metrics["train/kl"] = kl.detach()
+        bad_ranks = ranks_with(not bool(torch.isfinite(loss.detach())))  # the same list on every rank
+        if bad_ranks:
+            self._bad_ranks = sorted(set(self._bad_ranks) | set(bad_ranks))  # over the accumulated batches
+            self._count_bad_batch(bad_ranks)
+        else:
+            self.bad_steps_in_a_row = 0
         elapsed = time.perf_counter() - self._step_started
         self._step_started = time.perf_counter()
         metrics["perf/tokens_per_s"] = float(batch.attention_mask.sum()) / max(elapsed, 1e-9)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(records))
         self.log_dict(metrics, batch_size=len(records))
         return loss
+
+    def optimizer_step(self, epoch, batch_index, optimizer, optimizer_closure=None) -> None:
+        """Step, unless the batch's loss was non-finite on some rank: then every rank runs its backward
+        (DDP's all-reduce needs each rank's) and drops the gradients (Lightning cannot skip
+        ``training_step`` on several ranks by returning None)."""
+        if optimizer_closure is not None:
+            optimizer_closure()  # training_step and backward
+        skip, self._bad_ranks = bool(self._bad_ranks), []
+        if skip:
+            optimizer.zero_grad(set_to_none=True)
+            return
+        optimizer.step()
+
+    def _count_bad_batch(self, ranks: list[int]) -> None:
+        """Count a batch whose update every rank skips; raise on every rank after ``max_bad_steps`` in a row."""
+        self.bad_steps_in_a_row += 1
+        where = f" on rank(s) {ranks}" if self.trainer.world_size > 1 else ""
+        log.warning("non-finite RFT loss%s at step %d: batch skipped (%d in a row)", where,
+                    self.trainer.global_step, self.bad_steps_in_a_row)
+        if self.bad_steps_in_a_row >= self.max_bad_steps:
+            raise RuntimeError(f"{self.bad_steps_in_a_row} consecutive non-finite RFT losses{where} (max_bad_steps="
+                               f"{self.max_bad_steps}); lower the learning rate or check the expert records")
