@@ -250,3 +250,50 @@ def test_rft_refuses_max_bad_steps_below_one():
 
     with pytest.raises(ValueError, match="max_bad_steps must be >= 1, got 0"):
         RFTModule(Policy("rloop/micro-llama"), max_bad_steps=0)
+
+
+# --------------------------------------------------------------------------- a rank count the data cannot serve
+
+TWO_PROCESSES = {"accelerator": "cpu", "devices": 2, "strategy": "ddp"}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"evaluators.0.limit": 1},
+     r"evaluator countdown/test has 1 problems \(limit=1\) for 2 ranks: every rank needs one"),
+    ({"grpo.data.limit": 15},  # 15 // 2 = 7 prompts per rank < a batch of 8
+     r"15 problems of task 'countdown' split 'train' \(limit=15\) cannot fill a batch of 8 prompts on each of 2 ranks"),
+], ids=["fewer-held-out-problems-than-ranks", "fewer-prompts-than-ranks-need"])
+def test_the_loop_refuses_a_rank_count_the_data_cannot_serve_before_any_model_loads(tmp_path, monkeypatch, change,
+                                                                                    message):
+    import yaml
+
+    from rloop_lightning.cli import cli_main
+    from rloop_lightning.policy import Policy
+    from test_loop import write_loop_config
+
+    config = write_loop_config(tmp_path / "configs", tmp_path / "run")
+    loop = yaml.safe_load(config.read_text())
+    (key, value), = change.items()
+    if key.startswith("evaluators"):
+        loop["evaluators"][0]["limit"] = value
+    else:
+        loop["grpo"]["overrides"]["data.init_args.limit"] = value
+        loop["grpo"]["overrides"]["data.init_args.batch_size"] = 8
+    config.write_text(yaml.safe_dump(loop))
+    monkeypatch.setattr(Policy, "load_model", lambda self: pytest.fail("a model loaded before the check"))
+    with pytest.raises(ValueError, match=message):
+        cli_main(["fit", "--config", str(config), "--trainer", json.dumps(TWO_PROCESSES)])
+    assert not (tmp_path / "run").exists()
+
+
+def test_prompts_that_fill_one_batch_per_rank_exactly_are_accepted():
+    from rloop_lightning.data.datamodules import PromptDataModule
+    from rloop_lightning.tasks import Countdown
+
+    data = PromptDataModule(Countdown(num_train=16, num_test=4, num_ood=4), batch_size=8)
+    data.setup("validate")
+    data.check_ranks(2)  # 16 // 2 = 8: exactly one batch each
+    with pytest.raises(ValueError, match="16 problems .* cannot fill a batch of 8 prompts on each of 3 ranks"):
+        data.check_ranks(3)
+    with pytest.raises(ValueError, match=r"cannot fill a batch of 8 prompts: raise"):
+        PromptDataModule(Countdown(num_train=7, num_test=4, num_ood=4), batch_size=8).setup("fit")

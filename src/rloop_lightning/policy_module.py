@@ -12,7 +12,7 @@ from typing import Optional
 import lightning as L
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from rloop_lightning.agreement import values_of_ranks
+from rloop_lightning.agreement import ranks_with, values_of_ranks
 from rloop_lightning.policy import Policy
 from rloop_lightning.strategies import is_sharded, shard_with_fsdp2
 
@@ -41,9 +41,18 @@ class PolicyModule(L.LightningModule):
         """Refuse, on every rank, ranks with different numbers of batches per epoch: the rank whose data
         ends first would leave the others waiting in their next all-reduce (end of data is a decision
         all ranks must take together)."""
+        if self.trainer.world_size == 1:
+            return
         counts = values_of_ranks(float(self.trainer.num_training_batches))
         if len(set(counts)) > 1:
             listing = ", ".join(f"rank {rank}: {count:g}" for rank, count in enumerate(counts))
             raise RuntimeError(f"the ranks have different numbers of training batches per epoch ({listing}); "
                                "every rank must see as many batches (a DistributedSampler over the same dataset "
                                "gives that)")
+
+    def ranks_with(self, flag: bool) -> list[int]:
+        """``agreement.ranks_with`` over this Trainer's ranks: the same list on every rank. A one-device
+        Trainer decides alone, even inside a larger process group."""
+        if self.trainer.world_size == 1:
+            return [self.global_rank] if flag else []
+        return ranks_with(flag)

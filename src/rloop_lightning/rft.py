@@ -18,7 +18,6 @@ from typing import Optional
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from rloop_lightning.agreement import ranks_with
 from rloop_lightning.algorithms.kl import kl_penalty
 from rloop_lightning.policy import Policy
 from rloop_lightning.policy_module import PolicyModule
@@ -79,7 +78,7 @@ class RFTModule(PolicyModule):
             kl = (kl_penalty(logprobs, self.policy.reference_logprobs(batch), "k3") * mask).sum() / tokens
             loss = loss + self.kl_coef * kl
             metrics["train/kl"] = kl.detach()
-        bad_ranks = ranks_with(not bool(torch.isfinite(loss.detach())))  # the same list on every rank
+        bad_ranks = self.ranks_with(not bool(torch.isfinite(loss.detach())))  # the same list on every rank
         if bad_ranks:
             self._bad_ranks = sorted(set(self._bad_ranks) | set(bad_ranks))  # over the accumulated batches
             self._count_bad_batch(bad_ranks)

@@ -26,7 +26,6 @@ from typing import Callable, Literal, Optional
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from rloop_lightning.agreement import any_rank, ranks_with
 from rloop_lightning.algorithms import (
     AdvantageEstimator, DynamicSamplingBuffer, DynamicSamplingSignal, KLEstimator, LossAggregation, RatioLevel,
     clipped_policy_loss, dynamic_sampling_signal, group_advantages, kl_penalty, micro_batch_weight, overlong_mask, soft_overlong_penalty,
@@ -266,7 +265,7 @@ class GRPOModule(PolicyModule):
         buffer = DynamicSamplingBuffer(target_groups=len(problems), max_rounds=self.max_sampling_rounds)
         sampled = list(groups)
         buffer.add(groups, self._filter_values(groups))
-        while any_rank(buffer.needs_more):  # every rank samples as many rounds (FSDP2 generate all-gathers)
+        while self.ranks_with(buffer.needs_more):  # every rank samples as many rounds (FSDP2 generate all-gathers)
             needs_more = buffer.needs_more
             groups = self._sample(self.trainer.datamodule.refill(max(len(problems) - buffer.num_groups, 1)))
             sampled.extend(groups)  # a rank already full harvests its extra round but does not train on it
@@ -285,7 +284,7 @@ class GRPOModule(PolicyModule):
     def training_step(self, problems: list[dict], batch_index: int) -> dict:
         started = time.perf_counter()
         train_groups, sampled, sampling_metrics = self.sample_groups(problems)
-        failed_ranks = (ranks_with(not self.scoring_stats.step_has_reward)  # a step fails when it fails on any rank
+        failed_ranks = (self.ranks_with(not self.scoring_stats.step_has_reward)  # a step fails when it fails on any rank
                         if self.trainer.world_size > 1 else None)
         reward_health = self.scoring_stats.end_step(self.max_bad_steps, failed_ranks)  # raises after max_bad_steps
         rollout_seconds = time.perf_counter() - started
@@ -374,7 +373,7 @@ class GRPOModule(PolicyModule):
                     out = clipped_policy_loss(
                         logprobs, old, micro_advantages, micro_mask, settings.clip_eps_low, settings.clip_eps_high,
                         settings.ratio_level, settings.aggregation, self.sampling.max_new_tokens, kl, settings.kl_coef)
-                    nonfinite_ranks = ranks_with(not bool(torch.isfinite(out.loss)))
+                    nonfinite_ranks = self.ranks_with(not bool(torch.isfinite(out.loss)))
                     if nonfinite_ranks:  # every rank leaves before backward (DDP's backward all-reduces)
                         finite = False
                         break
@@ -389,7 +388,7 @@ class GRPOModule(PolicyModule):
                     for key, value in stats.items():
                         totals.setdefault(key, []).append(value)
                 grad_norm = self._clip_gradients() if finite else float("nan")
-                bad_ranks = ranks_with(not math.isfinite(grad_norm)) if finite else nonfinite_ranks
+                bad_ranks = self.ranks_with(not math.isfinite(grad_norm)) if finite else nonfinite_ranks
                 if bad_ranks:
                     self._skip_bad_update(optimizer, bad_ranks)
                     continue

@@ -39,13 +39,13 @@ from rloop_lightning.callbacks import (
 from rloop_lightning.records import iter_records, write_json_atomic, write_jsonl_atomic
 from rloop_lightning.evaluation import Evaluator, evaluate_policy
 from rloop_lightning.grpo import GRPOModule
-from rloop_lightning.loop.distributed import barrier, is_main_process
+from rloop_lightning.loop.distributed import barrier, is_main_process, start_ranks
 from rloop_lightning.loop.expert_set import ExpertSetSettings, build_expert_set
 from rloop_lightning.loop.layout import BASE_EVALUATION, RunLayout
 from rloop_lightning.loop.lock import RunDirectoryBusy, RunLock
 from rloop_lightning.loop.manifest import Manifest
 from rloop_lightning.loop.phases import (
-    OverrideValue, PhaseCLI, PhaseSettings, build_phase, override_keys, parse_phase, phase_policy,
+    OverrideValue, PhaseCLI, PhaseSettings, build_phase, override_keys, parse_phase, phase_data, phase_policy,
 )
 from rloop_lightning.prompt_stats import PromptStats
 from rloop_lightning.rft import RFTModule
@@ -147,6 +147,7 @@ class RLoop:
         self.checkpoint_every_seconds = checkpoint_every_seconds
         self.keep_checkpoints = keep_checkpoints
         self.manifest = Manifest(self.layout.manifest)
+        self.processes: dict = {"accelerator": "auto", "devices": "auto", "num_nodes": 1}  # set by validate_phases
 
     # ------------------------------------------------------------------ driver
     def run(self, config: Optional[dict] = None) -> dict:
@@ -181,9 +182,14 @@ class RLoop:
                 raise FileExistsError(f"{self.layout.root} already holds a run; pass --resume true or another run_dir")
             self.manifest.check_config(config)
             theta_path = self.build_base()
-        else:  # a rank started by the launcher mid-run: the main process wrote both
+            if tiny.is_builtin(theta_path):
+                tiny.materialize(theta_path)  # once, before the other ranks load it
+        else:  # a rank started by the launcher or torchrun: the main process checks and builds
             theta_path = self.base.policy
-        self.phase(BASE_EVALUATION, lambda d: self.evaluate_held_out(theta_path, BASE_EVALUATION), every_rank=False)
+        start_ranks(**self.processes)  # every rank, before any work; the group lives until the end
+        barrier()  # the main process has checked the configuration and built theta_0
+        self.manifest.reload()
+        self.phase(BASE_EVALUATION, lambda d: self.evaluate_held_out(theta_path, BASE_EVALUATION))
         for k in range(self.iterations):
             theta_path = self.iteration(k, theta_path)
         if is_main_process():
@@ -198,9 +204,39 @@ class RLoop:
         self.base.check()
         if self.base.build_config is not None:
             parse_phase(RFTModule, PhaseSettings(self.base.build_config), {})
-        parse_phase(GRPOModule, self.grpo, self.grpo_overrides(self.base.policy, self.layout.root, self.seed))
+        grpo = parse_phase(GRPOModule, self.grpo, self.grpo_overrides(self.base.policy, self.layout.root, self.seed))
+        self.processes = {key: grpo.trainer.get(key) or default for key, default in
+                          (("accelerator", "auto"), ("devices", "auto"), ("num_nodes", 1))}
         if not self.vanilla:
-            parse_phase(RFTModule, self.rft, self.rft_overrides(self.base.policy, 0, self.layout.root, self.seed))
+            rft = parse_phase(RFTModule, self.rft, self.rft_overrides(self.base.policy, 0, self.layout.root, self.seed))
+            rft_processes = {key: rft.trainer.get(key) or default for key, default in
+                             (("accelerator", "auto"), ("devices", "auto"), ("num_nodes", 1))}
+            if rft_processes != self.processes:
+                raise ValueError(f"the GRPO and RFT phases must run on the same processes (one process group "
+                                 f"serves the whole loop), but GRPO has {self.processes} and RFT {rft_processes}: "
+                                 f"set them in the loop's trainer field")
+        self.check_ranks(grpo)
+
+    def check_ranks(self, grpo_config) -> None:
+        """Refuse, before any model loads, a process count the data cannot serve: fewer held-out problems
+        than ranks, or too few GRPO prompts for each rank's batch (a count Lightning resolves at launch,
+        ``devices: auto``, is checked when each phase starts)."""
+        devices, nodes = self.processes["devices"], self.processes["num_nodes"]
+        if isinstance(devices, (list, tuple)):
+            devices = len(devices)
+        elif isinstance(devices, str) and devices.isdigit():
+            devices = int(devices)
+        if not isinstance(devices, int) or devices < 1 or not isinstance(nodes, int):
+            return
+        ranks = devices * nodes
+        if ranks == 1:
+            return
+        for evaluator in self.evaluators:
+            evaluator.check_ranks(ranks)
+        data = phase_data(grpo_config)
+        if hasattr(data, "check_ranks"):
+            data.setup("validate")
+            data.check_ranks(ranks)
 
     def iteration(self, k: int, theta_path: str) -> str:
         layout = self.layout
@@ -228,9 +264,8 @@ class RLoop:
         """Run ``work(directory)`` unless the manifest says ``name`` is done; mark it done after.
 
         Several processes: ``work`` runs on every rank (training and evaluation) or on the main process
-        alone (``every_rank=False``: bookkeeping; theta_0's evaluation, which runs before the other ranks
-        exist); the main process prepares the directory and marks the phase done, and every rank re-reads
-        the manifest afterwards (``loop.distributed``).
+        alone (``every_rank=False``: bookkeeping); the main process prepares the directory and marks the
+        phase done, and every rank re-reads the manifest afterwards (``loop.distributed``).
         """
         if self.manifest.done(name):
             return

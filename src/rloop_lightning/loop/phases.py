@@ -133,6 +133,13 @@ def parse_phase(module_class: type[L.LightningModule], settings: PhaseSettings,
                          f"loop's): {error}") from None
 
 
+def phase_data(config: Namespace) -> L.LightningDataModule:
+    """The datamodule of a parsed phase configuration (``parse_phase``), instantiated, not set up."""
+    parser = ArgumentParser()
+    parser.add_argument("--data", type=L.LightningDataModule)
+    return parser.instantiate_classes(Namespace(data=config.data)).data
+
+
 def phase_policy(settings: PhaseSettings, model_name_or_path: str) -> Policy:
     """The GRPO phase's policy reading ``model_name_or_path``, unloaded: held-out evaluation loads theta_k
     with the settings it is trained with (dtype, quantisation, chat template)."""
