@@ -101,7 +101,10 @@ def test_the_loop_with_vllm_starts_every_rank_first_and_reports_what_one_process
         runs[processes] = run_dir
     log = (tmp_path / "loop2.log").read_text()
     assert "(rank 0 of 1)" not in log  # no engine made a world of its own
-    assert log.count("(rank 0 of 2)") >= 2 and log.count("(rank 1 of 2)") >= 2  # evaluation and rollout engines
+    # per rank: the evaluation engine for theta_0, the GRPO phase's engine, the evaluation engine again for
+    # theta_1 (closed after every evaluation on the CPU: it holds no memory while a phase trains)
+    assert log.count("(rank 0 of 2)") == 3 and log.count("(rank 1 of 2)") == 3
+    assert (tmp_path / "loop1.log").read_text().count("(rank 0 of 1)") == 3
     experts = runs[2] / "iter_00" / "grpo" / "experts"
     assert (experts / "rank00").is_dir() and (experts / "rank01").is_dir()
     assert log.count("evaluation of ") == 2  # theta_0 and theta_1, written once each

@@ -223,6 +223,18 @@ class GRPOModule(PolicyModule):
             raise ValueError(f"correctness_function {self.correctness_function!r} is not one of the reward "
                              f"functions {self.runner.names}")
         self._validate_before_training(datamodule, functions)
+        self._check_engine_memory()
+
+    def _check_engine_memory(self) -> None:
+        """vLLM engines alive together in this phase (the rollout engine, evaluation callbacks' own
+        engines) must fit on the GPU: checked here, before ``configure_model`` loads any weights."""
+        engines = {"model.engine": self.engine}
+        for index, callback in enumerate(self.trainer.callbacks):
+            if getattr(callback, "engine", None) is not None:
+                engines[f"callbacks[{index}].engine ({type(callback).__name__})"] = callback.engine
+        from rloop_lightning.rollout.vllm import check_gpu_memory_budget  # vllm itself is not imported
+
+        check_gpu_memory_budget(engines)
 
     def _validate_before_training(self, datamodule, functions) -> None:
         """Catch configuration errors before any sampling: batch shapes, prompt lengths, reward arity."""

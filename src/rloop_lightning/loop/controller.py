@@ -100,7 +100,8 @@ class RLoop:
         evaluate_rl_end: also evaluate each GRPO phase's end point (RLoop runs).
         rft_from: where RFT starts: ``theta_k`` (RLoop) or ``rl_end``, the GRPO end point (ablation).
         eval_engine: rollout engine of the held-out evaluations (default: Hugging Face ``generate``;
-            ``VLLMEngine`` for large models).
+            ``VLLMEngine`` for large models). Released after every evaluation (a vLLM engine sleeps on
+            CUDA with sleep mode, else closes), so it holds no memory while a phase trains.
         wandb_project: log held-out metrics per iteration to this W&B project (sweeps optimise
             ``final/<task>/<split>/<metric>``); in a sweep each run gets ``run_dir/<W&B run id>``.
         seed: base seed; phase k uses ``seed + 1000 k`` (+1 for RFT); every held-out evaluation uses ``seed``.
@@ -381,7 +382,11 @@ class RLoop:
         """Held-out metrics of the policy at ``policy_path`` (``evaluate_policy`` with the run's seed), loaded
         with the GRPO phase's policy settings; written to the phase's ``eval.json``."""
         policy = phase_policy(self.grpo, policy_path)
-        metrics = evaluate_policy(policy, self.evaluators, self.eval_engine, seed=self.seed)  # on every rank
+        try:
+            metrics = evaluate_policy(policy, self.evaluators, self.eval_engine, seed=self.seed)  # on every rank
+        finally:
+            if self.eval_engine is not None:  # its memory goes back to training until the next evaluation
+                self.eval_engine.release()
         if is_main_process():
             write_json_atomic(self.layout.evaluation(phase), {"policy": policy_path, "metrics": metrics})
             log.info("evaluation of %s: %s", policy_path, metrics)

@@ -77,6 +77,11 @@ class RolloutEngine(ABC):
         """Free what the engine holds (an engine with its own copy of the model frees it); a later
         ``generate`` starts it again."""
 
+    def release(self) -> None:
+        """Between two uses far apart (held-out evaluations, with training in between): give back the
+        memory the engine holds. Default: ``close``; an engine that can sleep sleeps instead."""
+        self.close()
+
     def check_prompt_lengths(self, policy: Policy, prompt_ids: list[list[int]], sampling: SamplingParams,
                              max_context: Optional[int]) -> None:
         if max_context is None:
