@@ -159,3 +159,62 @@ def test_a_loop_started_by_torchrun_on_two_nodes_runs_every_phase_on_both(tmp_pa
         stats = json.loads((experts / f"prompt_stats.{rank}.json").read_text())
         assert sum(s["attempts"] for s in stats.values()) == STEPS * COMPLETIONS_PER_STEP
     assert logs[0].count("evaluation of ") == 2 and logs[1].count("evaluation of ") == 0  # written by rank 0
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split()] if path.exists() else []
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
+def test_killing_the_main_process_ends_its_ranks_and_a_rerun_finishes(tmp_path):
+    """SIGKILL ``rloop fit``'s main process in the middle of a 2-process GRPO phase: the rank Lightning's
+    launcher started dies with it (nothing left running), and a rerun of the same command finishes."""
+    import time
+
+    from loop_helpers import STEP_DELAY_ENV
+
+    config = write_loop_config(tmp_path / "configs", tmp_path / "run")
+    loop = yaml.safe_load(config.read_text())
+    loop.update(iterations=1)
+    config.write_text(yaml.safe_dump(loop))
+    env = dict(os.environ, OMP_NUM_THREADS="1", **{STEP_DELAY_ENV: "1"},
+               PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
+    command = [sys.executable, "-m", "rloop_lightning", "fit", "--config", str(config),
+               "--config", str(REPO / "configs" / "loop" / "ddp_cpu.yaml")]
+    with open(tmp_path / "killed.log", "w") as log:
+        main = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        grpo = tmp_path / "run" / "iter_00" / "grpo" / "experts"
+        while not (grpo.exists() and children(main.pid)):
+            assert main.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()[-3000:]
+            time.sleep(0.2)
+        ranks = [pid for pid in children(main.pid) if "rloop_lightning" in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert ranks, "no rank process found"
+        main.kill()
+        main.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while any(alive(pid) for pid in ranks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(pid) for pid in ranks), "a rank outlived the main process"
+    finally:
+        try:
+            os.killpg(main.pid, 9)
+        except ProcessLookupError:
+            pass
+    result = run_command(["fit", "--config", str(config), "--config", str(REPO / "configs" / "loop" / "ddp_cpu.yaml")],
+                         tmp_path / "rerun.log")
+    assert result.returncode == 0, (tmp_path / "rerun.log").read_text()[-3000:]
+    assert set(manifest(tmp_path / "run")["completed"]) == {"eval/theta_0"} | {
+        f"iter_00/{phase}" for phase in ("grpo", "expert_set", "rft", "eval")}

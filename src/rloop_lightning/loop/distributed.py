@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any
 
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+MAIN_PID_ENV = "RLOOP_MAIN_PID"  # set by the main process for the ranks Lightning's launcher starts
 
 
 def distributed() -> bool:
@@ -63,6 +65,29 @@ def start_ranks(accelerator: Any = "auto", devices: Any = "auto", num_nodes: int
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy="ddp")
     if fabric.world_size == 1:
         return
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    if type(fabric.strategy.cluster_environment) is LightningEnvironment:
+        if fabric.local_rank > 0:  # a rank Lightning's launcher started: it must not outlive the main process
+            end_with_parent(int(os.environ.get(MAIN_PID_ENV, os.getppid())))
+        else:
+            os.environ[MAIN_PID_ENV] = str(os.getpid())  # the launcher copies the environment to the ranks
     fabric.launch()  # starts the other ranks (unless the cluster did), then initialises the group
     log.info("rank %d of %d started (%s)", dist.get_rank(), dist.get_world_size(),
              type(fabric.strategy.cluster_environment).__name__)
+
+
+def end_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when ``parent`` (the main process that launched it) dies,
+    however it dies (SIGKILL included): a rank left running would hold its GPU and wait in collectives,
+    outside the run lock. Exits at once when ``parent`` is gone already. Linux only
+    (``prctl(PR_SET_PDEATHSIG)``); a no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request took effect
+        log.error("the main process %d is gone: rank exits", parent)
+        os._exit(1)
