@@ -30,12 +30,17 @@ def test_without_a_process_group_the_answers_are_local():
     assert ranks_with(True) == [0] and ranks_with(False) == []
     assert any_rank(True) and not any_rank(False)
     assert values_of_ranks(3) == [3.0]
+    from rloop_lightning.loop.distributed import share_from_main
+
+    assert share_from_main("runs/x") == "runs/x"
 
 
 def agreement_worker(rank: int, port: int, output: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    result = {"rank_one": ranks_with(rank == 1), "both": ranks_with(True), "none": ranks_with(False),
+    from rloop_lightning.loop.distributed import share_from_main
+
+    result = {"shared": share_from_main(f"runs/sweep/{rank}"), "rank_one": ranks_with(rank == 1), "both": ranks_with(True), "none": ranks_with(False),
               "any_rank_one": any_rank(rank == 1), "any_none": any_rank(False),
               "values": values_of_ranks(2 * rank + 0.5), "infinite": values_of_ranks(float("inf") if rank else 4)}
     Path(output, f"rank{rank}.json").write_text(json.dumps(result))
@@ -47,7 +52,7 @@ def test_every_rank_gets_the_same_answer_on_two_processes(tmp_path):
     torch.multiprocessing.spawn(agreement_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert results[0] == results[1]
-    assert results[0] == {"rank_one": [1], "both": [0, 1], "none": [], "any_rank_one": True, "any_none": False,
+    assert results[0] == {"shared": "runs/sweep/0", "rank_one": [1], "both": [0, 1], "none": [], "any_rank_one": True, "any_none": False,
                           "values": [0.5, 2.5], "infinite": [4.0, float("inf")]}
 
 

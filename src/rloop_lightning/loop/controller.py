@@ -39,7 +39,7 @@ from rloop_lightning.callbacks import (
 from rloop_lightning.records import iter_records, write_json_atomic, write_jsonl_atomic
 from rloop_lightning.evaluation import Evaluator, evaluate_policy
 from rloop_lightning.grpo import GRPOModule
-from rloop_lightning.loop.distributed import barrier, is_main_process, start_ranks
+from rloop_lightning.loop.distributed import barrier, is_main_process, share_from_main, start_ranks
 from rloop_lightning.loop.expert_set import ExpertSetSettings, build_expert_set
 from rloop_lightning.loop.layout import BASE_EVALUATION, RunLayout
 from rloop_lightning.loop.lock import RunDirectoryBusy, RunLock
@@ -188,6 +188,10 @@ class RLoop:
         else:  # a rank started by the launcher or torchrun: the main process checks and builds
             theta_path = self.base.policy
         start_ranks(**self.processes)  # every rank, before any work; the group lives until the end
+        root = share_from_main(str(self.layout.root))  # a W&B sweep gives the main process its run directory
+        if root != str(self.layout.root):
+            self.layout = RunLayout(root)
+            self.manifest = Manifest(self.layout.manifest)
         barrier()  # the main process has checked the configuration and built theta_0
         self.manifest.reload()
         self.phase(BASE_EVALUATION, lambda d: self.evaluate_held_out(theta_path, BASE_EVALUATION))

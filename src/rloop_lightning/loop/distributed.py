@@ -44,6 +44,16 @@ def is_main_process() -> bool:
     return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
+def share_from_main(value: Any) -> Any:
+    """The main process's ``value`` on every rank (``value`` itself on one process): facts only the main
+    process knows, such as the run directory a W&B sweep gives it."""
+    if not distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     """Wait for every rank (no-op in a single process, or before the first multi-device phase)."""
     if distributed():
