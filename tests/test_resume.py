@@ -66,8 +66,10 @@ def phase_outputs(directory: Path) -> dict[str, bytes]:
     return files
 
 
-def grpo_config(tmp_path: Path) -> Path:
+def grpo_config(tmp_path: Path, kl_coef: float = 0.0) -> Path:
     config = grpo_yaml(digit_reward=True)
+    if kl_coef:  # full fine-tuning with KL: the frozen reference must be theta_k after a resume too
+        config["model"]["loss"] = {"kl_coef": kl_coef}
     config["trainer"]["callbacks"] = config["trainer"]["callbacks"][:1]  # the harvester only
     # 2 optimizer steps per rollout batch, 5 batches; 16 prompts, 4 a batch: a new pass over them at batch 4
     config["trainer"]["max_steps"] = 10
@@ -77,9 +79,10 @@ def grpo_config(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("stop_at", [2, 4])  # 4: the last checkpoint ended a pass over the prompts
-def test_grpo_phase_resumes_to_the_uninterrupted_outputs(tmp_path, stop_at):
-    config = grpo_config(tmp_path)
+@pytest.mark.parametrize("stop_at, kl_coef", [(2, 0.0), (4, 0.0), (2, 0.5)],
+                         ids=["mid-pass", "end-of-pass", "with-kl"])  # end-of-pass: the last checkpoint ended a pass
+def test_grpo_phase_resumes_to_the_uninterrupted_outputs(tmp_path, stop_at, kl_coef):
+    config = grpo_config(tmp_path, kl_coef)
     run_phase(GRPOModule, config, tmp_path / "reference", every_n_steps=None)  # checkpoints change nothing
     resumed = tmp_path / "resumed"
     with pytest.raises(RuntimeError, match="crash"):

@@ -29,6 +29,14 @@ class PolicyModule(L.LightningModule):
         model = self.policy.load_model()
         if self._device_mesh is not None and not is_sharded(model):  # ModelParallelStrategy: FSDP2
             shard_with_fsdp2(model, self._device_mesh)
+        if self.needs_reference:  # the frozen copy of theta_k, made before a resume restores later weights
+            with self.policy.reference():
+                pass
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the objective uses the reference policy (a KL penalty)."""
+        return False
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])

@@ -58,6 +58,10 @@ class RFTModule(PolicyModule):
         self._bad_ranks: list[int] = []
         self._step_started = time.perf_counter()
 
+    @property
+    def needs_reference(self) -> bool:
+        return self.kl_coef > 0
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rloop_rft"] = {"bad_steps_in_a_row": self.bad_steps_in_a_row}
 

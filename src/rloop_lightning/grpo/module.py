@@ -200,6 +200,10 @@ class GRPOModule(PolicyModule):
         self.bad_steps_in_a_row = 0
         self.rollout_step = 0  # rollout batches sampled so far; optimizer steps may be more or fewer
 
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss_settings.kl_coef > 0
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rloop_grpo"] = {"rollout_step": self.rollout_step, "prompt_stats": self.prompt_stats.to_dict(),
                                     "scoring_stats": dataclasses.asdict(self.scoring_stats),
