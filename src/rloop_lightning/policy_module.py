@@ -29,9 +29,17 @@ class PolicyModule(L.LightningModule):
         model = self.policy.load_model()
         if self._device_mesh is not None and not is_sharded(model):  # ModelParallelStrategy: FSDP2
             shard_with_fsdp2(model, self._device_mesh)
+        self.strict_loading = not self.policy.is_peft  # a LoRA checkpoint holds the adapter only
         if self.needs_reference:  # the frozen copy of theta_k, made before a resume restores later weights
             with self.policy.reference():
                 pass
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Under LoRA/QLoRA a checkpoint keeps the trained adapter only (with its optimizer state, which
+        covers nothing else): the base and the frozen reference adapter load from their own files."""
+        if "state_dict" in checkpoint and self.policy.is_peft:
+            trained = {name for name, parameter in self.named_parameters() if parameter.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
 
     @property
     def needs_reference(self) -> bool:

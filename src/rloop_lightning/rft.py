@@ -63,6 +63,7 @@ class RFTModule(PolicyModule):
         return self.kl_coef > 0
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["rloop_rft"] = {"bad_steps_in_a_row": self.bad_steps_in_a_row}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -205,6 +205,7 @@ class GRPOModule(PolicyModule):
         return self.loss_settings.kl_coef > 0
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["rloop_grpo"] = {"rollout_step": self.rollout_step, "prompt_stats": self.prompt_stats.to_dict(),
                                     "scoring_stats": dataclasses.asdict(self.scoring_stats),
                                     "bad_steps_in_a_row": self.bad_steps_in_a_row}
