@@ -1,6 +1,7 @@
-"""The whole loop on 2 CPU processes (gloo), with DDP and with FSDP2, K = 2, as a user starts it:
-``rloop fit --config LOOP --config configs/loop/{ddp,fsdp2}_cpu.yaml``. Lightning's launcher starts the
-second rank at the first GRPO phase; the expert set, evaluations and report are written once.
+"""The whole loop on 2 CPU processes (gloo), as a user starts it: ``rloop fit --config LOOP --config
+configs/loop/{ddp,fsdp2}_cpu.yaml`` (Lightning's launcher starts the second rank before theta_0's
+evaluation), with vLLM for rollouts and evaluation, and under ``torchrun`` on two "nodes". The expert
+set, evaluations and report are written once; killing the main process ends the other rank.
 """
 
 from __future__ import annotations
