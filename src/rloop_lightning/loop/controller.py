@@ -80,6 +80,26 @@ class BasePolicySettings:
                 "a policy directory, a hub id (org/name) or a built-in id, or set base.build_config to build it.")
 
 
+def processes_of(phase_config) -> dict:
+    """The Trainer settings of a parsed phase that decide its processes."""
+    return {key: phase_config.trainer.get(key) or default
+            for key, default in (("accelerator", "auto"), ("devices", "auto"), ("num_nodes", 1))}
+
+
+def rank_count(processes: dict) -> Optional[int]:
+    """Processes in all, when the settings name a count (None for ``devices: auto`` or -1 on GPUs)."""
+    devices, nodes = processes["devices"], processes["num_nodes"]
+    if isinstance(devices, (list, tuple)):
+        devices = len(devices)
+    elif isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    elif devices == "auto" and str(processes["accelerator"]).lower() == "cpu":
+        devices = 1
+    if not isinstance(devices, int) or devices < 1 or not isinstance(nodes, int):
+        return None
+    return devices * nodes
+
+
 def ensure_callback(trainer: L.Trainer, kind: type, make) -> None:
     if not any(isinstance(c, kind) for c in trainer.callbacks):
         trainer.callbacks.append(make())
@@ -210,31 +230,23 @@ class RLoop:
         if self.base.build_config is not None:
             parse_phase(RFTModule, PhaseSettings(self.base.build_config), {})
         grpo = parse_phase(GRPOModule, self.grpo, self.grpo_overrides(self.base.policy, self.layout.root, self.seed))
-        self.processes = {key: grpo.trainer.get(key) or default for key, default in
-                          (("accelerator", "auto"), ("devices", "auto"), ("num_nodes", 1))}
+        self.processes = processes_of(grpo)
         if not self.vanilla:
-            rft = parse_phase(RFTModule, self.rft, self.rft_overrides(self.base.policy, 0, self.layout.root, self.seed))
-            rft_processes = {key: rft.trainer.get(key) or default for key, default in
-                             (("accelerator", "auto"), ("devices", "auto"), ("num_nodes", 1))}
-            if rft_processes != self.processes:
-                raise ValueError(f"the GRPO and RFT phases must run on the same processes (one process group "
-                                 f"serves the whole loop), but GRPO has {self.processes} and RFT {rft_processes}: "
-                                 f"set them in the loop's trainer field")
+            rft = processes_of(parse_phase(RFTModule, self.rft,
+                                           self.rft_overrides(self.base.policy, 0, self.layout.root, self.seed)))
+            counts = rank_count(self.processes), rank_count(rft)
+            if None not in counts and counts[0] != counts[1]:
+                raise ValueError(f"the GRPO and RFT phases must run on as many processes (one process group serves "
+                                 f"the whole loop), but GRPO has {self.processes} and RFT {rft}: set them in the "
+                                 f"loop's trainer field")
         self.check_ranks(grpo)
 
     def check_ranks(self, grpo_config) -> None:
         """Refuse, before any model loads, a process count the data cannot serve: fewer held-out problems
         than ranks, or too few GRPO prompts for each rank's batch (a count Lightning resolves at launch,
         ``devices: auto``, is checked when each phase starts)."""
-        devices, nodes = self.processes["devices"], self.processes["num_nodes"]
-        if isinstance(devices, (list, tuple)):
-            devices = len(devices)
-        elif isinstance(devices, str) and devices.isdigit():
-            devices = int(devices)
-        if not isinstance(devices, int) or devices < 1 or not isinstance(nodes, int):
-            return
-        ranks = devices * nodes
-        if ranks == 1:
+        ranks = rank_count(self.processes)
+        if ranks is None or ranks == 1:
             return
         for evaluator in self.evaluators:
             evaluator.check_ranks(ranks)
