@@ -1,6 +1,7 @@
-"""The whole loop on 2 CPU processes (gloo), with DDP and with FSDP2, K = 2, as a user starts it:
-``rloop fit --config LOOP --config configs/loop/{ddp,fsdp2}_cpu.yaml``. Lightning's launcher starts the
-second rank at the first GRPO phase; the expert set, evaluations and report are written once.
+"""The whole loop on 2 CPU processes (gloo), as a user starts it: ``rloop fit --config LOOP --config
+configs/loop/{ddp,fsdp2}_cpu.yaml`` (Lightning's launcher starts the second rank before theta_0's
+evaluation), with vLLM for rollouts and evaluation, and under ``torchrun`` on two "nodes". The expert
+set, evaluations and report are written once; killing the main process ends the other rank.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from test_loop import COMPLETIONS_PER_STEP, manifest, read_jsonl, write_loop_config
 
@@ -20,13 +22,19 @@ TESTS = Path(__file__).resolve().parent
 STEPS = 3  # the loop test config's GRPO override
 
 
-def run_loop(config: Path, strategy: str, log_path: Path) -> subprocess.CompletedProcess:
+def run_command(arguments: list[str], log_path: Path, launcher: tuple[str, ...] = ("-m", "rloop_lightning"),
+                timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m rloop_lightning ARGUMENTS`` (or another launcher module) from the repository root."""
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
     with open(log_path, "w") as log:
-        return subprocess.run([sys.executable, "-m", "rloop_lightning", "fit", "--config", str(config),
-                               "--config", str(REPO / "configs" / "loop" / f"{strategy}.yaml")],
-                              cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=600)
+        return subprocess.run([sys.executable, *launcher, *arguments], cwd=REPO, env=env, stdout=log,
+                              stderr=subprocess.STDOUT, timeout=timeout)
+
+
+def run_loop(config: Path, strategy: str, log_path: Path) -> subprocess.CompletedProcess:
+    return run_command(["fit", "--config", str(config), "--config", str(REPO / "configs" / "loop" / f"{strategy}.yaml")],
+                       log_path)
 
 
 @pytest.mark.slow
@@ -58,3 +66,157 @@ def test_loop_on_two_processes(tmp_path, strategy):
     assert log.count("evaluation of ") == 3  # theta_0, theta_1, theta_2: once each
     assert log.count("RLoop finished") == 1
     assert "theta_2" in (run_dir / "report.md").read_text()
+
+
+def vllm_loop_config(tmp_path: Path, run_dir: Path) -> Path:
+    """The loop test's config on ``rloop/tiny-llama`` (vLLM's CPU attention needs its head size), K = 1."""
+    config = write_loop_config(tmp_path / "configs", run_dir)
+    loop = yaml.safe_load(config.read_text())
+    loop.update(iterations=1, base={"policy": "rloop/tiny-llama"})
+    loop["grpo"]["overrides"]["trainer.max_steps"] = 2
+    config.write_text(yaml.safe_dump(loop))
+    return config
+
+
+def held_out(run_dir: Path, phase: str) -> dict:
+    return json.loads((run_dir / phase / "eval.json").read_text())["metrics"]
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_the_loop_with_vllm_starts_every_rank_first_and_reports_what_one_process_reports(tmp_path):
+    """``rloop fit`` + ``configs/engines/vllm_cpu_loop.yaml`` + ``configs/loop/ddp_cpu.yaml``: every rank
+    starts before theta_0's evaluation, every vLLM engine (evaluation and rollouts) joins the one
+    2-process group, both ranks explore, and the held-out numbers are one process's within noise."""
+    runs = {}
+    for processes in (1, 2):
+        run_dir = tmp_path / f"run{processes}"
+        extra = ["--config", str(REPO / "configs" / "engines" / "vllm_cpu_loop.yaml")]
+        if processes == 2:
+            extra += ["--config", str(REPO / "configs" / "loop" / "ddp_cpu.yaml")]
+        log_path = tmp_path / f"loop{processes}.log"
+        result = run_command(["fit", "--config", str(vllm_loop_config(tmp_path / str(processes), run_dir)), *extra],
+                             log_path)
+        log = log_path.read_text()
+        assert result.returncode == 0, log[-4000:]
+        runs[processes] = run_dir
+    log = (tmp_path / "loop2.log").read_text()
+    assert "(rank 0 of 1)" not in log  # no engine made a world of its own
+    # per rank: the evaluation engine for theta_0, the GRPO phase's engine, the evaluation engine again for
+    # theta_1 (closed after every evaluation on the CPU: it holds no memory while a phase trains)
+    assert log.count("(rank 0 of 2)") == 3 and log.count("(rank 1 of 2)") == 3
+    assert (tmp_path / "loop1.log").read_text().count("(rank 0 of 1)") == 3
+    experts = runs[2] / "iter_00" / "grpo" / "experts"
+    assert (experts / "rank00").is_dir() and (experts / "rank01").is_dir()
+    assert log.count("evaluation of ") == 2  # theta_0 and theta_1, written once each
+    one, two = held_out(runs[1], "eval/theta_0"), held_out(runs[2], "eval/theta_0")
+    # theta_0 is the same policy: greedy decoding gives the same answers however the problems are split
+    test_split = next(key for key in one if key.endswith("/test"))
+    assert two[test_split]["greedy_accuracy"] == one[test_split]["greedy_accuracy"]
+    for phase in ("eval/theta_0", "iter_00/eval"):
+        one, two = held_out(runs[1], phase), held_out(runs[2], phase)
+        for split, metrics in one.items():  # 4 problems x 4 samples: avg@4 has a standard error <= 0.125
+            assert abs(two[split]["avg@4"] - metrics["avg@4"]) <= 0.375, (phase, split, one, two)
+
+
+@pytest.mark.slow
+def test_a_loop_started_by_torchrun_on_two_nodes_runs_every_phase_on_both(tmp_path):
+    """``torchrun --nnodes 2 --nproc-per-node 1`` twice on localhost (two "nodes" sharing the run
+    directory): Lightning's TorchElasticEnvironment takes the ranks torchrun started; nothing is launched
+    again, and the loop runs as under Lightning's own launcher."""
+    from test_strategies import free_port
+
+    config = write_loop_config(tmp_path / "configs", tmp_path / "run")
+    loop = yaml.safe_load(config.read_text())
+    loop.update(iterations=1, trainer={"accelerator": "cpu", "devices": 1, "num_nodes": 2, "strategy": "ddp"})
+    config.write_text(yaml.safe_dump(loop))
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
+    nodes = []
+    for node in (0, 1):
+        log = open(tmp_path / f"node{node}.log", "w")
+        nodes.append((subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+             "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
+             "-m", "rloop_lightning", "fit", "--config", str(config)],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log))
+    try:
+        codes = [process.wait(timeout=600) for process, _ in nodes]
+    finally:
+        for process, log in nodes:
+            if process.poll() is None:
+                os.killpg(process.pid, 9)
+            log.close()
+    logs = [(tmp_path / f"node{node}.log").read_text() for node in (0, 1)]
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "rank 0 of 2 started (TorchElasticEnvironment)" in logs[0]
+    assert "rank 1 of 2 started (TorchElasticEnvironment)" in logs[1]
+    run_dir = tmp_path / "run"
+    assert set(manifest(run_dir)["completed"]) == {"eval/theta_0"} | {
+        f"iter_00/{phase}" for phase in ("grpo", "expert_set", "rft", "eval")}
+    experts = run_dir / "iter_00" / "grpo" / "experts"
+    for rank in ("rank00", "rank01"):
+        stats = json.loads((experts / f"prompt_stats.{rank}.json").read_text())
+        assert sum(s["attempts"] for s in stats.values()) == STEPS * COMPLETIONS_PER_STEP
+    assert logs[0].count("evaluation of ") == 2 and logs[1].count("evaluation of ") == 0  # written by rank 0
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split()] if path.exists() else []
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
+def test_killing_the_main_process_ends_its_ranks_and_a_rerun_finishes(tmp_path):
+    """SIGKILL ``rloop fit``'s main process in the middle of a 2-process GRPO phase, while the ranks sit
+    in a 20 s pause between steps (no collective to notice the loss): the rank Lightning's launcher
+    started dies with it at once (nothing left running), and a rerun of the same command finishes."""
+    import time
+
+    from loop_helpers import STEP_DELAY_ENV
+
+    config = write_loop_config(tmp_path / "configs", tmp_path / "run")
+    loop = yaml.safe_load(config.read_text())
+    loop.update(iterations=1)
+    config.write_text(yaml.safe_dump(loop))
+    env = dict(os.environ, OMP_NUM_THREADS="1", **{STEP_DELAY_ENV: "20"},
+               PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
+    command = [sys.executable, "-m", "rloop_lightning", "fit", "--config", str(config),
+               "--config", str(REPO / "configs" / "loop" / "ddp_cpu.yaml")]
+    with open(tmp_path / "killed.log", "w") as log:
+        main = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        shards = tmp_path / "run" / "iter_00" / "grpo" / "experts" / "rank01"
+        while not (shards.exists() and list(shards.glob("*.jsonl")) and children(main.pid)):  # a step ended
+            assert main.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()[-3000:]
+            time.sleep(0.2)
+        ranks = [pid for pid in children(main.pid) if "rloop_lightning" in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert ranks, "no rank process found"
+        main.kill()
+        main.wait(timeout=30)
+        deadline = time.monotonic() + 10  # well inside the 20 s pause
+        while any(alive(pid) for pid in ranks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(pid) for pid in ranks), "a rank outlived the main process"
+    finally:
+        try:
+            os.killpg(main.pid, 9)
+        except ProcessLookupError:
+            pass
+    result = run_command(["fit", "--config", str(config), "--config", str(REPO / "configs" / "loop" / "ddp_cpu.yaml")],
+                         tmp_path / "rerun.log")
+    assert result.returncode == 0, (tmp_path / "rerun.log").read_text()[-3000:]
+    assert set(manifest(tmp_path / "run")["completed"]) == {"eval/theta_0"} | {
+        f"iter_00/{phase}" for phase in ("grpo", "expert_set", "rft", "eval")}

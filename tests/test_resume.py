@@ -66,8 +66,10 @@ def phase_outputs(directory: Path) -> dict[str, bytes]:
     return files
 
 
-def grpo_config(tmp_path: Path) -> Path:
+def grpo_config(tmp_path: Path, kl_coef: float = 0.0) -> Path:
     config = grpo_yaml(digit_reward=True)
+    if kl_coef:  # full fine-tuning with KL: the frozen reference must be theta_k after a resume too
+        config["model"]["loss"] = {"kl_coef": kl_coef}
     config["trainer"]["callbacks"] = config["trainer"]["callbacks"][:1]  # the harvester only
     # 2 optimizer steps per rollout batch, 5 batches; 16 prompts, 4 a batch: a new pass over them at batch 4
     config["trainer"]["max_steps"] = 10
@@ -77,9 +79,10 @@ def grpo_config(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("stop_at", [2, 4])  # 4: the last checkpoint ended a pass over the prompts
-def test_grpo_phase_resumes_to_the_uninterrupted_outputs(tmp_path, stop_at):
-    config = grpo_config(tmp_path)
+@pytest.mark.parametrize("stop_at, kl_coef", [(2, 0.0), (4, 0.0), (2, 0.5)],
+                         ids=["mid-pass", "end-of-pass", "with-kl"])  # end-of-pass: the last checkpoint ended a pass
+def test_grpo_phase_resumes_to_the_uninterrupted_outputs(tmp_path, stop_at, kl_coef):
+    config = grpo_config(tmp_path, kl_coef)
     run_phase(GRPOModule, config, tmp_path / "reference", every_n_steps=None)  # checkpoints change nothing
     resumed = tmp_path / "resumed"
     with pytest.raises(RuntimeError, match="crash"):
@@ -189,3 +192,30 @@ def test_sigkilled_loop_resumes_mid_phase_to_the_uninterrupted_run(tmp_path, dev
     assert evaluations(run_dir) == evaluations(reference_dir)
     assert policies(run_dir) == policies(reference_dir) and len(policies(reference_dir)) == 4
     assert not list(run_dir.rglob("checkpoints")) and not list(run_dir.rglob("*.tmp-*"))
+
+
+def test_a_lora_phase_checkpoint_holds_the_adapter_and_resumes_to_the_uninterrupted_outputs(tmp_path):
+    """A LoRA GRPO phase's checkpoint keeps the trained adapter's weights (and its optimizer state) only;
+    the base and the frozen reference adapter load from their files, and the resume equals the
+    uninterrupted phase."""
+    from rloop_lightning.policy import LoraSettings, Policy
+
+    config = yaml.safe_load(grpo_config(tmp_path).read_text())
+    config["model"]["policy"]["lora"] = {"r": 4, "alpha": 8}
+    path = tmp_path / "lora.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_phase(GRPOModule, path, tmp_path / "reference", every_n_steps=None)
+    resumed = tmp_path / "resumed"
+    with pytest.raises(RuntimeError, match="crash"):
+        run_phase(GRPOModule, path, resumed, every_n_steps=2, stop_at=3)
+    checkpoint = torch.load(PhaseCheckpoint.latest(resumed / "checkpoints"), weights_only=False)
+    policy = Policy(config["model"]["policy"]["model_name_or_path"], lora=LoraSettings(r=4, alpha=8))
+    adapter = {name for name, p in policy.load_model().named_parameters() if p.requires_grad}
+    saved = checkpoint["state_dict"]
+    assert len(saved) == len(adapter) and all(".lora_" in name for name in saved)  # no base weight
+    assert sum(t.numel() for t in saved.values()) == sum(
+        p.numel() for p in policy.load_model().parameters() if p.requires_grad)
+    moments = checkpoint["optimizer_states"][0]["state"]
+    assert len(moments) == len(adapter)  # Adam's moments of the adapter's tensors, nothing else
+    run_phase(GRPOModule, path, resumed, every_n_steps=2)
+    assert phase_outputs(resumed) == phase_outputs(tmp_path / "reference")

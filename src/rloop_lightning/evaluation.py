@@ -87,6 +87,13 @@ class Evaluator:
             self._problems = problems[: self.limit] if self.limit else problems
         return self._problems
 
+    def check_ranks(self, ranks: int) -> None:
+        """Refuse a split with fewer problems than ``ranks``: a rank would have nothing to evaluate."""
+        if len(self.problems) < ranks:
+            raise ValueError(f"evaluator {self.task.name}/{self.split} has {len(self.problems)} problems "
+                             f"(limit={self.limit}) for {ranks} ranks: every rank needs one; raise the "
+                             f"evaluator's limit or run on fewer processes")
+
     def _correct_counts(self, policy: Policy, engine: RolloutEngine, samples: int,
                         sampling: SamplingParams, shard: Shard) -> list[int]:
         """Correct samples per problem. With ``shard=(rank, world_size)`` this process samples problems
@@ -149,6 +156,8 @@ def evaluate_policy(policy: Policy, evaluators: Sequence[Evaluator], engine: Opt
     samples its share, seeded alike) and every rank returns the whole result; one process samples all.
     """
     shard = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    for evaluator in evaluators:  # before the model loads
+        evaluator.check_ranks(shard[1])
     engine = engine or HFGenerateEngine()
     try:
         for evaluator in evaluators:  # bad input fails here, before the weights load

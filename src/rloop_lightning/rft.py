@@ -10,6 +10,8 @@ theta_k, fit the expert set harvested during exploration. The same module warms 
 Length: a record longer than ``max_length`` (default: the model context) has its completion truncated
 to fit; the set-up counts and warns about such records. A record whose prompt alone leaves no room for
 a completion token is refused, naming it.
+
+A non-finite loss skips the batch's update on every rank (``max_bad_steps`` in a row abort the phase).
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ class RFTModule(PolicyModule):
         lr_scheduler: optional scheduler factory, stepped every optimizer step.
         max_length: cap on prompt + completion tokens (completions are truncated to fit).
         kl_coef: weight of the k3 KL penalty to the policy the phase started from; 0 disables it.
+        max_bad_steps: abort after this many consecutive batches with a non-finite loss (each is
+            skipped: no backward, no update, on every rank).
     """
 
     def __init__(
@@ -65,6 +69,7 @@ class RFTModule(PolicyModule):
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         max_length: Optional[int] = None,
         kl_coef: float = 0.0,
+        max_bad_steps: int = 3,
     ):
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be >= 1 or null, got {max_length}")
@@ -74,6 +79,11 @@ class RFTModule(PolicyModule):
         self.save_hyperparameters(ignore=["policy", "optimizer", "lr_scheduler"])
         self.max_length = max_length
         self.kl_coef = kl_coef
+        if max_bad_steps < 1:
+            raise ValueError(f"max_bad_steps must be >= 1, got {max_bad_steps}")
+        self.max_bad_steps = max_bad_steps
+        self.bad_steps_in_a_row = 0
+        self._bad_ranks: list[int] = []
         self._step_started = time.perf_counter()
         self.length_limit = max_length
 
@@ -92,6 +102,17 @@ class RFTModule(PolicyModule):
                         "completions are truncated to fit", truncated, len(records), self.length_limit,
                         self.max_length, context)
 
+    @property
+    def needs_reference(self) -> bool:
+        return self.kl_coef > 0
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["rloop_rft"] = {"bad_steps_in_a_row": self.bad_steps_in_a_row}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.bad_steps_in_a_row = checkpoint.get("rloop_rft", {}).get("bad_steps_in_a_row", 0)
+
     def training_step(self, records: list[dict], batch_index: int) -> torch.Tensor:
         batch = self.policy.encode_pairs(
             [r["prompt"] for r in records], [r["completion"] for r in records], self.length_limit
@@ -106,9 +127,37 @@ class RFTModule(PolicyModule):
             kl = (kl_penalty(logprobs, self.policy.reference_logprobs(batch), "k3") * mask).sum() / tokens
             loss = loss + self.kl_coef * kl
             metrics["train/kl"] = kl.detach()
+        bad_ranks = self.ranks_with(not bool(torch.isfinite(loss.detach())))  # the same list on every rank
+        if bad_ranks:
+            self._bad_ranks = sorted(set(self._bad_ranks) | set(bad_ranks))  # over the accumulated batches
+            self._count_bad_batch(bad_ranks)
+        else:
+            self.bad_steps_in_a_row = 0
         elapsed = time.perf_counter() - self._step_started
         self._step_started = time.perf_counter()
         metrics["perf/tokens_per_s"] = float(batch.attention_mask.sum()) / max(elapsed, 1e-9)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(records))
         self.log_dict(metrics, batch_size=len(records))
         return loss
+
+    def optimizer_step(self, epoch, batch_index, optimizer, optimizer_closure=None) -> None:
+        """Step, unless the batch's loss was non-finite on some rank: then every rank runs its backward
+        (DDP's all-reduce needs each rank's) and drops the gradients (Lightning cannot skip
+        ``training_step`` on several ranks by returning None)."""
+        if optimizer_closure is not None:
+            optimizer_closure()  # training_step and backward
+        skip, self._bad_ranks = bool(self._bad_ranks), []
+        if skip:
+            optimizer.zero_grad(set_to_none=True)
+            return
+        optimizer.step()
+
+    def _count_bad_batch(self, ranks: list[int]) -> None:
+        """Count a batch whose update every rank skips; raise on every rank after ``max_bad_steps`` in a row."""
+        self.bad_steps_in_a_row += 1
+        where = f" on rank(s) {ranks}" if self.trainer.world_size > 1 else ""
+        log.warning("non-finite RFT loss%s at step %d: batch skipped (%d in a row)", where,
+                    self.trainer.global_step, self.bad_steps_in_a_row)
+        if self.bad_steps_in_a_row >= self.max_bad_steps:
+            raise RuntimeError(f"{self.bad_steps_in_a_row} consecutive non-finite RFT losses{where} (max_bad_steps="
+                               f"{self.max_bad_steps}); lower the learning rate or check the expert records")

@@ -212,10 +212,19 @@ class PromptDataModule(L.LightningDataModule):
         self.problems = problems[: self.limit] if self.limit else problems
         if not self.problems:
             raise ValueError(f"task {self.task.name!r} split {self.split!r} is empty: nothing to train on")
-        rank = self.trainer.global_rank if self.trainer is not None else 0
+        rank, ranks = _ranks(self.trainer)
         self._refill_rng = random.Random(self.seed * 7919 + rank)  # each rank refills differently
-        if stage == "fit" and len(self.problems) < self.batch_size:
-            raise ValueError(f"{len(self.problems)} problems cannot fill a batch of {self.batch_size} prompts")
+        if stage == "fit":
+            self.check_ranks(ranks)
+
+    def check_ranks(self, ranks: int) -> None:
+        """Refuse problems too few for every one of ``ranks`` ranks to get a batch of prompts (each
+        rank takes its own ``len(problems) // ranks``, and drops an incomplete last batch)."""
+        if len(self.problems) // ranks < self.batch_size:
+            on = f" on each of {ranks} ranks" if ranks > 1 else ""
+            raise ValueError(f"{len(self.problems)} problems of task {self.task.name!r} split {self.split!r} "
+                             f"(limit={self.limit}) cannot fill a batch of {self.batch_size} prompts{on}: raise "
+                             f"data.limit, lower data.batch_size or run on fewer processes")
 
     def train_dataloader(self) -> DataLoader:
         return ResumableDataLoader(ProblemDataset(self.problems), batch_size=self.batch_size, shuffle=True,

@@ -55,14 +55,22 @@ class ScoringStats:
         for name, value in result.metrics.items():
             self.logged.setdefault(name, []).append(value)
 
-    def end_step(self, max_bad_steps: int) -> dict[str, float]:
-        """This step's reward metrics; raise once every reward failed in ``max_bad_steps`` steps in a row."""
-        self.failed_steps_in_a_row = 0 if self.step_has_reward else self.failed_steps_in_a_row + 1
+    def end_step(self, max_bad_steps: int, failed_ranks: Optional[Sequence[int]] = None) -> dict[str, float]:
+        """This step's reward metrics; raise once every reward failed in ``max_bad_steps`` steps in a row.
+
+        On several ranks, ``failed_ranks`` lists the ranks where every reward of this step failed (the
+        same list on every rank, ``agreement.ranks_with``): the step counts as failed on every rank when
+        it failed on any, so all ranks raise together."""
+        failed = bool(failed_ranks) if failed_ranks is not None else not self.step_has_reward
+        self.failed_steps_in_a_row = self.failed_steps_in_a_row + 1 if failed else 0
         failures, self.step_failures, self.step_has_reward = self.step_failures, {}, False
         if self.failed_steps_in_a_row >= max_bad_steps:
+            where = f" on rank(s) {list(failed_ranks)}" if failed_ranks is not None else ""
+            causes = "; ".join(f"reward function {name!r} {failure}" for name, failure in failures.items())
             raise RuntimeError(
-                f"every reward of the last {self.failed_steps_in_a_row} steps failed (max_bad_steps={max_bad_steps}): "
-                + "; ".join(f"reward function {name!r} {failure}" for name, failure in failures.items()))
+                f"every reward of the last {self.failed_steps_in_a_row} steps failed{where} "
+                f"(max_bad_steps={max_bad_steps}): " + (causes or "this rank's rewards did not fail; the "
+                                                        "failing ranks' logs name the cause"))
         metrics = {"rewards/timeouts": float(self.num_timeouts), "rewards/errors": float(self.num_errors),
                    "rewards/not_applicable": float(self.num_not_applicable),
                    "rewards/unscored": float(self.num_unscored)}

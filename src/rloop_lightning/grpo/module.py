@@ -207,7 +207,12 @@ class GRPOModule(PolicyModule):
         self.bad_steps_in_a_row = 0
         self.rollout_step = 0  # rollout batches sampled so far; optimizer steps may be more or fewer
 
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss_settings.kl_coef > 0
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["rloop_grpo"] = {"rollout_step": self.rollout_step, "prompt_stats": self.prompt_stats.to_dict(),
                                     "scoring_stats": dataclasses.asdict(self.scoring_stats),
                                     "bad_steps_in_a_row": self.bad_steps_in_a_row}
@@ -230,6 +235,18 @@ class GRPOModule(PolicyModule):
             raise ValueError(f"correctness_function {self.correctness_function!r} is not one of the reward "
                              f"functions {self.runner.names}")
         self._validate_before_training(datamodule, functions)
+        self._check_engine_memory()
+
+    def _check_engine_memory(self) -> None:
+        """vLLM engines alive together in this phase (the rollout engine, evaluation callbacks' own
+        engines) must fit on the GPU: checked here, before ``configure_model`` loads any weights."""
+        engines = {"model.engine": self.engine}
+        for index, callback in enumerate(self.trainer.callbacks):
+            if getattr(callback, "engine", None) is not None:
+                engines[f"callbacks[{index}].engine ({type(callback).__name__})"] = callback.engine
+        from rloop_lightning.rollout.vllm import check_gpu_memory_budget  # vllm itself is not imported
+
+        check_gpu_memory_budget(engines)
 
     def _validate_before_training(self, datamodule, functions) -> None:
         """Catch configuration errors before any sampling: batch shapes, prompt lengths, reward arity."""
@@ -272,10 +289,12 @@ class GRPOModule(PolicyModule):
         buffer = DynamicSamplingBuffer(target_groups=len(problems), max_rounds=self.max_sampling_rounds)
         sampled = list(groups)
         buffer.add(groups, self._filter_values(groups))
-        while buffer.needs_more:
-            groups = self._sample(self.trainer.datamodule.refill(len(problems) - buffer.num_groups))
-            sampled.extend(groups)
-            buffer.add(groups, self._filter_values(groups))
+        while self.ranks_with(buffer.needs_more):  # every rank samples as many rounds (FSDP2 generate all-gathers)
+            needs_more = buffer.needs_more
+            groups = self._sample(self.trainer.datamodule.refill(max(len(problems) - buffer.num_groups, 1)))
+            sampled.extend(groups)  # a rank already full harvests its extra round but does not train on it
+            if needs_more:
+                buffer.add(groups, self._filter_values(groups))
         sample = buffer.take()
         informative = sample.groups
         metrics = {"train/sampling_rounds": float(sample.rounds), "train/informative_share": sample.informative_fraction}
@@ -289,7 +308,9 @@ class GRPOModule(PolicyModule):
     def training_step(self, problems: list[dict], batch_index: int) -> dict:
         started = time.perf_counter()
         train_groups, sampled, sampling_metrics = self.sample_groups(problems)
-        reward_health = self.scoring_stats.end_step(self.max_bad_steps)  # raises after max_bad_steps failed steps
+        failed_ranks = (self.ranks_with(not self.scoring_stats.step_has_reward)  # a step fails when it fails on any rank
+                        if self.trainer.world_size > 1 else None)
+        reward_health = self.scoring_stats.end_step(self.max_bad_steps, failed_ranks)  # raises after max_bad_steps
         rollout_seconds = time.perf_counter() - started
         step = self.rollout_step
         self.rollout_step += 1
@@ -358,7 +379,7 @@ class GRPOModule(PolicyModule):
             order = torch.randperm(size) if self.num_mini_batches > 1 else torch.arange(size)
             for mini in order.chunk(self.num_mini_batches):
                 optimizer.zero_grad(set_to_none=True)
-                finite = True
+                finite, nonfinite_ranks = True, []
                 for rows in self._chunks(batch, mini):
                     micro = batch.select(rows)
                     logprobs, entropy = self.policy.completion_logprobs(
@@ -377,7 +398,8 @@ class GRPOModule(PolicyModule):
                     out = clipped_policy_loss(
                         logprobs, old, micro_advantages, micro_mask, settings.clip_eps_low, settings.clip_eps_high,
                         settings.ratio_level, settings.aggregation, self.sampling.max_new_tokens, kl, settings.kl_coef)
-                    if not torch.isfinite(out.loss):
+                    nonfinite_ranks = self.ranks_with(not bool(torch.isfinite(out.loss)))
+                    if nonfinite_ranks:  # every rank leaves before backward (DDP's backward all-reduces)
                         finite = False
                         break
                     self.manual_backward(out.loss * micro_batch_weight(settings.aggregation, micro_mask, mask[mini]))
@@ -391,8 +413,9 @@ class GRPOModule(PolicyModule):
                     for key, value in stats.items():
                         totals.setdefault(key, []).append(value)
                 grad_norm = self._clip_gradients() if finite else float("nan")
-                if not (finite and math.isfinite(grad_norm)):
-                    self._skip_bad_update(optimizer)
+                bad_ranks = self.ranks_with(not math.isfinite(grad_norm)) if finite else nonfinite_ranks
+                if bad_ranks:
+                    self._skip_bad_update(optimizer, bad_ranks)
                     continue
                 self.bad_steps_in_a_row = 0
                 totals.setdefault("train/grad_norm", []).append(grad_norm)
@@ -406,13 +429,16 @@ class GRPOModule(PolicyModule):
         max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
         return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
 
-    def _skip_bad_update(self, optimizer) -> None:
+    def _skip_bad_update(self, optimizer, ranks: list[int]) -> None:
+        """Skip this update on every rank (``ranks``: where the loss or gradient was non-finite, the same
+        list on every rank); raise, on every rank, after ``max_bad_steps`` in a row."""
         optimizer.zero_grad(set_to_none=True)
         self.bad_steps_in_a_row += 1
         self.log("train/skipped_nonfinite", float(self.bad_steps_in_a_row), on_step=True)
-        log.warning("non-finite loss or gradient: update skipped (%d in a row)", self.bad_steps_in_a_row)
+        where = f" on rank(s) {ranks}" if self.trainer.world_size > 1 else ""
+        log.warning("non-finite loss or gradient%s: update skipped (%d in a row)", where, self.bad_steps_in_a_row)
         if self.bad_steps_in_a_row >= self.max_bad_steps:
-            raise RuntimeError(f"{self.bad_steps_in_a_row} consecutive non-finite updates (max_bad_steps="
+            raise RuntimeError(f"{self.bad_steps_in_a_row} consecutive non-finite updates{where} (max_bad_steps="
                                f"{self.max_bad_steps}); lower the learning rate or check the rewards")
 
     # ------------------------------------------------------------------ metrics
@@ -436,6 +462,7 @@ class GRPOModule(PolicyModule):
         return metrics
 
     def on_train_start(self) -> None:
+        super().on_train_start()
         self.engine.sync_weights(self.policy)  # an engine with its own weights starts from the loaded policy
 
     def on_train_batch_end(self, outputs, batch, batch_index) -> None:

@@ -40,7 +40,7 @@ from rloop_lightning.records import iter_records, write_json_atomic, write_jsonl
 from rloop_lightning.evaluation import Evaluator, evaluate_policy
 from rloop_lightning.grpo import GRPOModule
 from rloop_lightning.loop.checks import check_loop_prompts, check_phase
-from rloop_lightning.loop.distributed import barrier, is_main_process
+from rloop_lightning.loop.distributed import barrier, is_main_process, share_from_main, start_ranks
 from rloop_lightning.loop.expert_set import ExpertSetSettings, build_expert_set
 from rloop_lightning.loop.layout import BASE_EVALUATION, RunLayout
 from rloop_lightning.loop.lock import RunDirectoryBusy, RunLock
@@ -91,6 +91,26 @@ def check_checkpoint_cadence(every_n_steps: Optional[int], every_seconds: Option
         raise ValueError(f"checkpoint_every_seconds must be > 0 or null, got {every_seconds}")
 
 
+def processes_of(phase_config) -> dict:
+    """The Trainer settings of a parsed phase that decide its processes."""
+    return {key: phase_config.trainer.get(key) or default
+            for key, default in (("accelerator", "auto"), ("devices", "auto"), ("num_nodes", 1))}
+
+
+def rank_count(processes: dict) -> Optional[int]:
+    """Processes in all, when the settings name a count (None for ``devices: auto`` or -1 on GPUs)."""
+    devices, nodes = processes["devices"], processes["num_nodes"]
+    if isinstance(devices, (list, tuple)):
+        devices = len(devices)
+    elif isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    elif devices == "auto" and str(processes["accelerator"]).lower() == "cpu":
+        devices = 1
+    if not isinstance(devices, int) or devices < 1 or not isinstance(nodes, int):
+        return None
+    return devices * nodes
+
+
 def ensure_callback(trainer: L.Trainer, kind: type, make) -> None:
     if not any(isinstance(c, kind) for c in trainer.callbacks):
         trainer.callbacks.append(make())
@@ -111,7 +131,8 @@ class RLoop:
         evaluate_rl_end: also evaluate each GRPO phase's end point (RLoop runs).
         rft_from: where RFT starts: ``theta_k`` (RLoop) or ``rl_end``, the GRPO end point (ablation).
         eval_engine: rollout engine of the held-out evaluations (default: Hugging Face ``generate``;
-            ``VLLMEngine`` for large models).
+            ``VLLMEngine`` for large models). Released after every evaluation (a vLLM engine sleeps on
+            CUDA with sleep mode, else closes), so it holds no memory while a phase trains.
         wandb_project: log held-out metrics per iteration to this W&B project (sweeps optimise
             ``final/<task>/<split>/<metric>``); in a sweep each run gets ``run_dir/<W&B run id>``.
         seed: base seed; phase k uses ``seed + 1000 k`` (+1 for RFT); every held-out evaluation uses ``seed``.
@@ -160,6 +181,7 @@ class RLoop:
         self.keep_checkpoints = keep_checkpoints
         self.manifest = Manifest(self.layout.manifest)
         self.redone: dict[str, dict[str, str]] = {}  # phase -> the digests it must give again
+        self.processes: dict = {"accelerator": "auto", "devices": "auto", "num_nodes": 1}  # set by validate_phases
 
     # ------------------------------------------------------------------ driver
     def run(self, config: Optional[dict] = None) -> dict:
@@ -195,9 +217,18 @@ class RLoop:
             self.manifest.check_config(config)
             self.verify_finished_phases()
             theta_path = self.build_base()
-        else:  # a rank started by the launcher mid-run: the main process wrote both
+            if tiny.is_builtin(theta_path):
+                tiny.materialize(theta_path)  # once, before the other ranks load it
+        else:  # a rank started by the launcher or torchrun: the main process checks and builds
             theta_path = self.base.policy
-        self.phase(BASE_EVALUATION, lambda d: self.evaluate_held_out(theta_path, BASE_EVALUATION), every_rank=False)
+        start_ranks(**self.processes)  # every rank, before any work; the group lives until the end
+        root = share_from_main(str(self.layout.root))  # a W&B sweep gives the main process its run directory
+        if root != str(self.layout.root):
+            self.layout = RunLayout(root)
+            self.manifest = Manifest(self.layout.manifest)
+        barrier()  # the main process has checked the configuration and built theta_0
+        self.manifest.reload()
+        self.phase(BASE_EVALUATION, lambda d: self.evaluate_held_out(theta_path, BASE_EVALUATION))
         for k in range(self.iterations):
             theta_path = self.iteration(k, theta_path)
         if is_main_process():
@@ -220,11 +251,31 @@ class RLoop:
         grpo_overrides = self.grpo_overrides(theta, self.layout.root, self.seed)
         parse_phase(GRPOModule, self.grpo, grpo_overrides)
         grpo = check_phase(GRPOModule, self.grpo, grpo_overrides, "grpo")
+        self.processes = processes_of(grpo.config)
         if not self.vanilla:
             rft_overrides = self.rft_overrides(theta, 0, self.layout.root, self.seed)
             parse_phase(RFTModule, self.rft, rft_overrides)
-            check_phase(RFTModule, self.rft, rft_overrides, "rft")
+            rft = processes_of(check_phase(RFTModule, self.rft, rft_overrides, "rft").config)
+            counts = rank_count(self.processes), rank_count(rft)
+            if None not in counts and counts[0] != counts[1]:
+                raise ValueError(f"the GRPO and RFT phases must run on as many processes (one process group serves "
+                                 f"the whole loop), but GRPO has {self.processes} and RFT {rft}: set them in the "
+                                 f"loop's trainer field")
         check_loop_prompts(grpo, self.evaluators, self.eval_engine)
+        self.check_ranks(grpo.datamodule)
+
+    def check_ranks(self, grpo_data: L.LightningDataModule) -> None:
+        """Refuse, before any model loads, a process count the data cannot serve: fewer held-out problems
+        than ranks, or too few GRPO prompts for each rank's batch (a count Lightning resolves at launch,
+        ``devices: auto``, is checked when each phase starts)."""
+        ranks = rank_count(self.processes)
+        if ranks is None or ranks == 1:
+            return
+        for evaluator in self.evaluators:
+            evaluator.check_ranks(ranks)
+        if hasattr(grpo_data, "check_ranks"):
+            grpo_data.setup("validate")
+            grpo_data.check_ranks(ranks)
 
     def verify_finished_phases(self) -> None:
         """Check every finished phase's files against the digests the manifest recorded (``loop.verify``):
@@ -271,9 +322,8 @@ class RLoop:
         """Run ``work(directory)`` unless the manifest says ``name`` is done; mark it done after.
 
         Several processes: ``work`` runs on every rank (training and evaluation) or on the main process
-        alone (``every_rank=False``: bookkeeping; theta_0's evaluation, which runs before the other ranks
-        exist); the main process prepares the directory and marks the phase done, and every rank re-reads
-        the manifest afterwards (``loop.distributed``).
+        alone (``every_rank=False``: bookkeeping); the main process prepares the directory and marks the
+        phase done, and every rank re-reads the manifest afterwards (``loop.distributed``).
         """
         if self.manifest.done(name):
             return
@@ -397,7 +447,11 @@ class RLoop:
         """Held-out metrics of the policy at ``policy_path`` (``evaluate_policy`` with the run's seed), loaded
         with the GRPO phase's policy settings; written to the phase's ``eval.json``."""
         policy = phase_policy(self.grpo, policy_path)
-        metrics = evaluate_policy(policy, self.evaluators, self.eval_engine, seed=self.seed)  # on every rank
+        try:
+            metrics = evaluate_policy(policy, self.evaluators, self.eval_engine, seed=self.seed)  # on every rank
+        finally:
+            if self.eval_engine is not None:  # its memory goes back to training until the next evaluation
+                self.eval_engine.release()
         if is_main_process():
             write_json_atomic(self.layout.evaluation(phase), {"policy": policy_path, "metrics": metrics})
             log.info("evaluation of %s: %s", policy_path, metrics)

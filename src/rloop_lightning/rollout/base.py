@@ -79,6 +79,11 @@ class RolloutEngine(ABC):
         """Free what the engine holds (an engine with its own copy of the model frees it); a later
         ``generate`` starts it again."""
 
+    def release(self) -> None:
+        """Between two uses far apart (held-out evaluations, with training in between): give back the
+        memory the engine holds. Default: ``close``; an engine that can sleep sleeps instead."""
+        self.close()
+
     def check_prompt_lengths(self, policy: Policy, prompt_ids: list[list[int]], sampling: SamplingParams,
                              max_context: Optional[int], names: Optional[list[str]] = None) -> None:
         """Refuse prompts that leave no room for ``max_new_tokens`` in the context; ``names`` (problem ids)

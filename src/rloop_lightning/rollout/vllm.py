@@ -366,6 +366,14 @@ class VLLMEngine(RolloutEngine):
             self.llm.wake_up()
             self.asleep = False
 
+    def release(self) -> None:
+        """Between held-out evaluations: sleep on CUDA with sleep mode (waking is faster than starting),
+        else close (the CPU worker has no sleep mode); either way its memory is free for training."""
+        if self.enable_sleep_mode:
+            self.sleep()
+        else:
+            self.close()
+
     def close(self) -> None:
         """Release vLLM (its model and KV cache) and the temporary adapter directory; other engines in this
         process and its ``torch.distributed`` process group keep working (``_release_without_global_teardown``)."""
@@ -379,6 +387,31 @@ class VLLMEngine(RolloutEngine):
         if self._lora_directory:
             shutil.rmtree(self._lora_directory, ignore_errors=True)
             self._lora_directory = None
+
+
+def peak_gpu_memory_share(engines: list[tuple[str, float, bool]]) -> float:
+    """The largest share of one GPU that vLLM engines alive together hold at once, from each engine's
+    (name, ``gpu_memory_utilization``, sleeps between uses): an engine without sleep mode holds its
+    share all along; engines with it hold theirs only while they sample, one at a time."""
+    always = sum(share for _, share, sleeps in engines if not sleeps)
+    return always + max((share for _, share, sleeps in engines if sleeps), default=0.0)
+
+
+def check_gpu_memory_budget(engines: dict[str, Any]) -> None:
+    """Refuse, before any model loads, vLLM engines on CUDA that would be alive together and whose
+    ``gpu_memory_utilization`` exceeds the GPU (``peak_gpu_memory_share`` > 1). ``engines`` maps a
+    name (its place in the configuration) to an engine; one engine under two names counts once."""
+    seen, shares = set(), []
+    for name, engine in engines.items():
+        if isinstance(engine, VLLMEngine) and engine.device == "cuda" and id(engine) not in seen:
+            seen.add(id(engine))
+            shares.append((name, engine.gpu_memory_utilization, engine.enable_sleep_mode))
+    if peak_gpu_memory_share(shares) > 1 + 1e-9:
+        listing = ", ".join(f"{name}: {share}{' (sleeps between uses)' if sleeps else ''}"
+                            for name, share, sleeps in shares)
+        raise ValueError(f"vLLM engines alive together would take more than the GPU: gpu_memory_utilization "
+                         f"{listing} add up to {peak_gpu_memory_share(shares):.2f} > 1. Lower them, or enable "
+                         f"sleep mode (an engine that sleeps holds its share only while it samples)")
 
 
 def _distributed_rank() -> tuple[int, int]:
