@@ -24,8 +24,8 @@ def this_rank() -> int:
 class RankFault(L.Callback):
     """On rank ``rank`` only, during the batches ``batches`` (0-based batch indices of the phase):
 
-    - ``kind="loss"``: the training forward's logits become NaN (the sampling forwards, without
-      grad, stay finite), so that rank's loss is NaN;
+    - ``kind="loss"``: the training forward's token embeddings become NaN (the sampling forwards,
+      without grad, stay finite), so that rank's loss is NaN (whichever way the head is applied);
     - ``kind="grad"``: that rank's gradient norm is NaN (as an overflow after the all-reduce would be).
     """
 
@@ -42,7 +42,7 @@ class RankFault(L.Callback):
             def poison(module, inputs, output):
                 return output * float("nan") if self.armed and torch.is_grad_enabled() else output
 
-            pl_module.policy.require_model().get_output_embeddings().register_forward_hook(poison)
+            pl_module.policy.require_model().get_input_embeddings().register_forward_hook(poison)
         elif self.kind == "grad":
             clip = pl_module._clip_gradients
             pl_module._clip_gradients = lambda: float("nan") if self.armed else clip()
