@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Checkpoint
 
+from rloop_lightning.agreement import values_of_ranks
 from rloop_lightning.callbacks.preemption import Preempted, StopSignals, first_signal
 from rloop_lightning.data.resumable import ResumableDataLoader
 
@@ -75,6 +76,14 @@ def gather(trainer: L.Trainer, value: Any) -> list[Any]:
     values: list[Any] = [None] * trainer.world_size
     torch.distributed.all_gather_object(values, value)
     return values
+
+
+def agreed_signal(trainer: L.Trainer, received: Optional[int]) -> Optional[int]:
+    """The stop signal of every rank: the first rank's that received one (one all-reduce; every rank
+    must call this)."""
+    if trainer.world_size == 1:
+        return received
+    return first_signal([int(signum) or None for signum in values_of_ranks(received or 0)])
 
 
 class PhaseCheckpoint(Checkpoint):
@@ -148,7 +157,7 @@ class PhaseCheckpoint(Checkpoint):
             loader.batches_trained = batch_idx + 1
         if self._due(trainer):
             self.save(trainer)
-        signum = first_signal(gather(trainer, self._signals.received))  # every rank stops after one batch
+        signum = agreed_signal(trainer, self._signals.received)  # every rank stops after one batch
         if signum is not None:
             self.stop(trainer, signum)
 
@@ -173,7 +182,7 @@ class PhaseCheckpoint(Checkpoint):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """A signal that came after the last batch (while the phase exported its policy) still stops the
         run: the phase is not marked done, and a rerun redoes it."""
-        signum = first_signal(gather(trainer, self._signals.received)) if stage == "fit" else None
+        signum = agreed_signal(trainer, self._signals.received) if stage == "fit" else None
         self._signals.restore()
         if signum is not None:
             message = (f"{signal.Signals(signum).name} after the last training batch: the phase finished but is "
