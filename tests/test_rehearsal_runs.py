@@ -43,8 +43,9 @@ def assert_finite_state(checkpoint: dict) -> None:
     assert tensors and all(bool(torch.isfinite(value.float()).all()) for value in tensors if value.is_floating_point())
 
 
-def test_qlora_gsm8k_grpo(tmp_path):
-    output = rehearse(["grpo", "fit"], "qlora_gsm8k_grpo", f"--trainer.default_root_dir={tmp_path}")
+@pytest.mark.parametrize("recipe", ["qlora_gsm8k_grpo", "qlora_gsm8k_grpo_8gb"])
+def test_qlora_gsm8k_grpo(tmp_path, recipe):
+    output = rehearse(["grpo", "fit"], recipe, f"--trainer.default_root_dir={tmp_path}")
     assert "step 2 evaluation: test/avg@2=" in output  # the recipe's PassAtKEvaluation ran
     checkpoint = last_checkpoint(tmp_path)
     assert checkpoint["global_step"] == 2
@@ -54,8 +55,9 @@ def test_qlora_gsm8k_grpo(tmp_path):
     assert (tmp_path / "experts").is_dir()  # ExpertHarvester
 
 
-def test_qlora_gsm8k_rft(tmp_path):
-    output = rehearse(["rft", "fit"], "qlora_gsm8k_rft", f"--trainer.default_root_dir={tmp_path}")
+@pytest.mark.parametrize("recipe", ["qlora_gsm8k_rft", "qlora_gsm8k_rft_8gb"])
+def test_qlora_gsm8k_rft(tmp_path, recipe):
+    output = rehearse(["rft", "fit"], recipe, f"--trainer.default_root_dir={tmp_path}")
     assert "step 2 evaluation: test/avg@2=" in output
     assert (tmp_path / "policy" / "adapter_model.safetensors").exists()
 
@@ -68,8 +70,9 @@ def test_dapo_qwen2_5_math_7b_eval(tmp_path):
     assert '"math/test"' in output  # the table is printed
 
 
-def test_qlora_gsm8k_rloop(tmp_path):
-    rehearse(["fit"], "qlora_gsm8k_rloop", f"--run_dir={tmp_path}", timeout=900)
+@pytest.mark.parametrize("recipe", ["qlora_gsm8k_rloop", "qlora_gsm8k_rloop_8gb"])
+def test_qlora_gsm8k_rloop(tmp_path, recipe):
+    rehearse(["fit"], recipe, f"--run_dir={tmp_path}", timeout=900)
     completed = json.loads((tmp_path / "manifest.json").read_text())["completed"]
     assert {"eval/theta_0", "iter_00/grpo", "iter_00/expert_set", "iter_01/grpo", "iter_01/expert_set"} <= set(completed)
     assert (tmp_path / "report.md").exists()
