@@ -107,18 +107,24 @@ def test_dapo_qwen2_5_math_7b_rft(tmp_path):
     assert list(tmp_path.rglob("last.ckpt"))
 
 
-def test_qlora_gsm8k_rloop_resumes_after_sigkill_to_the_uninterrupted_outputs(tmp_path):
-    """SIGKILL the loop mid-GRPO (after its first QLoRA checkpoint) and rerun it: the phase resumes from the
-    checkpoint and the run ends with the evaluations and policies of an uninterrupted run."""
+@pytest.mark.parametrize("recipe", [
+    "qlora_gsm8k_rloop",
+    pytest.param("dapo_qwen2.5_math_7b_rloop", marks=pytest.mark.vllm),  # 2 FSDP2 processes, vLLM rollouts
+])
+def test_rloop_recipe_resumes_after_sigkill_to_the_uninterrupted_outputs(tmp_path, recipe):
+    """SIGKILL the loop mid-GRPO (after its first checkpoint) and rerun it: the phase resumes from the
+    checkpoint and the run ends with the evaluations and policies of an uninterrupted run (which is
+    the recipe's rehearsal end to end: K = 2 and a report)."""
     import signal
 
     from rloop_lightning.callbacks import PhaseCheckpoint
 
     every_step = "--checkpoint_every_n_steps=1"
-    rehearse(["fit"], "qlora_gsm8k_rloop", f"--run_dir={tmp_path / 'reference'}", every_step, timeout=900)
+    rehearse(["fit"], recipe, f"--run_dir={tmp_path / 'reference'}", every_step, timeout=900)
+    assert (tmp_path / "reference" / "report.md").exists()
     run_dir, log_path = tmp_path / "run", tmp_path / "run.log"
-    args = [sys.executable, "-m", "rloop_lightning", "fit", "--config", "configs/recipes/qlora_gsm8k_rloop.yaml",
-            "--config", "configs/rehearsal/qlora_gsm8k_rloop.yaml", f"--run_dir={run_dir}", every_step]
+    args = [sys.executable, "-m", "rloop_lightning", "fit", "--config", f"configs/recipes/{recipe}.yaml",
+            "--config", f"configs/rehearsal/{recipe}.yaml", f"--run_dir={run_dir}", every_step]
     with open(log_path, "ab") as log:
         process = subprocess.Popen(args, cwd=ROOT, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT)
     checkpoints = run_dir / "iter_00" / "grpo" / "checkpoints"
@@ -133,7 +139,7 @@ def test_qlora_gsm8k_rloop_resumes_after_sigkill_to_the_uninterrupted_outputs(tm
             process.kill()
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert "iter_00/grpo" not in manifest["completed"]  # killed mid-phase
-    output = rehearse(["fit"], "qlora_gsm8k_rloop", f"--run_dir={run_dir}", every_step, timeout=900)
+    output = rehearse(["fit"], recipe, f"--run_dir={run_dir}", every_step, timeout=900)
     assert "Restoring states from the checkpoint path" in output
 
     def outcome(directory: Path) -> tuple[dict, dict]:
@@ -144,4 +150,4 @@ def test_qlora_gsm8k_rloop_resumes_after_sigkill_to_the_uninterrupted_outputs(tm
         return evaluations, policies
 
     reference, resumed = outcome(tmp_path / "reference"), outcome(run_dir)
-    assert len(reference[1]) == 2 and resumed == reference  # the two GRPO adapters, byte for byte
+    assert len(reference[1]) == 2 and resumed == reference  # the two GRPO policies, byte for byte

@@ -219,3 +219,24 @@ def test_a_lora_phase_checkpoint_holds_the_adapter_and_resumes_to_the_uninterrup
     assert len(moments) == len(adapter)  # Adam's moments of the adapter's tensors, nothing else
     run_phase(GRPOModule, path, resumed, every_n_steps=2)
     assert phase_outputs(resumed) == phase_outputs(tmp_path / "reference")
+
+
+def test_generator_states_load_with_weights_only_and_restore_every_stream():
+    """``ModelParallelStrategy`` (FSDP2) loads checkpoints with ``torch.load(weights_only=True)``, which refuses
+    pickled numpy arrays: the saved states are tensors, tuples and numbers, and restoring them replays the
+    torch, Python and numpy streams (numpy's cached Gaussian included)."""
+    import io
+    import random
+
+    import numpy as np
+
+    from rloop_lightning.callbacks.checkpoint import rng_states, set_rng_states
+
+    torch.manual_seed(1), random.seed(2), np.random.seed(3)
+    np.random.normal()  # leaves a cached Gaussian in numpy's state
+    buffer = io.BytesIO()
+    torch.save(rng_states(), buffer)
+    draws = torch.rand(2).tolist(), random.random(), np.random.normal(), np.random.rand(2).tolist()
+    buffer.seek(0)
+    set_rng_states(torch.load(buffer, weights_only=True))
+    assert (torch.rand(2).tolist(), random.random(), np.random.normal(), np.random.rand(2).tolist()) == draws
