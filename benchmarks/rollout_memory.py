@@ -56,7 +56,7 @@ def generate_with_output_scores(policy, prompts: list[str], num_samples: int, ma
     """The engine's former path: ``generate(output_scores=True)``, then log-softmax step by step."""
     import torch
 
-    from rloop_lightning.policy import pad
+    from rloop_lightning.forwards import pad
     from rloop_lightning.rollout.hf import inference_mode
 
     tokenizer, model = policy.tokenizer, policy.model

@@ -59,7 +59,7 @@ def fixed_completion_length(model, num_tokens: int):
 
 def rollout_row(policy, prompts: list[str], batch: int, max_new_tokens: int, repeats: int) -> Row:
     """Median tokens/s of the engine and of the bare loop over ``repeats`` interleaved runs each."""
-    from rloop_lightning.policy import pad
+    from rloop_lightning.forwards import pad
     from rloop_lightning.rollout.base import SamplingParams
     from rloop_lightning.rollout.hf import HFGenerateEngine, inference_mode
 

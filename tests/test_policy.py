@@ -132,7 +132,7 @@ def test_shared_prompts_run_each_distinct_prompt_once(micro_policy):
 
 def test_forced_sharing_with_distinct_prompts_still_matches(micro_policy):
     """Sharded ranks take the two-call path even when no prompt repeats (``force``): it must still be exact."""
-    from rloop_lightning.policy import shared_prompt_logits
+    from rloop_lightning.forwards import shared_prompt_logits
 
     batch = micro_policy.encode_pairs(PROMPTS, COMPLETIONS)  # two distinct prompts
     with torch.no_grad():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rloop_lightning.policy import pad
+from rloop_lightning.forwards import pad
 from rloop_lightning.rollout.base import Rollouts, SamplingParams
 from rloop_lightning.rollout.hf import ChosenTokenLogprobs, HFGenerateEngine, inference_mode
 

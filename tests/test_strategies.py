@@ -87,7 +87,7 @@ def free_port() -> int:
 
 def shard_and_gather(wrap, output: str, name: str) -> None:
     """Shard micro-llama with ``wrap(policy) -> None``, take a step, gather it back as vLLM sync would."""
-    from rloop_lightning.rollout.vllm import full_weight_chunks
+    from rloop_lightning.rollout.weights import full_weight_chunks
 
     policy = Policy("rloop/micro-llama")
     policy.load_model()

@@ -9,14 +9,14 @@ It owns the three things every phase needs and should not re-implement:
   disabled, or, when the policy was loaded from an adapter directory (theta_k of an RLoop
   iteration), a frozen copy of that adapter; under full fine-tuning a frozen copy made on first use.
 
-Batches use the generation layout ``[left-padded prompt | right-padded completion]`` so that the
-completion occupies the same columns in every row and the head runs on those columns only.
+Batches use the generation layout ``[left-padded prompt | right-padded completion]``; the batch and
+the forwards on it (shared prompt prefill, the head lifted out for chunked log-probs) are in
+``forwards``.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import logging
 from contextlib import contextmanager, nullcontext
@@ -29,14 +29,15 @@ from torch import Tensor, nn
 
 from rloop_lightning import tiny
 from rloop_lightning.algorithms.chunked_logprobs import chosen_token_logprobs, logprobs_from_logits
+from rloop_lightning.forwards import (
+    PolicyBatch, head_returns_hidden_states, pad, position_ids, shared_prompt_logits,
+)
 from rloop_lightning.strategies import forwards_in_lockstep
 
 log = logging.getLogger(__name__)
 
 DType = Literal["float32", "bfloat16", "float16", "auto"]
 REFERENCE_ADAPTER = "reference"  # the frozen copy of the adapter a policy was loaded from
-# config fields of models whose forward transforms the head's output (Gemma 2, Cohere, Granite)
-LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 @dataclass
@@ -53,122 +54,6 @@ class LoraSettings:
     """Module names (or ``all-linear``) that get an adapter."""
     bias: Literal["none", "all", "lora_only"] = "none"
     """Which biases are trained."""
-
-
-@dataclass
-class PolicyBatch:
-    """Token ids of (prompt, completion) pairs in generation layout."""
-
-    input_ids: Tensor  # [N, P + C]
-    attention_mask: Tensor  # [N, P + C]
-    completion_mask: Tensor  # [N, C]  1 on real completion tokens (including EOS)
-    prompt_length: int  # P
-
-    def select(self, rows) -> "PolicyBatch":
-        """The rows ``rows`` (indices), keeping the layout (columns are not trimmed)."""
-        rows = torch.as_tensor(rows, device=self.input_ids.device)
-        return PolicyBatch(self.input_ids[rows], self.attention_mask[rows], self.completion_mask[rows],
-                           self.prompt_length)
-
-    def to(self, device) -> "PolicyBatch":
-        return PolicyBatch(self.input_ids.to(device), self.attention_mask.to(device),
-                           self.completion_mask.to(device), self.prompt_length)
-
-
-def pad(rows: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tuple[Tensor, Tensor]:
-    """Token rows padded to one width on ``side`` (``left`` or ``right``): (ids, attention mask)."""
-    width = max((len(r) for r in rows), default=0)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            columns = slice(width - len(row), width) if side == "left" else slice(0, len(row))
-            ids[i, columns] = torch.as_tensor(row)
-            mask[i, columns] = 1
-    return ids, mask
-
-
-def position_ids(attention_mask: Tensor) -> Tensor:
-    """Positions of left-padded rows: 0 at each row's first real token (padding clamped to 0)."""
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def cache_argument(model: nn.Module) -> str:
-    """The forward argument that takes a KV cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
-def shared_prefix_cache(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, force: bool = False):
-    """Run each distinct row of a left-padded ``input_ids`` once with the KV cache on, then gather the
-    cache to every row (differentiably, so gradients from all rows reach the one pass).
-
-    Returns ``(output, cache, inverse)``, ``output`` holding the last position's logits of the
-    distinct rows and ``inverse`` mapping rows to them; None when no row repeats (unless ``force``:
-    sharded ranks must all take the same path) or the model keeps no cache (gradient checkpointing).
-    """
-    width = input_ids.shape[1]
-    if width == 0:
-        return None
-    rows = torch.cat([input_ids, attention_mask], 1)
-    distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
-    if distinct.shape[0] == rows.shape[0] and not force:
-        return None
-    ids, mask = distinct[:, :width], distinct[:, width:]
-    output = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
-                   use_cache=True, logits_to_keep=1)
-    cache = next((value for key, value in output.items() if key in ("cache", "past_key_values")), None)
-    if cache is None:
-        return None
-    cache.batch_select_indices(inverse)
-    return output, cache, inverse
-
-
-def shared_prompt_logits(model: nn.Module, batch: PolicyBatch, force: bool = False) -> Optional[Tensor]:
-    """Completion logits [N, C, V] with each distinct prompt of the batch run through the model once
-    (final hidden states [N, C, H] inside ``head_returns_hidden_states``).
-
-    GRPO batches hold G completions per prompt: the prompts' keys and values are computed once per
-    distinct prompt and the completions run on top of that cache. The logits equal those of a full
-    forward of every row up to float rounding; the prompt tokens cost 1/G. None when no prompt
-    repeats (unless ``force``) or the model keeps no cache.
-    """
-    length = batch.prompt_length
-    shared = shared_prefix_cache(model, batch.input_ids[:, :length], batch.attention_mask[:, :length], force)
-    if shared is None:
-        return None
-    prompt_output, cache, inverse = shared
-    positions = position_ids(batch.attention_mask)[:, length:]
-    rest = model(input_ids=batch.input_ids[:, length:], attention_mask=batch.attention_mask, position_ids=positions,
-                 use_cache=True, logits_to_keep=batch.completion_mask.shape[1], **{cache_argument(model): cache})
-    # the prompt's last position predicts the first completion token, completion position t token t + 1
-    return torch.cat([prompt_output.logits[inverse], rest.logits[:, :-1]], dim=1)
-
-
-@contextmanager
-def head_returns_hidden_states(model: nn.Module) -> Iterator[Optional[nn.Module]]:
-    """Within, ``model(...).logits`` are the final hidden states: the LM head is swapped for an identity.
-    Yields the head, or None (nothing swapped) for a model without one or whose forward transforms the
-    head's output (soft-capping, scaling: ``LOGIT_TRANSFORMS``): only the full logits are exact there.
-
-    The whole model still runs, so FSDP's root pre-forward gathers the root unit (embeddings, final
-    norm, head) as in any forward, and the root (FSDP1 and FSDP2) keeps it gathered until its
-    backward: the head the chunks use is the full weight. peft's wrapper is looked through (the head
-    is not adapted by ``all-linear``; an adapted head is a module the chunks call as it is).
-    """
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = causal_lm.get_output_embeddings()  # through wrappers: FSDP1's forwards attributes it lacks
-    transformed = any(getattr(causal_lm.config, field, None) not in (None, 1, 1.0) for field in LOGIT_TRANSFORMS)
-    if head is None or transformed:
-        yield None
-        return
-    parent, name = next((module, name) for module in causal_lm.modules()
-                        for name, child in module.named_children() if child is head)
-    setattr(parent, name, nn.Identity())
-    try:
-        yield head
-    finally:
-        setattr(parent, name, head)
 
 
 def keep_trainable_4bit_layout(model: nn.Module) -> None:

@@ -35,7 +35,8 @@ from rloop_lightning.algorithms.importance import (
 )
 from rloop_lightning.grpo.groups import Group, ScoringStats, flatten_groups, score_groups, trainer_state, trajectories
 from rloop_lightning.grpo.step_metrics import step_metrics, step_sums
-from rloop_lightning.policy import Policy, PolicyBatch
+from rloop_lightning.forwards import PolicyBatch
+from rloop_lightning.policy import Policy
 from rloop_lightning.policy_module import PolicyModule
 from rloop_lightning.prompt_stats import PromptStats
 from rloop_lightning.rewards.inputs import chat_format

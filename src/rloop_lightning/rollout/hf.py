@@ -9,7 +9,8 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from rloop_lightning.policy import Policy, cache_argument, pad, shared_prefix_cache
+from rloop_lightning.forwards import cache_argument, pad, shared_prefix_cache
+from rloop_lightning.policy import Policy
 from rloop_lightning.rollout.base import RolloutEngine, Rollouts, SamplingParams
 from rloop_lightning.strategies import forwards_in_lockstep
 
