@@ -187,7 +187,7 @@ class Policy(nn.Module):
         path = Path(self.source) / "adapter_config.json"
         return json.loads(path.read_text()) if path.exists() else None
 
-    def _base_source(self) -> str:
+    def base_source(self) -> str:
         """The directory or hub id of the full model: the policy's own, or an adapter's base."""
         adapter = self._adapter_config()
         return self._resolve_source(adapter["base_model_name_or_path"]) if adapter else self.source
@@ -212,7 +212,7 @@ class Policy(nn.Module):
         else:
             from transformers import AutoConfig
 
-            config = AutoConfig.from_pretrained(self._base_source(), revision=self.revision,
+            config = AutoConfig.from_pretrained(self.base_source(), revision=self.revision,
                                                 trust_remote_code=self.trust_remote_code)
         return getattr(config, "max_position_embeddings", None)
 
@@ -315,7 +315,7 @@ class Policy(nn.Module):
         """
         if self._end_token_ids is None:
             turn_end = chat_turn_end_id(self.tokenizer) if self.use_chat_template else None
-            ids = [turn_end, self.tokenizer.eos_token_id, *generation_config_end_ids(self._base_source(), self)]
+            ids = [turn_end, self.tokenizer.eos_token_id, *generation_config_end_ids(self.base_source(), self)]
             self._end_token_ids = list(dict.fromkeys(i for i in ids if i is not None))
         return self._end_token_ids
 

@@ -170,7 +170,7 @@ class VLLMEngine(RolloutEngine):
         if policy.is_peft and self.sleep_level == 2 and self.enable_sleep_mode:
             raise ValueError("sleep_level=2 discards vLLM's base weights, which a LoRA policy never re-sends; "
                              "use sleep_level=1")
-        source = _base_model_source(policy)
+        source = policy.base_source()
         if self.device == "cpu":
             _require_cpu_attention_support(source, policy)
         os.environ[IN_PROCESS_ENV] = "0"  # engine core in this process: direct weight access
@@ -275,9 +275,9 @@ class VLLMEngine(RolloutEngine):
         Full weights are all copied; a LoRA policy sends its adapter, which must sit on the base
         vLLM was started with (another base needs another engine).
         """
-        if self.llm is not None and policy.is_peft and _base_model_source(policy) != self.base_source:
+        if self.llm is not None and policy.is_peft and policy.base_source() != self.base_source:
             raise ValueError(f"this vLLM engine serves the base {self.base_source!r}; the LoRA policy "
-                             f"{policy.source!r} sits on {_base_model_source(policy)!r}: use another engine")
+                             f"{policy.source!r} sits on {policy.base_source()!r}: use another engine")
         self.sync_weights(policy)
 
     def _sync_adapter(self, policy: Policy) -> None:
@@ -457,12 +457,6 @@ def _require_cpu_attention_support(source: str, policy: Policy) -> None:
     if head_dim not in supported:
         raise ValueError(f"vLLM's CPU attention supports head sizes {supported}; the model {source!r} has "
                          f"head_dim={head_dim} (e.g. rloop/micro-llama; rloop/tiny-llama has 32)")
-
-
-def _base_model_source(policy: Policy) -> str:
-    """What vLLM loads: the policy's checkpoint, or for an adapter directory the adapter's base."""
-    adapter = policy._adapter_config()
-    return policy._resolve_source(adapter["base_model_name_or_path"]) if adapter else policy.source
 
 
 def _vllm_lora_rank(policy: Policy) -> int:
