@@ -192,8 +192,8 @@ class RLoop:
             from rloop_lightning.loop.tracking import WandbTracker
 
             tracker = WandbTracker(self.wandb_project, config, self.layout.root)
-            if tracker.sweep_run_id:
-                self.layout = RunLayout(self.layout.root / tracker.sweep_run_id)
+            if tracker.run_dir != self.layout.root:  # a sweep run: run_dir/<W&B run id>, shared in _run
+                self.layout = RunLayout(tracker.run_dir)
                 self.manifest = Manifest(self.layout.manifest)
         lock = RunLock(self.layout.root, main=is_main_process())  # one run per directory; ranks > 0 skip it
         try:

@@ -4,29 +4,47 @@ Phases log their own step metrics through their trainers' loggers (``configs/log
 this run holds what only the loop knows: held-out metrics per iteration and expert-set sizes, with
 the final theta's metrics as ``final/...`` (what ``configs/sweeps/rloop_expert_set.yaml`` optimises).
 The API key is read by wandb from the environment or its netrc; it is never written to a config.
+
+In a sweep each run gets its own directory, ``run_dir/<W&B run id>``, with W&B's own files inside
+it: a ``wandb agent`` starts every run with ``WANDB_SWEEP_ID`` and ``WANDB_RUN_ID`` set (and the
+sweep's parameters as command-line arguments), so the directory is known before ``wandb.init``.
+Only the main process tracks; ``loop.controller`` shares the directory with the other ranks.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Optional
 
 from rloop_lightning.loop.layout import BASE_EVALUATION, RunLayout
 
+log = logging.getLogger(__name__)
+
+
+def agent_run_id() -> Optional[str]:
+    """The run id a ``wandb agent`` gave this process (``WANDB_RUN_ID`` with ``WANDB_SWEEP_ID``), else None."""
+    return (os.environ.get("WANDB_RUN_ID") or None) if os.environ.get("WANDB_SWEEP_ID") else None
+
 
 class WandbTracker:
+    """The loop's W&B run. ``run_dir`` is the run directory the loop was given; ``self.run_dir`` is the
+    one this run writes: ``run_dir/<W&B run id>`` in a sweep, else ``run_dir`` itself."""
+
     def __init__(self, project: str, config: dict, run_dir: Path):
         try:
             import wandb
         except ImportError as error:
             raise ImportError("wandb_project needs wandb: pip install 'rloop-lightning[wandb]'") from error
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=project, config=config, dir=str(run_dir), job_type="rloop")
-
-    @property
-    def sweep_run_id(self) -> Optional[str]:
-        """The W&B run id when this run belongs to a sweep (each needs its own run directory)."""
-        return self.run.id if getattr(self.run, "sweep_id", None) else None
+        run_id = agent_run_id()
+        self.run_dir = run_dir / run_id if run_id else run_dir
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(project=project, config=config, dir=str(self.run_dir), job_type="rloop")
+        if getattr(self.run, "sweep_id", None) and self.run.id != run_id:  # a sweep run started another way
+            self.run_dir = run_dir / self.run.id
+            log.warning("W&B sweep run %s: its W&B files are under %s, its outputs under %s",
+                        self.run.id, run_dir if run_id is None else run_dir / run_id, self.run_dir)
 
     def log_results(self, completed: dict[str, dict]) -> None:
         """Log evaluations and expert-set summaries of the manifest's completed phases, in order."""
