@@ -40,7 +40,9 @@ from rloop_lightning.records import iter_records, write_json_atomic, write_jsonl
 from rloop_lightning.evaluation import Evaluator, evaluate_policy
 from rloop_lightning.grpo import GRPOModule
 from rloop_lightning.loop.checks import check_loop_prompts, check_phase
-from rloop_lightning.loop.distributed import barrier, is_main_process, share_from_main, start_ranks
+from rloop_lightning.loop.distributed import (
+    DEFAULT_TIMEOUT_SECONDS, barrier, is_main_process, share_from_main, start_ranks,
+)
 from rloop_lightning.loop.expert_set import ExpertSetSettings, build_expert_set
 from rloop_lightning.loop.layout import BASE_EVALUATION, RunLayout
 from rloop_lightning.loop.lock import RunDirectoryBusy, RunLock
@@ -148,6 +150,11 @@ class RLoop:
             (a step count would have to be tuned to each model and step time); a CPU phase of a few
             minutes writes none.
         keep_checkpoints: keep each phase's last checkpoint when the phase completes (default: deleted).
+        distributed_timeout: seconds a rank waits for the others, several processes only: at the process
+            group's rendezvous (under torchrun/SLURM ranks 1..N-1 wait there while the main process checks
+            the configuration and builds or downloads theta_0) and in every later collective and barrier.
+            The default, 2 hours, covers a base build or a large download; a run that exceeds it stops with
+            an error naming this setting. Not part of the configuration a resumed run must repeat.
     """
 
     def __init__(self, run_dir: str, base: BasePolicySettings, grpo: PhaseSettings, rft: PhaseSettings,
@@ -157,9 +164,12 @@ class RLoop:
                  seed: int = 0, resume: bool = True, eval_engine: Optional[RolloutEngine] = None,
                  wandb_project: Optional[str] = None, trainer: Optional[dict[str, OverrideValue]] = None,
                  checkpoint_every_n_steps: Optional[int] = None,
-                 checkpoint_every_seconds: Optional[float] = 1800.0, keep_checkpoints: bool = False):
+                 checkpoint_every_seconds: Optional[float] = 1800.0, keep_checkpoints: bool = False,
+                 distributed_timeout: float = DEFAULT_TIMEOUT_SECONDS):
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
+        if not distributed_timeout > 0:
+            raise ValueError(f"distributed_timeout must be > 0 seconds, got {distributed_timeout}")
         check_checkpoint_cadence(checkpoint_every_n_steps, checkpoint_every_seconds)
         self.layout = RunLayout(run_dir)
         self.base = base
@@ -179,6 +189,7 @@ class RLoop:
         self.checkpoint_every_n_steps = checkpoint_every_n_steps
         self.checkpoint_every_seconds = checkpoint_every_seconds
         self.keep_checkpoints = keep_checkpoints
+        self.distributed_timeout = distributed_timeout
         self.manifest = Manifest(self.layout.manifest)
         self.redone: dict[str, dict[str, str]] = {}  # phase -> the digests it must give again
         self.processes: dict = {"accelerator": "auto", "devices": "auto", "num_nodes": 1}  # set by validate_phases
@@ -221,7 +232,7 @@ class RLoop:
                 tiny.materialize(theta_path)  # once, before the other ranks load it
         else:  # a rank started by the launcher or torchrun: the main process checks and builds
             theta_path = self.base.policy
-        start_ranks(**self.processes)  # every rank, before any work; the group lives until the end
+        start_ranks(**self.processes, timeout_seconds=self.distributed_timeout)  # every rank, before any work
         root = share_from_main(str(self.layout.root))  # a W&B sweep gives the main process its run directory
         if root != str(self.layout.root):
             self.layout = RunLayout(root)
