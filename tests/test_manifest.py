@@ -119,6 +119,7 @@ def test_a_list_of_dicts_is_compared_item_by_item():
     {"evaluators__0__init_args__reward_workers": 4},
     {"iterations": 5},
     {"checkpoint_every_n_steps": 50},
+    {"distributed_timeout": 14400.0},
     {"trainer": {"enable_progress_bar": False}},
     {"grpo__overrides": {"trainer.max_steps": 3, "trainer.logger": {"class_path": "WandbLogger"}}},
 ])

@@ -100,7 +100,7 @@ def fit_command(args: ArgsType = None) -> dict:
     parser = fit_parser()
     config = parser.parse_args(args)
     snapshot = json.loads(parser.dump(config, format="json", skip_none=False))  # what resume compares
-    for runtime_only in ("config", "__path__", "resume", "distributed_timeout"):
+    for runtime_only in ("config", "__path__", "resume"):
         snapshot.pop(runtime_only, None)
     phase_files = [snapshot["base"].get("build_config")] + [
         path for phase in ("grpo", "rft") for path in [snapshot[phase]["config"], *snapshot[phase].get("extra_configs", [])]]
