@@ -43,7 +43,8 @@ def digit_share(prompts, completions, **columns):
 
 
 class StepClock:
-    """Wall-clock seconds of each training step and of the weight syncs run within it.
+    """Wall-clock seconds of each training step and of the weight syncs run within it, and the step's
+    CPU seconds (this process's, every thread: vLLM runs in process for both trainers).
 
     ``begin()`` opens a step and closes the one before; ``mark()`` notes that the open step did
     something up to now (its last hook, or a sync ending). A step lasts from its ``begin()`` to its
@@ -52,23 +53,27 @@ class StepClock:
 
     def __init__(self):
         self.steps: list[float] = []
+        self.steps_cpu: list[float] = []
         self.syncs: list[float] = []
         self._start: float | None = None
+        self._start_cpu = self._last_cpu = 0.0
         self._last = 0.0
         self._sync = 0.0
 
     def begin(self) -> None:
         self.close()
         self._start = self._last = time.perf_counter()
+        self._start_cpu = self._last_cpu = time.process_time()
         self._sync = 0.0
 
     def mark(self) -> None:
         if self._start is not None:
-            self._last = time.perf_counter()
+            self._last, self._last_cpu = time.perf_counter(), time.process_time()
 
     def close(self) -> None:
         if self._start is not None:
             self.steps.append(self._last - self._start)
+            self.steps_cpu.append(self._last_cpu - self._start_cpu)
             self.syncs.append(self._sync)
             self._start = None
 
@@ -87,14 +92,14 @@ class StepClock:
 
         setattr(engine, name, timed_sync)
 
-    def medians(self) -> tuple[float, float]:
-        """(step, sync) median seconds over the steps after the first (its warm-up is not typical)."""
-        return step_medians(self.steps, self.syncs)
+    def medians(self) -> tuple[float, float, float]:
+        """(step, sync, step CPU) median seconds over the steps after the first (its warm-up is not typical)."""
+        return step_medians(self.steps, self.syncs, self.steps_cpu)
 
 
-def step_medians(steps: list[float], syncs: list[float]) -> tuple[float, float]:
-    """(step, sync) median seconds over all steps but the first; NaN when there are none."""
-    return harness.median_or_nan(steps[1:]), harness.median_or_nan(syncs[1:])
+def step_medians(*series: list[float]) -> tuple[float, ...]:
+    """The median of each series over all steps but the first; NaN when there are none."""
+    return tuple(harness.median_or_nan(values[1:]) for values in series)
 
 
 def step_split(step: float, sync: float) -> list[str]:
@@ -117,8 +122,8 @@ def rollout_runs(policy, engines: dict, prompts: list[str], samples: int, max_ne
 
 
 def grpo_step_seconds(model: str, engine, prompts: int, samples: int, max_new_tokens: int,
-                      steps: int) -> tuple[float, float]:
-    """(step, weight sync) median seconds of our ``GRPOModule`` with ``engine``; the step ends with the
+                      steps: int) -> tuple[float, float, float]:
+    """(step, weight sync, step CPU) median seconds of our ``GRPOModule`` with ``engine``; the step ends with the
     sync after its update (``on_train_batch_end``). The sync before the first step is in no step."""
     import lightning as L
     import torch
@@ -171,8 +176,8 @@ def sync_by_reload(generation) -> None:
 
 
 def trl_vllm_step_seconds(model: str, prompts: int, samples: int, max_new_tokens: int,
-                          steps: int) -> tuple[float, float]:
-    """(step, weight sync) median seconds of TRL's ``GRPOTrainer`` in its colocated vLLM mode, set up as
+                          steps: int) -> tuple[float, float, float]:
+    """(step, weight sync, step CPU) median seconds of TRL's ``GRPOTrainer`` in its colocated vLLM mode, set up as
     ``grpo_step_seconds``: TRL starts its own ``vllm.LLM`` and syncs it at the start of each step (on
     CPU through ``sync_by_reload``)."""
     import torch
@@ -258,20 +263,21 @@ def main(argv=None) -> str:
             steps["TRL, its vLLM mode"] = trl_vllm_step_seconds(model, args.prompts, args.samples,
                                                                 args.max_new_tokens, args.grpo_steps)
         nan = float("nan")
-        vllm_step, hf_step = steps["ours, vLLM engine"][0], steps["ours, HF engine"][0]
-        trl_step = steps.get("TRL, its vLLM mode", (nan, nan))[0]
-        rows.append(Row("GRPO step s, sync included (vLLM vs HF engine)", setting, vllm_step, hf_step, nan, nan, "-",
-                        "{:.2f}"))
+        (vllm_step, _, vllm_cpu), (hf_step, _, hf_cpu) = steps["ours, vLLM engine"], steps["ours, HF engine"]
+        trl_step, _, trl_cpu = steps.get("TRL, its vLLM mode", (nan, nan, nan))
+        rows.append(Row("GRPO step s, sync included (vLLM vs HF engine)", setting, vllm_step, hf_step, vllm_cpu,
+                        hf_cpu, "-", "{:.2f}"))
         rows.append(Row("GRPO step s, sync included (ours with vLLM vs TRL with vLLM)", setting, vllm_step, trl_step,
-                        nan, nan, "<= 0.5", "{:.2f}"))
-        split_rows += [[model, trainer, *step_split(step, sync)] for trainer, (step, sync) in steps.items()]
+                        vllm_cpu, trl_cpu, "<= 0.5", "{:.2f}"))
+        split_rows += [[model, trainer, *step_split(step, sync), f"{cpu:.2f}"]
+                       for trainer, (step, sync, cpu) in steps.items()]
     details.append("TRL: GRPOConfig(use_vllm=True, vllm_mode=\"colocate\"), its own vllm.LLM in this process "
                    "(external_launcher, vLLM's default compiled mode; ours runs enforce_eager)")
     details.append("step: from a step's start to the end of the weight sync after its update (ours) or of the "
                    "step (TRL, which syncs before each rollout); medians over the steps after the first")
     tables = (harness.format_table(rows) + "\n\n" +
               harness.markdown_table(["model", "GRPO step", "step s (sync included)", "weight sync s",
-                                      "rest of the step s", "sync share"], split_rows))
+                                      "rest of the step s", "sync share", "step CPU s"], split_rows))
     output = harness.report(tables, started, details)
     print(output)
     return output
