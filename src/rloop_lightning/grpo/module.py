@@ -31,7 +31,7 @@ from rloop_lightning.algorithms import (
     clipped_policy_loss, dynamic_sampling_signal, group_advantages, kl_penalty, micro_batch_weight, overlong_mask, soft_overlong_penalty,
 )
 from rloop_lightning.algorithms.importance import (
-    ImportanceLevel, ImportanceMode, pad_logprobs, truncated_importance_weights,
+    ImportanceLevel, ImportanceMode, behaviour_weighted_advantages, pad_logprobs,
 )
 from rloop_lightning.grpo.groups import Group, ScoringStats, flatten_groups, score_groups, trainer_state, trajectories
 from rloop_lightning.grpo.step_metrics import step_metrics, step_sums
@@ -82,7 +82,8 @@ class ImportanceSettings:
     level: ImportanceLevel = "token"
     """Weights per token, or one per sequence."""
     mode: ImportanceMode = "truncate"
-    """``truncate`` caps weights at ``cap``; ``mask`` drops tokens above it."""
+    """``truncate`` caps weights at ``cap``; ``mask`` drops tokens above it (weight 1 below);
+    ``ratio_mask`` drops tokens above it and weights the others by their ratio (AReaL's decoupled PPO)."""
     cap: float = 2.0
     """The largest weight kept."""
 
@@ -443,11 +444,10 @@ class GRPOModule(PolicyModule):
                     kl = (kl_penalty(logprobs, ref_logprobs[rows], settings.kl_estimator)
                           if ref_logprobs is not None else None)
                     micro_advantages, importance_stats = advantages[rows], {}
-                    if sampler_logprobs is not None:  # w * clipped surrogate, w >= 0 per token
-                        weights, importance_stats = truncated_importance_weights(
-                            old, sampler_logprobs[rows], micro_mask, self.importance.level, self.importance.mode,
-                            self.importance.cap)
-                        micro_advantages = micro_advantages[:, None] * weights
+                    if sampler_logprobs is not None:  # w * clipped surrogate, w >= 0 per token (decoupled PPO)
+                        micro_advantages, importance_stats = behaviour_weighted_advantages(
+                            micro_advantages, old, sampler_logprobs[rows], micro_mask, self.importance.level,
+                            self.importance.mode, self.importance.cap)
                     out = clipped_policy_loss(
                         logprobs, old, micro_advantages, micro_mask, settings.clip_eps_low, settings.clip_eps_high,
                         settings.ratio_level, settings.aggregation, self.sampling.max_new_tokens, kl, settings.kl_coef)
