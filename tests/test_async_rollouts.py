@@ -222,3 +222,70 @@ def test_async_on_one_core_is_refused_before_the_model_loads(tmp_path):
     finally:
         os.sched_setaffinity(0, affinity)
     assert module.policy.model is None
+
+
+@pytest.mark.slow
+def test_async_phase_resumes_to_the_uninterrupted_outputs(tmp_path):
+    """A crash mid-pass, then a resume from the last checkpoint: the queued rollouts are re-created from
+    the per-step seeds (nothing of the queue is saved), dynamic sampling's refills included. With
+    max_staleness 0 the outputs equal the uninterrupted asynchronous phase's."""
+    import yaml
+    from test_resume import grpo_config, phase_outputs, run_phase as run_resumable_phase
+
+    config_path = grpo_config(tmp_path)
+    config = yaml.safe_load(config_path.read_text())
+    config["model"]["rollout"] = {"mode": "async", "max_staleness": 0, "sampler_cores": [1], "trainer_cores": [0]}
+    config_path.write_text(yaml.safe_dump(config))
+    run_resumable_phase(GRPOModule, config_path, tmp_path / "reference", every_n_steps=None)
+    resumed = tmp_path / "resumed"
+    with pytest.raises(RuntimeError, match="crash"):
+        run_resumable_phase(GRPOModule, config_path, resumed, every_n_steps=2, stop_at=2)
+    assert not sampler_children()
+    run_resumable_phase(GRPOModule, config_path, resumed, every_n_steps=2)
+    reference = phase_outputs(tmp_path / "reference")
+    assert any(name.startswith("experts/rank00/step") for name in reference)
+    assert phase_outputs(resumed) == reference
+
+
+SIGTERM_SCRIPT = """
+import sys, time, torch
+from rloop_lightning.policy import Policy
+from rloop_lightning.rollout.base import SamplingParams
+from rloop_lightning.rollout.hf import HFGenerateEngine
+from rloop_lightning.rollout.staleness import RolloutSettings
+from rloop_lightning.rollout.async_sampler import AsyncSampler
+
+if __name__ == "__main__":  # the sampler process is spawned: it imports this file
+    policy = Policy("rloop/micro-llama")
+    policy.load_model()
+    sampler = AsyncSampler(RolloutSettings(mode="async"), HFGenerateEngine(), SamplingParams(max_new_tokens=4), 2,
+                           lambda step, sampling_round: step)
+    sampler.start(policy, 0)
+    rollouts, version = sampler.take(0, [{"id": "a", "prompt": "1 2 -> 3"}])
+    print(sampler.process.pid, len(rollouts), version, flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_trainer_leaves_no_sampler_process(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "trainer.py"
+    script.write_text(SIGTERM_SCRIPT)
+    trainer = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        sampler_pid, completions, version = map(int, trainer.stdout.readline().split())
+        assert (completions, version) == (2, 0) and psutil.pid_exists(sampler_pid)
+        trainer.send_signal(signal.SIGTERM)
+        assert trainer.wait(timeout=30) == -signal.SIGTERM
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and psutil.pid_exists(sampler_pid) and \
+                psutil.Process(sampler_pid).status() != psutil.STATUS_ZOMBIE:
+            time.sleep(0.2)
+        assert not psutil.pid_exists(sampler_pid) or psutil.Process(sampler_pid).status() == psutil.STATUS_ZOMBIE
+    finally:
+        trainer.kill()

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
+import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
@@ -99,6 +100,13 @@ class OverlongSettings:
     """With ``soft_penalty``: the penalty grows linearly over this many tokens before the limit."""
     penalty_factor: float = 1.0
     """With ``soft_penalty``: the penalty at the limit."""
+
+
+class CloseSamplerOnException(L.Callback):
+    """Stop an asynchronous phase's sampler process when the fit fails anywhere (a callback, a hook)."""
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        pl_module.close_sampler()
 
 
 def check_reward_settings(reward_workers: int, reward_timeout: float, max_bad_steps: int) -> None:
@@ -549,6 +557,9 @@ class GRPOModule(PolicyModule):
 
     def on_train_end(self) -> None:
         self.close_sampler()
+
+    def configure_callbacks(self) -> list:
+        return [CloseSamplerOnException()] if self.rollout.is_async else []
 
     def on_fit_end(self) -> None:
         self.close_sampler()
