@@ -88,6 +88,7 @@ def test_cores_split_in_halves_by_default_and_bad_splits_are_named():
     (dict(max_staleness=-1), "max_staleness must be >= 0"),
     (dict(mode="later"), "rollout.mode must be 'sync' or 'async'"),
     (dict(timeout=0), "rollout.timeout must be positive"),
+    (dict(sampler_device="gpu1"), "sampler_device must be 'cpu' or 'cuda:N'"),
 ])
 def test_bad_rollout_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):

@@ -99,7 +99,7 @@ def _load_newest(policy: Policy, weights: dict, lock, version, loaded: int) -> i
 
 
 def sampler_main(arguments: dict, engine: RolloutEngine, sampling: SamplingParams, weights: dict, lock, version,
-                 requests, results, cores: list[int]) -> None:
+                 requests, results, cores: list[int], device: str = "cpu") -> None:
     """The sampler process: load the policy, then sample each request with the newest weights."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the trainer, which closes this process
@@ -107,8 +107,12 @@ def sampler_main(arguments: dict, engine: RolloutEngine, sampling: SamplingParam
         os.sched_setaffinity(0, cores)
         torch.set_num_threads(len(cores))
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
+        if device.startswith("cuda:"):  # this process sees that GPU alone (CUDA is not initialised yet here)
+            os.environ["CUDA_VISIBLE_DEVICES"] = device[5:]
         policy = Policy(**arguments)
         policy.load_model()
+        if device != "cpu":
+            policy.model.to("cuda:0")
         loaded = -1
         while True:
             request = requests.get()
@@ -174,7 +178,7 @@ class AsyncSampler:
         self.process = context.Process(
             target=sampler_main, name="rloop-sampler", daemon=True,
             args=(policy_arguments(policy), self.engine, self.sampling, self._weights, self._lock, self._version,
-                  self._requests, self._results, self.sampler_cores))
+                  self._requests, self._results, self.sampler_cores, self.settings.sampler_device))
         self.process.start()
         self._finalizer = weakref.finalize(self, _stop, self.process, self._requests)
         if hasattr(os, "sched_setaffinity"):

@@ -39,6 +39,10 @@ class RolloutSettings:
     trainer_cores: Optional[list[int]] = None
     """Async: CPU cores the training process is pinned to while the phase runs. Default: the other
     cores (all when ``sampler_cores`` is given and covers them)."""
+    sampler_device: str = "cpu"
+    """Async: the device of the sampler's policy and engine: ``cpu``, or ``cuda:N`` (the sampler process
+    then sees GPU N alone, as its ``cuda:0``; give the trainer other GPUs with CUDA_VISIBLE_DEVICES /
+    ``trainer.devices`` for a disaggregated set-up, or the same GPU to share it)."""
     timeout: Optional[float] = None
     """Async: seconds the trainer waits for one batch (vLLM's start included) before it gives up
     with an error; ``None`` waits as long as the sampler process lives."""
@@ -48,6 +52,9 @@ class RolloutSettings:
             raise ValueError(f"rollout.mode must be 'sync' or 'async', got {self.mode!r}")
         if self.max_staleness < 0:
             raise ValueError(f"rollout.max_staleness must be >= 0 (0: synchronous results), got {self.max_staleness}")
+        if self.sampler_device != "cpu" and not (self.sampler_device.startswith("cuda:")
+                                                  and self.sampler_device[5:].isdigit()):
+            raise ValueError(f"rollout.sampler_device must be 'cpu' or 'cuda:N', got {self.sampler_device!r}")
         if self.timeout is not None and not self.timeout > 0:
             raise ValueError(f"rollout.timeout must be positive seconds or null, got {self.timeout}")
 
