@@ -226,6 +226,12 @@ class GRPOModule(PolicyModule):
         self.rollout_step = 0  # rollout batches sampled so far; optimizer steps may be more or fewer
 
     @property
+    def engine_follows_policy(self) -> bool:
+        """Whether ``self.engine`` holds the current weights after every rollout batch: not with asynchronous
+        rollouts, whose engine runs in the sampler process (callbacks sampling with it load the policy first)."""
+        return not self.rollout.is_async
+
+    @property
     def needs_reference(self) -> bool:
         return self.loss_settings.kl_coef > 0
 
