@@ -93,11 +93,13 @@ def grpo_phase(model: str, engine: str, mode: str, threads: int, steps: int, pro
     return clock.samples_per_second(prompts * samples), module
 
 
-def throughput_rows(args) -> list[list]:
+def throughput_rows(args) -> tuple[list[list], int]:
+    """The throughput table, and the thread count of the fastest synchronous run of the first model with
+    the Hugging Face engine (the quality comparison's synchronous setting)."""
     cores = len(os.sched_getaffinity(0))
     settings = [("sync", 1), ("sync", cores)] if cores > 1 else [("sync", 1)]
     settings.append(("async", 1))  # threads set by the core split
-    rows = []
+    rows, quality_threads = [], None
     for model in args.models:
         for engine in args.engines:
             rates = {}
@@ -106,11 +108,13 @@ def throughput_rows(args) -> list[list]:
                 rates[(mode, threads)], _ = grpo_phase(model, engine, mode, threads, args.steps + 1, args.prompts,
                                                        args.samples, args.max_new_tokens, reward=digit_share)
             best = max((rate, threads) for (mode, threads), rate in rates.items() if mode == "sync")
+            if engine == "hf" and quality_threads is None:
+                quality_threads = best[1]
             for (mode, threads), rate in rates.items():
                 setting = (f"sync, {threads} thread(s)" if mode == "sync" else
                            "async, sampler/trainer on separate cores, max_staleness 1")
                 rows.append([model, engine, setting, f"{rate:.1f}", f"{rate / best[0]:.2f}"])
-    return rows
+    return rows, quality_threads or 1
 
 
 def countdown_base(args) -> str:
@@ -178,9 +182,9 @@ def main(argv=None) -> str:
         full=dict(models=list(MODELS), engines=["hf", "vllm"], steps=3, seeds=[0, 1, 2], quality_steps=40,
                   eval_problems=100))
     started = harness.setup(args.threads)
-    throughput = throughput_rows(args)
-    cores = len(os.sched_getaffinity(0))
-    quality, notes = quality_rows(args, best_sync_threads=cores)
+    throughput, quality_threads = throughput_rows(args)
+    quality, notes = quality_rows(args, best_sync_threads=quality_threads)
+    notes.insert(0, f"quality runs: synchronous with {quality_threads} thread(s), the best HF setting above")
     tables = "\n\n".join([
         harness.markdown_table(["model", "engine", "setting", "samples/s", "x best sync"], throughput),
         harness.markdown_table(["mode", "seeds", "samples", "held-out pass@1 (mean)", "seed range", "per seed"],
