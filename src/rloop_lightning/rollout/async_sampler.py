@@ -116,7 +116,8 @@ def sampler_main(arguments: dict, engine: RolloutEngine, sampling: SamplingParam
         loaded = -1
         while True:
             request = requests.get()
-            if request is None:
+            if request is None:  # stop; results nobody will read (batches beyond the last step) must not
+                results.cancel_join_thread()  # hold the exit until the trainer reads them
                 break
             newest = _load_newest(policy, weights, lock, version, loaded)
             if newest != loaded:
