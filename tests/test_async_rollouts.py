@@ -290,3 +290,15 @@ def test_sigterm_to_the_trainer_leaves_no_sampler_process(tmp_path):
         assert not psutil.pid_exists(sampler_pid) or psutil.Process(sampler_pid).status() == psutil.STATUS_ZOMBIE
     finally:
         trainer.kill()
+
+
+def test_async_on_several_ranks_is_refused_before_the_model_loads():
+    from types import SimpleNamespace
+
+    module = make_module(RolloutSettings(mode="async"))
+    module._trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace())  # what setup() reads
+    with pytest.raises(ValueError, match="this phase has 2 ranks \\(SimpleNamespace\\): use rollout.mode=sync"):
+        module._check_rollout_mode()
+    module._trainer = SimpleNamespace(world_size=1, strategy=SimpleNamespace())
+    module._check_rollout_mode()  # one rank, two cores: accepted
+    assert module.policy.model is None
