@@ -13,7 +13,7 @@ Two measurements, side by side in one run:
   asynchronous mean within the seed spread of the synchronous runs.
 
     python -m benchmarks.async_rollout           # 3 timed steps after a warm-up one, 8 prompts x 8, both models and engines; quality 3 seeds x 40 steps
-    python -m benchmarks.async_rollout --quick   # tiny-llama, HF engine, 3 steps; quality 1 seed x 2 steps from the untrained model
+    python -m benchmarks.async_rollout --quick   # tiny-llama, HF engine, 2 timed steps; quality 1 seed x 2 steps from the untrained model, 4 problems
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ def main(argv=None) -> str:
                         help="the tiny Countdown base policy directory (built here when missing)")
     args = harness.fill_defaults(
         parser.parse_args(argv),
-        quick=dict(models=["rloop/tiny-llama"], engines=["hf"], steps=3, seeds=[0], quality_steps=2, eval_problems=8),
+        quick=dict(models=["rloop/tiny-llama"], engines=["hf"], steps=2, seeds=[0], quality_steps=2, eval_problems=4),
         full=dict(models=list(MODELS), engines=["hf", "vllm"], steps=3, seeds=[0, 1, 2], quality_steps=40,
                   eval_problems=100))
     started = harness.setup(args.threads)
