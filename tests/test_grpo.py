@@ -195,8 +195,8 @@ class ShiftedSamplerEngine(HFGenerateEngine):
 
     needs_importance_correction = True
 
-    def generate(self, policy, prompts, num_samples, sampling):
-        rollouts = super().generate(policy, prompts, num_samples, sampling)
+    def generate(self, policy, prompts, num_samples, sampling, seed=None):
+        rollouts = super().generate(policy, prompts, num_samples, sampling, seed)
         rollouts.sampler_logprobs = [[lp + 1.0 for lp in row] for row in rollouts.sampler_logprobs]
         return rollouts
 

@@ -72,3 +72,24 @@ def test_pad_logprobs():
     assert pad_logprobs([[-1.0], []]).shape == (2, 1)
     with pytest.raises(ValueError, match="more than width"):
         pad_logprobs([[-1.0, -2.0]], width=1)
+
+
+@pytest.mark.parametrize("mode, weights, expected", [("truncate", [1.25, 2.0], -1.95), ("ratio_mask", [1.25, 0.0], -0.75),
+                                                     ("mask", [1.0, 0.0], -0.6)])
+def test_decoupled_objective_with_stale_samples_matches_hand_computation(mode, weights, expected):
+    """AReaL's decoupled PPO on one stale completion of two tokens, A = 1, eps 0.2, cap 2:
+    token 1: pi_theta 0.6, pi_prox 0.5, mu 0.4: r = 1.2 (the clip edge), w = 1.25 -> -1.5;
+    token 2: pi_theta 0.3, pi_prox 0.2, mu 0.05: r = 1.5 clipped to 1.2, pi_prox/mu = 4 -> w = 2 (truncate:
+    -2.4) or 0 (ratio_mask, AReaL's: dropped). Token mean over the 2 tokens: -1.95, or -0.75; masked IS weights
+    the kept token 1 (-1.2 / 2 = -0.6)."""
+    from rloop_lightning.algorithms import clipped_policy_loss
+    from rloop_lightning.algorithms.importance import behaviour_weighted_advantages
+
+    log = lambda *p: torch.tensor([p]).log()  # noqa: E731
+    current, proximal, behaviour = log(0.6, 0.3), log(0.5, 0.2), log(0.4, 0.05)
+    mask = torch.ones(1, 2)
+    advantages, stats = behaviour_weighted_advantages(torch.tensor([1.0]), proximal, behaviour, mask, mode=mode, cap=2.0)
+    torch.testing.assert_close(advantages, torch.tensor([weights]))
+    assert float(stats["capped_fraction"]) == pytest.approx(0.5)
+    out = clipped_policy_loss(current, proximal, advantages, mask, 0.2, 0.2, "token", "token_mean")
+    assert float(out.loss) == pytest.approx(expected, abs=1e-6)

@@ -9,11 +9,23 @@ secretly brings you off-policy RL training") reweights each token's loss by::
     r_t = exp(sum_s m_s (log pi_old_s - log mu_s))  level="sequence" (the same r_i on every token)
     w_t = min(r_t, cap)                             mode="truncate" (TIS)
     w_t = 1 if r_t <= cap else 0                    mode="mask"     (masked IS: drop the token)
+    w_t = r_t if r_t <= cap else 0                  mode="ratio_mask" (AReaL's behaviour weight)
 
 Weights are constants (no gradient) and 0 on padding. Ratios are compared in log space, so a
 sequence ratio that would overflow ``exp`` is still exactly ``cap`` (truncate) or 0 (mask).
 Departure from some implementations: mask mode has no lower bound (tokens with tiny ratios are
 kept); the sequence ratio is the full likelihood ratio, not its per-token geometric mean.
+
+Stale rollouts (asynchronous sampling): ``pi_old`` is the *proximal* policy, recomputed by the
+trainer from its current weights (the detached log-probs of the step's first forward, or of the
+pass before the updates when a batch is reused), and ``mu`` is the older policy that sampled. The
+GRPO loss with these weights is AReaL's decoupled PPO objective (Fu et al. 2025, arXiv 2505.24298)::
+
+    J = E_t[ w_t * min(r_t A, clip(r_t, 1 - eps_low, 1 + eps_high) A) ],   r_t = pi_theta_t / pi_prox_t,
+    w_t = min(pi_prox_t / mu_t, cap)   (AReaL drops the token instead above the cap: mode="ratio_mask")
+
+i.e. the clip is around the proximal policy, not the behaviour one, and the behaviour policy only
+enters through the capped weight (``behaviour_weighted_advantages``).
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ from torch import Tensor
 from rloop_lightning.algorithms.registry import pick
 
 ImportanceLevel = Literal["token", "sequence"]
-ImportanceMode = Literal["truncate", "mask"]
+ImportanceMode = Literal["truncate", "mask", "ratio_mask"]
 
 
 def _token_log_ratio(difference: Tensor) -> Tensor:
@@ -47,8 +59,13 @@ def _mask(log_ratio: Tensor, log_cap: float) -> Tensor:
     return (log_ratio <= log_cap).to(log_ratio.dtype)
 
 
+def _ratio_or_drop(log_ratio: Tensor, log_cap: float) -> Tensor:
+    return torch.where(log_ratio <= log_cap, torch.exp(log_ratio.clamp(max=log_cap)), torch.zeros_like(log_ratio))
+
+
 LEVELS: dict[str, Callable[[Tensor], Tensor]] = {"token": _token_log_ratio, "sequence": _sequence_log_ratio}
-MODES: dict[str, Callable[[Tensor, float], Tensor]] = {"truncate": _truncate, "mask": _mask}
+MODES: dict[str, Callable[[Tensor, float], Tensor]] = {"truncate": _truncate, "mask": _mask,
+                                                      "ratio_mask": _ratio_or_drop}
 
 
 def truncated_importance_weights(
@@ -91,6 +108,22 @@ def truncated_importance_weights(
             "capped_fraction": (valid & (log_ratio > log_cap)).sum() / count,
         }
     return weights, stats
+
+
+def behaviour_weighted_advantages(
+    advantages: Tensor,  # [N] one advantage per completion
+    proximal_logprobs: Tensor,  # [N, T] log pi_prox: the trainer's, recomputed
+    behaviour_logprobs: Tensor,  # [N, T] log mu: the sampler's
+    mask: Tensor,  # [N, T]
+    level: ImportanceLevel = "token",
+    mode: ImportanceMode = "truncate",
+    cap: float = 2.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token advantages [N, T] of the decoupled objective, ``A_i * w_it``, and the weights' statistics:
+    handed to the clipped surrogate (ratio against the proximal policy), they give
+    ``w * min(r A, clip(r) A)`` (``w >= 0`` moves inside the min)."""
+    weights, stats = truncated_importance_weights(proximal_logprobs, behaviour_logprobs, mask, level, mode, cap)
+    return advantages[:, None] * weights, stats
 
 
 def pad_logprobs(rows: Sequence[Sequence[float]], width: int | None = None) -> Tensor:

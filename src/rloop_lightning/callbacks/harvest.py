@@ -20,7 +20,8 @@ import lightning as L
 
 from rloop_lightning.records import remove_temporaries, write_json_atomic, write_jsonl_atomic
 
-EXPERT_FIELDS = ("prompt_id", "prompt", "completion", "answer", "step", "reward", "logprob", "num_tokens")
+EXPERT_FIELDS = ("prompt_id", "prompt", "completion", "answer", "step", "policy_version", "reward", "logprob",
+                 "num_tokens")
 
 
 class ExpertHarvester(L.Callback):

@@ -43,6 +43,8 @@ class PassAtKEvaluation(L.Callback):
             return []
         self._last_step = step
         engine = self.engine or getattr(pl_module, "engine", None) or HFGenerateEngine()
+        if engine is getattr(pl_module, "engine", None) and not getattr(pl_module, "engine_follows_policy", True):
+            engine.load_policy(pl_module.policy)  # asynchronous rollouts: the module's engine here is not synced
         results = [e.evaluate(pl_module.policy, engine) for e in self.evaluators]
         metrics = {f"{r.split}/{k}": v for r in results for k, v in r.metrics.items()}
         for logger in trainer.loggers:

@@ -20,7 +20,8 @@ dropped (map-style datasets whose ``__getitem__`` has no side effects: records, 
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from collections import deque
+from typing import Any, Callable, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -37,6 +38,11 @@ class ResumableDataLoader(DataLoader):
         """Sampler epoch of the current pass (None for samplers without epochs)."""
         self.batches_trained = 0
         """Batches of the current pass the model has trained on (set by ``PhaseCheckpoint``)."""
+        self.lookahead: Optional[Callable[[Any], None]] = None
+        """Told of every batch drawn once it is set (``None`` first when a pass begins): asynchronous
+        rollouts sample prompts before the trainer reaches them."""
+        self.lookahead_depth = 0
+        """With ``lookahead``: batches drawn ahead of the one handed out."""
         self._resume: Optional[dict[str, Any]] = None
 
     def samplers(self) -> list:
@@ -80,4 +86,26 @@ class ResumableDataLoader(DataLoader):
         iterator = super().__iter__()
         for _ in range(skip):
             next(iterator)
-        return iterator
+        return self._drawn_ahead(iterator)
+
+    def _drawn_ahead(self, iterator):
+        """The batches of ``iterator`` in order, ``lookahead_depth`` of them drawn (and announced) ahead."""
+        buffer, first = deque(), True
+        while True:
+            hook = self.lookahead
+            while len(buffer) < 1 + (self.lookahead_depth if hook is not None else 0):
+                batch = next(iterator, _END)
+                if batch is _END:
+                    break
+                if hook is not None:
+                    if first:
+                        hook(None)
+                    hook(batch)
+                first = False
+                buffer.append(batch)
+            if not buffer:
+                return
+            yield buffer.popleft()
+
+
+_END = object()

@@ -30,6 +30,7 @@ class Group:
     rewards: Tensor  # [G] total (weighted) reward, including any overlong penalty
     correct: Tensor  # [G] bool, the verifier's verdict
     reward_columns: dict[str, list] = field(default_factory=dict)  # log_extra of the reward functions, [G] each
+    policy_version: int = 0  # the policy that sampled them: rollout batches it had trained on
 
 
 @dataclass
@@ -130,7 +131,8 @@ def trajectories(groups: Sequence[Group], step: int) -> list[dict]:
         for g, completion in enumerate(group.completions):
             records.append({
                 "prompt_id": problem["id"], "prompt": problem["prompt"], "completion": completion,
-                "answer": problem.get("answer"), "step": step, "reward": float(group.rewards[g]),
+                "answer": problem.get("answer"), "step": step, "policy_version": group.policy_version,
+                "reward": float(group.rewards[g]),
                 "correct": bool(group.correct[g]), "logprob": float(sum(group.sampler_logprobs[g])),
                 "num_tokens": len(group.completion_ids[g]), "truncated": bool(group.truncated[g]),
                 "reward_columns": {key: values[g] for key, values in group.reward_columns.items()},

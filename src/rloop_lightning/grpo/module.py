@@ -20,18 +20,19 @@ import dataclasses
 import logging
 import math
 import time
-from dataclasses import dataclass
-from typing import Callable, Literal, Optional
+from typing import Callable, Optional
 
+import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from rloop_lightning.algorithms import (
-    AdvantageEstimator, DynamicSamplingBuffer, DynamicSamplingSignal, KLEstimator, LossAggregation, RatioLevel,
-    clipped_policy_loss, dynamic_sampling_signal, group_advantages, kl_penalty, micro_batch_weight, overlong_mask, soft_overlong_penalty,
+    DynamicSamplingBuffer, DynamicSamplingSignal, clipped_policy_loss, dynamic_sampling_signal, group_advantages,
+    kl_penalty, micro_batch_weight, overlong_mask, soft_overlong_penalty,
 )
-from rloop_lightning.algorithms.importance import (
-    ImportanceLevel, ImportanceMode, pad_logprobs, truncated_importance_weights,
+from rloop_lightning.algorithms.importance import behaviour_weighted_advantages, pad_logprobs
+from rloop_lightning.grpo.settings import (  # noqa: F401 - LossSettings & co. are imported from here too
+    ImportanceSettings, LossSettings, OverlongSettings, check_reward_settings,
 )
 from rloop_lightning.grpo.groups import Group, ScoringStats, flatten_groups, score_groups, trainer_state, trajectories
 from rloop_lightning.grpo.step_metrics import step_metrics, step_sums
@@ -41,68 +42,18 @@ from rloop_lightning.policy_module import PolicyModule
 from rloop_lightning.prompt_stats import PromptStats
 from rloop_lightning.rewards.inputs import chat_format
 from rloop_lightning.rewards.runner import RewardRunner, function_name
-from rloop_lightning.rollout.base import RolloutEngine, SamplingParams
+from rloop_lightning.rollout.base import RolloutEngine, Rollouts, SamplingParams, sampling_seed
 from rloop_lightning.rollout.hf import HFGenerateEngine
+from rloop_lightning.rollout.staleness import RolloutSettings, available_cores, check_admissible, split_cores
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class LossSettings:
-    """The policy-gradient objective. Defaults: GRPO advantages, DAPO token-mean, symmetric clip."""
+class CloseSamplerOnException(L.Callback):
+    """Stop an asynchronous phase's sampler process when the fit fails anywhere (a callback, a hook)."""
 
-    advantage: AdvantageEstimator = "grpo"
-    """Group advantage estimator (``rloop_lightning.algorithms.advantages``): ``pass_at_k`` is pass@k training."""
-    pass_k: int = 4
-    """k of ``advantage: pass_at_k``; at most ``num_generations``."""
-    aggregation: LossAggregation = "token_mean"
-    """How token losses become one number: ``token_mean`` (DAPO), ``seq_mean_token_mean`` (GRPO) or
-    ``seq_mean_token_sum_norm`` (Dr.GRPO)."""
-    clip_eps_low: float = 0.2
-    """Lower clip of the ratio: 1 - clip_eps_low."""
-    clip_eps_high: float = 0.2
-    """Upper clip of the ratio: 1 + clip_eps_high (DAPO's clip-higher: 0.28)."""
-    ratio_level: RatioLevel = "token"
-    """Importance ratio per token, or per sequence (``sequence``: GSPO)."""
-    kl_coef: float = 0.0
-    """Weight of the KL penalty to the reference policy (off in DAPO and Dr.GRPO)."""
-    kl_estimator: KLEstimator = "k3"
-    """KL estimator (``rloop_lightning.algorithms.kl``)."""
-
-
-@dataclass
-class ImportanceSettings:
-    """Truncated importance sampling for sampler/trainer mismatch (vLLM): tokens are reweighted by
-    min(pi_old / mu_sampler, cap) (``truncate``) or dropped above ``cap`` (``mask``).
-    ``enabled=None`` follows the engine (on for vLLM, off for Hugging Face generate)."""
-
-    enabled: Optional[bool] = None
-    """On, off, or None: follow the engine."""
-    level: ImportanceLevel = "token"
-    """Weights per token, or one per sequence."""
-    mode: ImportanceMode = "truncate"
-    """``truncate`` caps weights at ``cap``; ``mask`` drops tokens above it."""
-    cap: float = 2.0
-    """The largest weight kept."""
-
-
-@dataclass
-class OverlongSettings:
-    """Completions that hit ``max_new_tokens``: ``mask`` drops their tokens from the loss;
-    ``soft_penalty`` subtracts DAPO's length penalty over the last ``buffer_length`` tokens."""
-
-    mode: Literal["none", "mask", "soft_penalty"] = "none"
-    """What happens to truncated completions."""
-    buffer_length: int = 4
-    """With ``soft_penalty``: the penalty grows linearly over this many tokens before the limit."""
-    penalty_factor: float = 1.0
-    """With ``soft_penalty``: the penalty at the limit."""
-
-
-def check_reward_settings(reward_workers: int, reward_timeout: float, max_bad_steps: int) -> None:
-    if reward_workers < 0 or not reward_timeout > 0 or max_bad_steps < 1:
-        raise ValueError(f"need reward_workers >= 0, reward_timeout > 0 and max_bad_steps >= 1; got "
-                         f"{reward_workers}, {reward_timeout}, {max_bad_steps}")
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        pl_module.close_sampler()
 
 
 class GRPOModule(PolicyModule):
@@ -115,7 +66,10 @@ class GRPOModule(PolicyModule):
         num_generations: G, completions per prompt (>= 2: advantages are relative within a group).
         loss: the objective's variant.
         overlong: handling of truncated completions.
-        importance: sampler/trainer log-prob mismatch correction (on by default with vLLM).
+        importance: sampler/trainer log-prob mismatch correction (on by default with vLLM, and with
+            asynchronous rollouts whose ``max_staleness`` > 0).
+        rollout: synchronous rollouts (default) or asynchronous ones in a sampler process, with their
+            staleness bound and sampling seed.
         dynamic_sampling: keep only groups whose rewards differ, refilling from the datamodule.
         dynamic_sampling_signal: what must differ within a group: ``accuracy`` (the verdicts, as DAPO;
             format rewards and the overlong penalty do not count) or the total ``reward``.
@@ -149,6 +103,7 @@ class GRPOModule(PolicyModule):
         loss: Optional[LossSettings] = None,
         overlong: Optional[OverlongSettings] = None,
         importance: Optional[ImportanceSettings] = None,
+        rollout: Optional[RolloutSettings] = None,
         dynamic_sampling: bool = False,
         dynamic_sampling_signal: DynamicSamplingSignal = "accuracy",
         max_sampling_rounds: int = 3,
@@ -187,6 +142,9 @@ class GRPOModule(PolicyModule):
         self.loss_settings = settings
         self.overlong = overlong or OverlongSettings()
         self.importance = importance or ImportanceSettings()
+        self.rollout = rollout or RolloutSettings()
+        self.sampling_seed: Optional[int] = None  # set at fit start (rollout.seed or the torch seed), checkpointed
+        self.sampler = None  # AsyncSampler while an asynchronous phase runs
         self.dynamic_sampling = dynamic_sampling
         self.dynamic_sampling_signal = dynamic_sampling_signal
         self.max_sampling_rounds = max_sampling_rounds
@@ -209,6 +167,12 @@ class GRPOModule(PolicyModule):
         self.rollout_step = 0  # rollout batches sampled so far; optimizer steps may be more or fewer
 
     @property
+    def engine_follows_policy(self) -> bool:
+        """Whether ``self.engine`` holds the current weights after every rollout batch: not with asynchronous
+        rollouts, whose engine runs in the sampler process (callbacks sampling with it load the policy first)."""
+        return not self.rollout.is_async
+
+    @property
     def needs_reference(self) -> bool:
         return self.loss_settings.kl_coef > 0
 
@@ -216,7 +180,7 @@ class GRPOModule(PolicyModule):
         super().on_save_checkpoint(checkpoint)
         checkpoint["rloop_grpo"] = {"rollout_step": self.rollout_step, "prompt_stats": self.prompt_stats.to_dict(),
                                     "scoring_stats": dataclasses.asdict(self.scoring_stats),
-                                    "bad_steps_in_a_row": self.bad_steps_in_a_row}
+                                    "bad_steps_in_a_row": self.bad_steps_in_a_row, "sampling_seed": self.sampling_seed}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("rloop_grpo", {})
@@ -224,6 +188,8 @@ class GRPOModule(PolicyModule):
         self.prompt_stats = PromptStats.from_dict(state.get("prompt_stats", {}))
         self.scoring_stats = ScoringStats(**state.get("scoring_stats", {}))
         self.bad_steps_in_a_row = state.get("bad_steps_in_a_row", 0)
+        if state.get("sampling_seed") is not None:
+            self.sampling_seed = state["sampling_seed"]
 
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
@@ -237,6 +203,19 @@ class GRPOModule(PolicyModule):
                              f"functions {self.runner.names}")
         self._validate_before_training(datamodule, functions)
         self._check_engine_memory()
+        self._check_rollout_mode()
+        self.sampling_seed = self.rollout.seed if self.rollout.seed is not None else torch.initial_seed()
+
+    def _check_rollout_mode(self) -> None:
+        """Asynchronous rollouts run one sampler process beside a single training process: refused, before
+        any model loads, on several ranks (DDP/FSDP) and without a spare core for the sampler."""
+        if not self.rollout.is_async:
+            return
+        if self.trainer.world_size > 1:
+            raise ValueError(f"rollout.mode=async runs one sampler process beside one training process; this phase "
+                             f"has {self.trainer.world_size} ranks ({type(self.trainer.strategy).__name__}): use "
+                             f"rollout.mode=sync on several ranks")
+        split_cores(available_cores(), self.rollout.sampler_cores, self.rollout.trainer_cores)
 
     def _check_engine_memory(self) -> None:
         """vLLM engines alive together in this phase (the rollout engine, evaluation callbacks' own
@@ -263,9 +242,22 @@ class GRPOModule(PolicyModule):
                  [function_name(f) for f in functions])
 
     # ------------------------------------------------------------------ sampling
-    def _sample(self, problems: list[dict]) -> list[Group]:
-        rollouts = self.engine.generate(self.policy, [p["prompt"] for p in problems], self.num_generations,
-                                        self.sampling)
+    def _request_seed(self, step: int, sampling_round: int) -> int:
+        return sampling_seed(self.sampling_seed, step, self.global_rank, sampling_round)
+
+    def _rollouts(self, problems: list[dict], sampling_round: int) -> tuple[Rollouts, int]:
+        """Rollouts of ``problems`` for this step and the policy version that sampled them."""
+        step = self.rollout_step
+        if self.sampler is None:
+            return self.engine.generate(self.policy, [p["prompt"] for p in problems], self.num_generations,
+                                        self.sampling, seed=self._request_seed(step, sampling_round)), step
+        if sampling_round == 0:
+            return self.sampler.take(step, problems)
+        return self.sampler.sample_now(step, problems, sampling_round)
+
+    def _sample(self, problems: list[dict], sampling_round: int = 0) -> list[Group]:
+        rollouts, version = self._rollouts(problems, sampling_round)
+        check_admissible(self.rollout_step, version, self.rollout.max_staleness if self.sampler else 0)
         groups = score_groups(problems, rollouts, self.num_generations, self.runner, self.correctness_function,
                               self.correct_threshold, self.scoring_stats, chat_format(self.policy),
                               trainer_state(self.trainer))
@@ -274,6 +266,8 @@ class GRPOModule(PolicyModule):
                 lengths = torch.tensor([len(ids) for ids in group.completion_ids])
                 group.rewards = group.rewards + soft_overlong_penalty(
                     lengths, self.sampling.max_new_tokens, self.overlong.buffer_length, self.overlong.penalty_factor)
+        for group in groups:
+            group.policy_version = version
         return groups
 
     def _filter_values(self, groups: list[Group]) -> torch.Tensor:  # [B, G]
@@ -290,9 +284,12 @@ class GRPOModule(PolicyModule):
         buffer = DynamicSamplingBuffer(target_groups=len(problems), max_rounds=self.max_sampling_rounds)
         sampled = list(groups)
         buffer.add(groups, self._filter_values(groups))
+        sampling_round = 0
         while self.ranks_with(buffer.needs_more):  # every rank samples as many rounds (FSDP2 generate all-gathers)
             needs_more = buffer.needs_more
-            groups = self._sample(self.trainer.datamodule.refill(max(len(problems) - buffer.num_groups, 1)))
+            sampling_round += 1
+            groups = self._sample(self.trainer.datamodule.refill(max(len(problems) - buffer.num_groups, 1)),
+                                  sampling_round)
             sampled.extend(groups)  # a rank already full harvests its extra round but does not train on it
             if needs_more:
                 buffer.add(groups, self._filter_values(groups))
@@ -307,6 +304,13 @@ class GRPOModule(PolicyModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, problems: list[dict], batch_index: int) -> dict:
+        try:
+            return self._training_step(problems)
+        except BaseException:
+            self.close_sampler()  # no sampler process outlives a failed phase
+            raise
+
+    def _training_step(self, problems: list[dict]) -> dict:
         started = time.perf_counter()
         train_groups, sampled, sampling_metrics = self.sample_groups(problems)
         failed_ranks = (self.ranks_with(not self.scoring_stats.step_has_reward)  # a step fails when it fails on any rank
@@ -317,6 +321,9 @@ class GRPOModule(PolicyModule):
         self.rollout_step += 1
         records = trajectories(sampled, step)
         metrics = {**self._sampling_metrics(sampled, rollout_seconds, step), **sampling_metrics, **reward_health}
+        metrics["rollout/staleness"] = float(sum(step - g.policy_version for g in sampled) / len(sampled))
+        if self.sampler is not None:
+            metrics["perf/sampler_seconds"] = self.sampler.last_seconds
         if train_groups or self.trainer.world_size > 1:  # DDP ranks must run the same backward passes
             metrics.update(self._train_on(train_groups or sampled[: len(problems)]))
         else:
@@ -337,8 +344,9 @@ class GRPOModule(PolicyModule):
         if self.overlong.mode == "mask":
             mask = mask * overlong_mask(flat["truncated"]).to(self.device)[:, None]
         correct_sampler = self.importance.enabled
-        if correct_sampler is None:
-            correct_sampler = self.engine.needs_importance_correction
+        if correct_sampler is None:  # the engine's kernels differ, or the sampling policy may be older
+            correct_sampler = self.engine.needs_importance_correction or (
+                self.sampler is not None and self.rollout.max_staleness > 0)
         sampler_logprobs = (pad_logprobs(flat["sampler_logprobs"], mask.shape[1]).to(self.device)
                             if correct_sampler else None)
         reuses_batch = self.num_iterations > 1 or self.num_mini_batches > 1
@@ -391,11 +399,10 @@ class GRPOModule(PolicyModule):
                     kl = (kl_penalty(logprobs, ref_logprobs[rows], settings.kl_estimator)
                           if ref_logprobs is not None else None)
                     micro_advantages, importance_stats = advantages[rows], {}
-                    if sampler_logprobs is not None:  # w * clipped surrogate, w >= 0 per token
-                        weights, importance_stats = truncated_importance_weights(
-                            old, sampler_logprobs[rows], micro_mask, self.importance.level, self.importance.mode,
-                            self.importance.cap)
-                        micro_advantages = micro_advantages[:, None] * weights
+                    if sampler_logprobs is not None:  # w * clipped surrogate, w >= 0 per token (decoupled PPO)
+                        micro_advantages, importance_stats = behaviour_weighted_advantages(
+                            micro_advantages, old, sampler_logprobs[rows], micro_mask, self.importance.level,
+                            self.importance.mode, self.importance.cap)
                     out = clipped_policy_loss(
                         logprobs, old, micro_advantages, micro_mask, settings.clip_eps_low, settings.clip_eps_high,
                         settings.ratio_level, settings.aggregation, self.sampling.max_new_tokens, kl, settings.kl_coef)
@@ -464,11 +471,44 @@ class GRPOModule(PolicyModule):
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        self.engine.sync_weights(self.policy)  # an engine with its own weights starts from the loaded policy
+        if not self.rollout.is_async:
+            self.engine.sync_weights(self.policy)  # an engine with its own weights starts from the loaded policy
+            return
+        from rloop_lightning.data.resumable import ResumableDataLoader
+        from rloop_lightning.rollout.async_sampler import AsyncSampler
+
+        self.sampler = AsyncSampler(self.rollout, self.engine, self.sampling, self.num_generations, self._request_seed)
+        self.sampler.start(self.policy, self.rollout_step)
+        loader = self.trainer.train_dataloader
+        if isinstance(loader, ResumableDataLoader) and self.rollout.max_staleness > 0:
+            loader.lookahead, loader.lookahead_depth = self.sampler.plan, self.rollout.max_staleness
+        elif self.rollout.max_staleness > 0:
+            log.warning("the training dataloader is not a ResumableDataLoader: asynchronous rollouts cannot see "
+                        "prompts ahead, so each batch is sampled when the trainer reaches it (no overlap)")
 
     def on_train_batch_end(self, outputs, batch, batch_index) -> None:
-        self.engine.sync_weights(self.policy)  # once per rollout batch, after all its optimizer steps
+        if self.sampler is not None:
+            self.sampler.push(self.policy, self.rollout_step)  # version = rollout batches trained on
+        else:
+            self.engine.sync_weights(self.policy)  # once per rollout batch, after all its optimizer steps
+
+    def close_sampler(self) -> None:
+        """Stop the asynchronous sampler process (if any) and stop drawing prompts ahead."""
+        if self.sampler is None:
+            return
+        self.sampler.close()
+        self.sampler = None
+        loader = self.trainer.train_dataloader if self._trainer is not None else None
+        if getattr(loader, "lookahead", None) is not None:
+            loader.lookahead, loader.lookahead_depth = None, 0
+
+    def on_train_end(self) -> None:
+        self.close_sampler()
+
+    def configure_callbacks(self) -> list:
+        return [CloseSamplerOnException()] if self.rollout.is_async else []
 
     def on_fit_end(self) -> None:
+        self.close_sampler()
         if self.runner is not None:
             self.runner.close()

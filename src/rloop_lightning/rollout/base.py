@@ -6,6 +6,7 @@ for any mismatch between the sampler and the trainer (vLLM) without knowing whic
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Optional
@@ -37,6 +38,15 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
+def sampling_seed(seed: int, rollout_step: int, rank: int = 0, sampling_round: int = 0) -> int:
+    """The seed of one rollout request: a function of (seed, rollout step, rank, dynamic-sampling round)
+    alone, so the same batch is sampled the same way whichever process samples it, whenever (the
+    synchronous phase, the asynchronous sampler, a resumed run), independently of the trainer's RNG
+    stream. 63 bits of SHA-256 of the four numbers."""
+    digest = hashlib.sha256(f"{seed}/{rollout_step}/{rank}/{sampling_round}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
 @dataclass
 class Rollouts:
     """Completions for ``num_samples`` samples of each prompt, grouped prompt by prompt."""
@@ -65,8 +75,11 @@ class RolloutEngine(ABC):
 
     @abstractmethod
     def generate(self, policy: Policy, prompts: list[str], num_samples: int,
-                 sampling: SamplingParams) -> Rollouts:
-        """Sample ``num_samples`` completions for each of ``prompts`` (raw prompts, no template)."""
+                 sampling: SamplingParams, seed: Optional[int] = None) -> Rollouts:
+        """Sample ``num_samples`` completions for each of ``prompts`` (raw prompts, no template).
+
+        With ``seed`` (``sampling_seed``), the samples are a function of the weights, the prompts and
+        the seed alone: the engine draws from its own seeded generator, not the process's RNG stream."""
 
     def sync_weights(self, policy: Policy) -> None:
         """Called after each optimizer step; engines holding their own weights copy them here."""

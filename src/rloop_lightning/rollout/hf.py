@@ -48,6 +48,20 @@ def without_generation_config(model: torch.nn.Module):
             module.generation_config = config
 
 
+@contextmanager
+def seeded_sampling(model: torch.nn.Module, seed: Optional[int]):
+    """``generate`` draws tokens from the global RNG of the model's device (``torch.multinomial``
+    takes no generator there): with a ``seed``, draw them from a fork of it seeded with ``seed``, and
+    give the trainer its own stream back afterwards, untouched. ``None``: the global stream, as is."""
+    if seed is None:
+        yield
+        return
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type="cuda"):
+        torch.manual_seed(seed)
+        yield
+
+
 class ChosenTokenLogprobs(LogitsProcessor):
     """A logits processor that records the sampled token's log-prob at each decoding step.
 
@@ -152,14 +166,14 @@ class HFGenerateEngine(RolloutEngine):
         return min(self.batch_size, self.max_batch_tokens // slots)
 
     def generate(self, policy: Policy, prompts: list[str], num_samples: int,
-                 sampling: SamplingParams) -> Rollouts:
+                 sampling: SamplingParams, seed: Optional[int] = None) -> Rollouts:
         model = policy.require_model()
         prompt_ids = policy.encode_prompts(prompts)
         self.check_prompt_lengths(policy, prompt_ids, sampling, policy.context_length)
         requests = [(index, prompt_ids[index]) for index in range(len(prompts)) for _ in range(num_samples)]
         per_call = self.completions_per_call(policy, prompt_ids, sampling)
         result = Rollouts([], [], [], [], [], [])
-        with inference_mode(model):
+        with inference_mode(model), seeded_sampling(model, seed):
             for start in range(0, len(requests), per_call):
                 self._generate_chunk(policy, requests[start: start + per_call], sampling, result)
         return result

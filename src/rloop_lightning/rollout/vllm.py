@@ -204,15 +204,19 @@ class VLLMEngine(RolloutEngine):
 
     # ------------------------------------------------------------------ sampling
     def generate(self, policy: Policy, prompts: list[str], num_samples: int,
-                 sampling: SamplingParams) -> Rollouts:
+                 sampling: SamplingParams, seed: Optional[int] = None) -> Rollouts:
         llm = self.build(policy)
         self.wake()
         if self._weights_discarded or (policy.is_peft and self.lora_request is None):
             self.sync_weights(policy)  # vLLM starts without the adapter; level-2 sleep dropped the weights
         prompt_ids = policy.encode_prompts(prompts)
         self.check_prompt_lengths(policy, prompt_ids, sampling, self.max_model_len or policy.context_length)
-        outputs = llm.generate([{"prompt_token_ids": list(ids)} for ids in prompt_ids],
-                               self.sampling_params(policy, num_samples, sampling),
+        params = self.sampling_params(policy, num_samples, sampling)
+        if seed is not None:  # per request: prompt i's n samples take seeds seed + i * n + j (vLLM adds j)
+            params = [params.clone() for _ in prompt_ids]
+            for index, request_params in enumerate(params):
+                request_params.seed = (seed + index * num_samples) % 2**63
+        outputs = llm.generate([{"prompt_token_ids": list(ids)} for ids in prompt_ids], params,
                                lora_request=self.lora_request, use_tqdm=False)
         if self.enable_sleep_mode:
             self.sleep()
