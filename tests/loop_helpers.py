@@ -14,6 +14,7 @@ import lightning as L
 from rloop_lightning.tasks import Countdown
 
 STEP_DELAY_ENV = "RLOOP_TEST_STEP_DELAY"
+EVAL_DELAY_ENV = "RLOOP_TEST_EVAL_DELAY"
 
 
 def has_digit(prompts: list[str], completions: list[str], **columns) -> list[float]:
@@ -23,9 +24,15 @@ def has_digit(prompts: list[str], completions: list[str], **columns) -> list[flo
 
 class DigitCountdown(Countdown):
     """Countdown problems scored by ``has_digit``: a random micro model's held-out numbers then vary
-    with the sampling noise, so two evaluations agree only if they sample alike."""
+    with the sampling noise, so two evaluations agree only if they sample alike.
+
+    Each scoring first sleeps ``$RLOOP_TEST_EVAL_DELAY`` seconds (no-op when unset): the window in which
+    the crash tests kill a held-out evaluation, changing nothing it writes."""
 
     def reward(self, prompts: list[str], completions: list[str], **columns) -> list[float]:
+        delay = float(os.environ.get(EVAL_DELAY_ENV, "0") or 0)
+        if delay > 0:
+            time.sleep(delay)
         return has_digit(prompts, completions)
 
 

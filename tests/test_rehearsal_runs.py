@@ -107,6 +107,24 @@ def test_dapo_qwen2_5_math_7b_rft(tmp_path):
     assert list(tmp_path.rglob("last.ckpt"))
 
 
+def qlora_checkpoint_holds_the_adapter_and_its_moments(path: Path) -> None:
+    """The QLoRA GRPO phase's checkpoint (tiny-qwen2.5 in 4 bits, the recipe's LoRA: r = 32 on every linear
+    layer of 4 layers, hidden 128, MLP 384, key/value 64): the adapter's 56 float32 tensors, 4 x 32 x
+    (2 x 256 + 3 x 512 + 2 x 192) = 311,296 numbers, and AdamW's two moments of each; nothing of the 4-bit
+    base (its weights and quantisation state load from the base: 1.1 MB more here). On disk: three copies of
+    the adapter (4 bytes a number) and under 192 KiB of the rest (tensor names and headers, generator
+    states, loop and data states: 96 KiB here)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    adapter = checkpoint["state_dict"]
+    assert len(adapter) == 56 and all(".lora_A." in name or ".lora_B." in name for name in adapter)
+    assert sum(t.numel() for t in adapter.values()) == 311_296
+    assert {t.dtype for t in adapter.values()} == {torch.float32}
+    moments = list(checkpoint["optimizer_states"][0]["state"].values())
+    assert len(moments) == 56
+    assert sum(m["exp_avg"].numel() + m["exp_avg_sq"].numel() for m in moments) == 2 * 311_296
+    assert 3 * 4 * 311_296 < path.stat().st_size < 3 * 4 * 311_296 + 192 * 1024, path.stat().st_size
+
+
 @pytest.mark.parametrize("recipe", [
     "qlora_gsm8k_rloop",
     pytest.param("dapo_qwen2.5_math_7b_rloop", marks=pytest.mark.vllm),  # 2 FSDP2 processes, vLLM rollouts
@@ -120,8 +138,11 @@ def test_rloop_recipe_resumes_after_sigkill_to_the_uninterrupted_outputs(tmp_pat
     from rloop_lightning.callbacks import PhaseCheckpoint
 
     every_step = "--checkpoint_every_n_steps=1"
-    rehearse(["fit"], recipe, f"--run_dir={tmp_path / 'reference'}", every_step, timeout=900)
+    output = rehearse(["fit"], recipe, f"--run_dir={tmp_path / 'reference'}", every_step, timeout=900)
     assert (tmp_path / "reference" / "report.md").exists()
+    if recipe == "dapo_qwen2.5_math_7b_rloop":  # FSDP2 + vLLM on 2 processes, K = 2: every engine in the one group
+        # per rank: the evaluation engine of theta_0, then each GRPO phase's (no RFT: the expert sets are empty)
+        assert "(rank 0 of 1)" not in output and output.count("(rank 0 of 2)") == output.count("(rank 1 of 2)") >= 3
     run_dir, log_path = tmp_path / "run", tmp_path / "run.log"
     args = [sys.executable, "-m", "rloop_lightning", "fit", "--config", f"configs/recipes/{recipe}.yaml",
             "--config", f"configs/rehearsal/{recipe}.yaml", f"--run_dir={run_dir}", every_step]
@@ -139,6 +160,8 @@ def test_rloop_recipe_resumes_after_sigkill_to_the_uninterrupted_outputs(tmp_pat
             process.kill()
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert "iter_00/grpo" not in manifest["completed"]  # killed mid-phase
+    if recipe == "qlora_gsm8k_rloop":
+        qlora_checkpoint_holds_the_adapter_and_its_moments(PhaseCheckpoint.latest(checkpoints))
     output = rehearse(["fit"], recipe, f"--run_dir={run_dir}", every_step, timeout=900)
     assert "Restoring states from the checkpoint path" in output
 

@@ -2,7 +2,7 @@
 (``PhaseCheckpoint``) writes what an uninterrupted phase writes, byte for byte on CPU.
 
 The phase tests stop a phase in-process (an exception at the start of a step) and resume it in a
-fresh Trainer; the loop test SIGKILLs ``rloop fit`` mid-GRPO and mid-RFT and reruns the same
+fresh Trainer; the loop test SIGKILLs ``rloop fit`` mid-GRPO, mid-RFT and mid-evaluation and reruns the same
 command. Phases use the micro model and the shrunken YAMLs of ``test_loop.py``.
 """
 
@@ -147,27 +147,54 @@ def policies(run_dir: Path) -> dict[str, bytes]:
     return {str(p.relative_to(run_dir)): p.read_bytes() for p in run_dir.glob("iter_*/*/policy/*.safetensors")}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("devices", [1, 2])
-def test_sigkilled_loop_resumes_mid_phase_to_the_uninterrupted_run(tmp_path, devices):
-    """SIGKILL ``rloop fit`` at a random moment after a GRPO checkpoint, then after an RFT checkpoint;
-    each rerun resumes that phase from its checkpoint (harvest shards before it kept as they are), and
-    the final expert sets, shards, evaluations and policies equal an uninterrupted run's.
+def lora_checkpoint_holds_the_adapter_only(checkpoint: dict) -> None:
+    """A LoRA phase's checkpoint: the trained adapter's tensors (micro-llama, r = 4 on every linear layer:
+    28 tensors, 4,096 numbers) and Adam's two moments of each of them, nothing of the base."""
+    from rloop_lightning.policy import LoraSettings, Policy
 
-    ``devices``: processes per phase (the loop's ``trainer`` setting); more than one needs a strategy."""
+    policy = Policy("rloop/micro-llama", lora=LoraSettings(r=4, alpha=8))
+    adapter = {f"policy.model.{name}": p for name, p in policy.load_model().named_parameters() if p.requires_grad}
+    saved = checkpoint["state_dict"]
+    assert set(saved) == set(adapter) and len(saved) == 28 and all(".lora_" in name for name in saved)
+    assert sum(t.numel() for t in saved.values()) == sum(p.numel() for p in adapter.values()) == 4096
+    moments = checkpoint["optimizer_states"][0]["state"].values()
+    assert len(moments) == len(adapter)
+    assert sum(m["exp_avg"].numel() + m["exp_avg_sq"].numel() for m in moments) == 2 * 4096
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("devices", [1, 2], ids=["1-process", "2-processes-kl-lora"])
+def test_sigkilled_loop_resumes_mid_phase_to_the_uninterrupted_run(tmp_path, devices, monkeypatch):
+    """SIGKILL ``rloop fit`` at a random moment after a GRPO checkpoint, then after an RFT checkpoint, then
+    during the held-out evaluation of theta_1; each rerun resumes that phase from its checkpoint (harvest
+    shards before it kept as they are) or redoes the evaluation, and the final expert sets, shards,
+    evaluations and policies equal an uninterrupted run's.
+
+    ``devices``: processes per phase (the loop's ``trainer`` setting); more than one needs a strategy. The
+    2-process run also trains GRPO with a KL penalty (``kl_coef`` 0.5: full fine-tuning in iteration 0, whose
+    frozen reference must be theta_0 after the resume, not the checkpoint's weights) and RFT with LoRA (its
+    checkpoint holds the adapter and its optimizer state; theta_1 is an adapter, so iteration 1's GRPO is a
+    LoRA phase with KL to theta_1's frozen adapter)."""
+    from loop_helpers import EVAL_DELAY_ENV
+
+    monkeypatch.setenv(EVAL_DELAY_ENV, "0.4")  # a kill window of >= 0.4 s in every held-out scoring
     trainer = {"devices": devices} if devices == 1 else {"devices": devices, "strategy": "ddp"}
     runs = {}
     for name in ("reference", "run"):
         config = write_loop_config(tmp_path / name, tmp_path / name / "run")
         loop = yaml.safe_load(config.read_text())
         loop.update(trainer=trainer, checkpoint_every_n_steps=1)
+        if devices == 2:
+            loop["grpo"]["overrides"]["model.loss.kl_coef"] = 0.5
+            loop["rft"]["overrides"]["model.policy.lora"] = {"r": 4, "alpha": 8}
         config.write_text(yaml.safe_dump(loop))
         runs[name] = (config, tmp_path / name / "run")
     log_path = tmp_path / "loop.log"
     reference = start_loop(runs["reference"][0], tmp_path / "reference.log")  # uninterrupted, meanwhile
     config, run_dir = runs["run"]
-    grpo, rft = run_dir / "iter_00" / "grpo", run_dir / "iter_00" / "rft"
+    grpo, rft, evaluation = (run_dir / "iter_00" / phase for phase in ("grpo", "rft", "eval"))
     delay = random.Random(os.getpid()).uniform(0.0, 0.3)
+    rerun = None
     try:
         kill_when(start_loop(config, log_path), checkpoint_of(grpo), log_path, extra_delay=delay)
         assert "iter_00/grpo" not in manifest(run_dir)["completed"], f"killed {delay:.3f} s after a checkpoint"
@@ -178,19 +205,29 @@ def test_sigkilled_loop_resumes_mid_phase_to_the_uninterrupted_run(tmp_path, dev
         assert "iter_00/rft" not in manifest(run_dir)["completed"]
         assert f"Restoring states from the checkpoint path at {checkpoint}" in log_path.read_text()
         assert {p: v for p, v in harvest(run_dir, 0).items() if p in kept} == kept  # kept, not rewritten
-        process = start_loop(config, log_path)
-        assert process.wait(timeout=300) == 0, log_path.read_text()[-3000:]
+        if devices == 2:
+            lora_checkpoint_holds_the_adapter_only(
+                torch.load(PhaseCheckpoint.latest(rft / "checkpoints"), weights_only=False))
+        kill_when(start_loop(config, log_path), evaluation.is_dir, log_path, extra_delay=delay)  # theta_1's
+        assert "iter_00/rft" in manifest(run_dir)["completed"]
+        assert "iter_00/eval" not in manifest(run_dir)["completed"], f"killed {delay:.3f} s into the evaluation"
+        rerun = start_loop(config, log_path)
+        assert rerun.wait(timeout=300) == 0, log_path.read_text()[-3000:]
         assert f"Restoring states from the checkpoint path at {rft / 'checkpoints'}" in log_path.read_text()
         assert reference.wait(timeout=300) == 0, (tmp_path / "reference.log").read_text()[-3000:]
     finally:
-        for process in (reference,):
-            if process.poll() is None:
+        for process in (reference, rerun):  # a run past its time limit fails the test and is ended
+            if process is not None and process.poll() is None:
                 process.kill()
     reference_dir = runs["reference"][1]
     assert manifest(run_dir)["completed"].keys() == manifest(reference_dir)["completed"].keys()
     assert expert_files(run_dir) == expert_files(reference_dir) and len(expert_files(reference_dir)) >= 10
-    assert evaluations(run_dir) == evaluations(reference_dir)
+    assert evaluations(run_dir) == evaluations(reference_dir) and len(evaluations(reference_dir)) == 3
     assert policies(run_dir) == policies(reference_dir) and len(policies(reference_dir)) == 4
+    if devices == 2:  # adapters: theta_1, theta_2 and iteration 1's GRPO end point (trained on from theta_1's)
+        assert sorted(name for name in policies(reference_dir) if name.endswith("adapter_model.safetensors")) == [
+            "iter_00/rft/policy/adapter_model.safetensors", "iter_01/grpo/policy/adapter_model.safetensors",
+            "iter_01/rft/policy/adapter_model.safetensors"]
     assert not list(run_dir.rglob("checkpoints")) and not list(run_dir.rglob("*.tmp-*"))
 
 
