@@ -86,6 +86,20 @@ def final_evaluation_path(run_dir: Path) -> Path | None:
     return next((path for path in reversed(paths) if path.exists()), None)
 
 
+def finished(run_dir: Path) -> bool:
+    """Whether the run evaluated theta_K of all its ``iterations`` (its manifest's configuration): a run
+    stopped after theta_1's evaluation has one, but theta_1 is not its final policy."""
+    from rloop_lightning.loop.layout import RunLayout
+
+    layout = RunLayout(run_dir)
+    if not layout.manifest.exists():
+        return False
+    manifest = json.loads(layout.manifest.read_text())
+    if "config" not in manifest:  # scripts/trl_arm.py writes its manifest after its one evaluation
+        return final_evaluation_path(run_dir) is not None
+    return layout.evaluation(layout.phase("eval", manifest["config"]["iterations"] - 1)).exists()
+
+
 def final_eval(run_dir: Path) -> dict:
     path = final_evaluation_path(run_dir)
     if path is None:
@@ -287,8 +301,10 @@ def main(argv=None) -> None:
     names = [*VARIANTS, *([] if args.quick or args.no_ablations else ABLATIONS), "trl"]
     for name, seed in ((name, seed) for name in names for seed in seeds):
         run_dir = out / f"{name}_seed{seed}"
-        if (run_dir / "manifest.json").exists() and final_evaluation_path(run_dir) is not None:
+        if finished(run_dir):
             runs.setdefault(name, []).append(run_dir)
+        elif run_dir.exists():
+            print(f"left out (unfinished): {run_dir}", flush=True)
     if not runs:
         raise SystemExit(f"no finished runs under {out}")
     section = write_section(args.config, runs, args.doc.parent / "results")

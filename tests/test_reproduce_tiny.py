@@ -33,7 +33,7 @@ def make_run(run_dir: Path, base: dict, final: dict, iterations: int = 2) -> Pat
     for k in range(iterations):
         metrics = final if k == iterations - 1 else evaluation(0.0, 0.0, 0.0)
         write_json_atomic(layout.evaluation(layout.phase("eval", k)), {"policy": f"theta_{k + 1}", "metrics": metrics})
-    layout.manifest.write_text(json.dumps({"completed": []}))
+    layout.manifest.write_text(json.dumps({"completed": [], "config": {"iterations": iterations}}))
     return run_dir
 
 
@@ -72,6 +72,20 @@ def test_final_evaluation_is_the_last_iteration_that_has_one(script, tmp_path):
     assert script.final_eval(run_dir)["countdown/test"]["pass@1"] == 0.5
     with pytest.raises(FileNotFoundError, match="no iteration has an evaluation"):
         script.final_eval(tmp_path / "empty")
+
+
+def test_a_run_counts_as_finished_only_with_the_evaluation_of_its_last_iteration(script, tmp_path):
+    base = evaluation(0.2, 0.9, 0.2)
+    done = make_run(tmp_path / "done", base, evaluation(0.3, 0.8, 0.3), iterations=2)
+    stopped = make_run(tmp_path / "stopped", base, evaluation(0.3, 0.8, 0.3), iterations=2)
+    RunLayout(stopped).evaluation(RunLayout.phase("eval", 1)).unlink()  # killed after theta_1's evaluation
+    assert script.finished(done) and not script.finished(stopped)
+    assert script.final_eval(stopped)["countdown/test"]["pass@1"] == 0.0  # theta_1's, not a theta_K
+    (tmp_path / "no_manifest").mkdir()
+    assert not script.finished(tmp_path / "no_manifest")
+    trl = make_run(tmp_path / "trl", base, evaluation(0.3, 0.8, 0.3), iterations=2)
+    RunLayout(trl).manifest.write_text(json.dumps({"trl": True, "steps": 80, "seed": 0}))  # scripts/trl_arm.py's
+    assert script.finished(trl)
 
 
 def test_command_line_prints_the_tables_under_the_command_that_made_them(script, study, capsys):
