@@ -100,3 +100,35 @@ def test_evaluation_on_two_processes_splits_the_problems_and_agrees_with_one(mic
         assert rank["metrics"] == single
         assert rank["counts"] == single_counts
     assert single_counts == [1, 0, 0, 1, 0, 0]
+
+
+class CallRecordingTask(EveryThirdProblem):
+    """Records the problems of each verification call."""
+
+    def __init__(self):
+        self.calls: list[list[str]] = []
+
+    def load(self, split):
+        return [{"id": f"p{i}", "prompt": f"{i} ->"} for i in range(7)]
+
+    def reward(self, prompts, completions, id, **columns):
+        self.calls.append(list(id))
+        return super().reward(prompts, completions, id, **columns)
+
+
+def test_verification_calls_take_slices_of_whole_problems_and_the_counts_match_one_call(micro_policy, monkeypatch):
+    """``reward_timeout`` bounds one call on at most ``SCORING_SLICE`` completions (whole problems, one
+    problem's samples at least), not one call on the whole split; the counts are those of scoring all at once."""
+    from rloop_lightning import evaluation
+
+    task = CallRecordingTask()
+    evaluator = Evaluator(task, num_samples=4, ks=[1], sampling=SamplingParams(max_new_tokens=2), greedy=False)
+    monkeypatch.setattr(evaluation, "SCORING_SLICE", 8)  # two problems of 4 samples per call
+    result = evaluator.evaluate(micro_policy, HFGenerateEngine())
+    assert [sorted(set(call)) for call in task.calls] == [["p0", "p1"], ["p2", "p3"], ["p4", "p5"], ["p6"]]
+    assert [len(call) for call in task.calls] == [8, 8, 8, 4]
+    assert result.correct_counts == [4, 0, 0, 4, 0, 0, 4]  # EveryThirdProblem: solved when the index % 3 == 0
+    task.calls.clear()
+    monkeypatch.setattr(evaluation, "SCORING_SLICE", 3)  # fewer than one problem's samples: one problem per call
+    evaluator.evaluate(micro_policy, HFGenerateEngine())
+    assert [len(call) for call in task.calls] == [4] * 7

@@ -363,3 +363,36 @@ def test_score_problems_passes_every_field_but_the_prompt_as_aligned_columns():
     with RewardRunner([echo_target], num_workers=0) as runner:
         result = runner.score_problems(problems, [1, 1, 0], ["x", "y", "z"])
     assert result.rewards.tolist() == [7.0, 7.0, 3.0]
+
+
+@pytest.mark.timeout(60)
+def test_a_time_limit_that_runs_out_at_once_leaves_no_watchdog_and_no_handler_behind(monkeypatch):
+    """A limit of microseconds (a one-by-one retry's share of a nearly spent deadline, on a loaded machine)
+    can signal while the watchdog is still starting, before the body begins; the limit still cleans up:
+    the handler in place before it is back, no watchdog keeps signalling, and nothing raises
+    ``RewardTimeout`` after the limit has ended. The slow start makes the race certain."""
+    import threading
+    import types
+
+    from rloop_lightning.rewards import calls
+
+    class SlowStart(threading.Thread):
+        def start(self):
+            super().start()
+            time.sleep(0.05)  # the watchdog's signal lands here, inside start()
+
+    monkeypatch.setattr(calls, "threading", types.SimpleNamespace(
+        Thread=SlowStart, Event=threading.Event, current_thread=threading.current_thread,
+        main_thread=threading.main_thread, get_ident=threading.get_ident))
+    before = signal.getsignal(TIMEOUT_SIGNAL)
+    timeouts = 0
+    for _ in range(5):
+        try:
+            with calls.time_limit(1e-6):
+                sum(range(1000))
+        except calls.RewardTimeout:
+            timeouts += 1
+        assert signal.getsignal(TIMEOUT_SIGNAL) is before
+    assert timeouts == 5
+    assert not [t for t in threading.enumerate() if t.name == "reward-time-limit"]
+    time.sleep(0.3)  # a leaked watchdog would signal every 50 ms into a leaked handler

@@ -25,6 +25,7 @@ from rloop_lightning.tasks.base import Task
 
 
 Shard = tuple[int, int]  # (rank, world_size)
+SCORING_SLICE = 1024  # completions per verification call (whole problems; one problem's samples at least)
 
 
 @dataclass
@@ -53,7 +54,8 @@ class Evaluator:
         limit: evaluate the first ``limit`` problems only.
         greedy: also report greedy-decoding accuracy.
         reward_workers: worker processes for verification (0 = in-process).
-        reward_timeout: per-completion verification timeout in seconds.
+        reward_timeout: seconds one verification call may take, on one slice of at most ``SCORING_SLICE``
+            completions (whole problems); a call that runs out is retried completion by completion.
         correct_threshold: reward at or above which a completion is correct.
     """
 
@@ -104,9 +106,7 @@ class Evaluator:
         counts = [0] * len(problems)
         if problems:
             rollouts = engine.generate(policy, [p["prompt"] for p in problems], samples, sampling)
-            rewards = self.runner.score_problems(problems, rollouts.prompt_index, rollouts.completions,
-                                                 rollouts.completion_ids, chat_format(policy)).rewards
-            for index, reward in zip(rollouts.prompt_index, rewards.tolist()):
+            for index, reward in zip(rollouts.prompt_index, self._rewards(problems, rollouts, samples, policy)):
                 counts[index] += reward >= self.correct_threshold - 1e-6
         if world_size == 1:
             return counts
@@ -117,6 +117,22 @@ class Evaluator:
             for index, count in zip(shard_indices, shard_counts):
                 total[index] = count
         return total
+
+    def _rewards(self, problems: list[dict], rollouts, samples: int, policy: Policy) -> list[float]:
+        """Each completion's reward, scored a slice of whole problems at a time (at most
+        ``SCORING_SLICE`` completions, or one problem's ``samples``), so ``reward_timeout`` bounds one
+        call on a slice, never one call on the whole split."""
+        per_slice = max(1, SCORING_SLICE // samples)
+        rewards = [0.0] * len(rollouts.completions)
+        for start in range(0, len(problems), per_slice):
+            rows = [row for row, index in enumerate(rollouts.prompt_index) if start <= index < start + per_slice]
+            result = self.runner.score_problems(
+                problems[start: start + per_slice], [rollouts.prompt_index[row] - start for row in rows],
+                [rollouts.completions[row] for row in rows], [rollouts.completion_ids[row] for row in rows],
+                chat_format(policy))
+            for row, reward in zip(rows, result.rewards.tolist()):
+                rewards[row] = reward
+        return rewards
 
     def check(self, policy: Policy, engine: RolloutEngine) -> None:
         """Before any weights load: every prompt leaves room for ``max_new_tokens`` in the model's context, and

@@ -114,14 +114,15 @@ def time_limit(seconds: float) -> Iterator[None]:
 
     previous = signal.signal(TIMEOUT_SIGNAL, on_signal)
     watchdog = threading.Thread(target=watch, args=(threading.get_ident(),), name="reward-time-limit", daemon=True)
-    watchdog.start()
-    try:
+    try:  # the watchdog starts inside: with a limit of a few microseconds it signals before the body begins
+        watchdog.start()
         yield
     finally:
         while True:  # a signal landing on the way out must not skip the clean-up
             try:
                 done.set()
-                watchdog.join()
+                if watchdog.is_alive():
+                    watchdog.join()
                 signal.signal(TIMEOUT_SIGNAL, previous)
                 break
             except RewardTimeout:
