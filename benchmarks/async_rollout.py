@@ -12,7 +12,7 @@ Two measurements, side by side in one run:
   asynchronous, over ``--seeds`` (Hugging Face engine; 100 test problems x 16 samples). Target: the
   asynchronous mean within the seed spread of the synchronous runs.
 
-    python -m benchmarks.async_rollout           # 3 timed steps after a warm-up one, 8 prompts x 8, both models and engines; quality 3 seeds x 40 steps
+    python -m benchmarks.async_rollout           # 5 timed steps after a warm-up one, 8 prompts x 8, both models and engines; quality 3 seeds x 40 steps
     python -m benchmarks.async_rollout --quick   # tiny-llama, HF engine, 2 timed steps; quality 1 seed x 2 steps from the untrained model, 4 problems
 """
 
@@ -33,8 +33,13 @@ def digit_share(prompts, completions, **columns):
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
 
 
+PROFILE = ("perf/step_seconds", "perf/rollout_seconds", "perf/sampler_seconds")
+
+
 class StepClock:
-    """Wall-clock time at the end of every training step."""
+    """Wall-clock time at the end of every training step, and the step's time profile: the whole step, the
+    trainer's rollout part (sampling and scoring, or waiting for the sampler process) and the sampler
+    process's busy time per batch (asynchronous only)."""
 
     def __init__(self):
         import lightning as L
@@ -42,9 +47,21 @@ class StepClock:
         class Clock(L.Callback):
             def on_train_batch_end(inner, trainer, pl_module, outputs, batch, batch_idx):
                 self.times.append(time.perf_counter())
+                self.profiles.append({key: float(trainer.callback_metrics[key]) for key in PROFILE
+                                      if key in trainer.callback_metrics})
 
         self.times: list[float] = []
+        self.profiles: list[dict[str, float]] = []
         self.callback = Clock()
+
+    def profile(self) -> list[str]:
+        """Mean seconds per timed step (the first excluded): step, trainer's rollout part, trainer's update
+        part, sampler busy ("-" when synchronous)."""
+        timed = self.profiles[1:] or self.profiles
+        mean = {key: statistics.mean(p[key] for p in timed) for key in PROFILE if timed and key in timed[0]}
+        step, rollout = mean.get("perf/step_seconds", float("nan")), mean.get("perf/rollout_seconds", float("nan"))
+        sampler = mean.get("perf/sampler_seconds")
+        return [f"{step:.2f}", f"{rollout:.2f}", f"{step - rollout:.2f}", "-" if sampler is None else f"{sampler:.2f}"]
 
     def samples_per_second(self, samples_per_step: int) -> float:
         if len(self.times) < 2:
@@ -90,7 +107,7 @@ def grpo_phase(model: str, engine: str, mode: str, threads: int, steps: int, pro
     trainer.fit(module, PromptDataModule(Countdown(), batch_size=prompts, limit=512))
     if engine == "vllm":
         module.engine.close()
-    return clock.samples_per_second(prompts * samples), module
+    return clock.samples_per_second(prompts * samples), module, clock.profile()
 
 
 def throughput_rows(args) -> tuple[list[list], int]:
@@ -102,18 +119,19 @@ def throughput_rows(args) -> tuple[list[list], int]:
     rows, quality_threads = [], None
     for model in args.models:
         for engine in args.engines:
-            rates = {}
+            rates, profiles = {}, {}
             for mode, threads in settings:
                 harness.log(f"throughput: {model} {engine} {mode} threads={threads}")
-                rates[(mode, threads)], _ = grpo_phase(model, engine, mode, threads, args.steps + 1, args.prompts,
-                                                       args.samples, args.max_new_tokens, reward=digit_share)
+                rates[(mode, threads)], _, profiles[(mode, threads)] = grpo_phase(
+                    model, engine, mode, threads, args.steps + 1, args.prompts, args.samples, args.max_new_tokens,
+                    reward=digit_share)
             best = max((rate, threads) for (mode, threads), rate in rates.items() if mode == "sync")
             if engine == "hf" and quality_threads is None:
                 quality_threads = best[1]
             for (mode, threads), rate in rates.items():
                 setting = (f"sync, {threads} thread(s)" if mode == "sync" else
                            "async, sampler/trainer on separate cores, max_staleness 1")
-                rows.append([model, engine, setting, f"{rate:.1f}", f"{rate / best[0]:.2f}"])
+                rows.append([model, engine, setting, f"{rate:.1f}", f"{rate / best[0]:.2f}", *profiles[(mode, threads)]])
     return rows, quality_threads or 1
 
 
@@ -150,7 +168,7 @@ def quality_rows(args, best_sync_threads: int) -> tuple[list[list], list[str]]:
     for seed in args.seeds:
         for mode in results:
             harness.log(f"quality: {mode} seed {seed}")
-            _, module = grpo_phase("countdown base", "hf", mode, best_sync_threads, args.quality_steps, 16, 8, 16,
+            _, module, _ = grpo_phase("countdown base", "hf", mode, best_sync_threads, args.quality_steps, 16, 8, 16,
                                    seed=seed, learning_rate=5e-4, policy_dir=base)
             results[mode].append(held_out_pass_at_1(module.policy, args.eval_problems))
     rows = []
@@ -179,14 +197,15 @@ def main(argv=None) -> str:
     args = harness.fill_defaults(
         parser.parse_args(argv),
         quick=dict(models=["rloop/tiny-llama"], engines=["hf"], steps=2, seeds=[0], quality_steps=2, eval_problems=4),
-        full=dict(models=list(MODELS), engines=["hf", "vllm"], steps=3, seeds=[0, 1, 2], quality_steps=40,
+        full=dict(models=list(MODELS), engines=["hf", "vllm"], steps=5, seeds=[0, 1, 2], quality_steps=40,
                   eval_problems=100))
     started = harness.setup(args.threads)
     throughput, quality_threads = throughput_rows(args)
     quality, notes = quality_rows(args, best_sync_threads=quality_threads)
     notes.insert(0, f"quality runs: synchronous with {quality_threads} thread(s), the best HF setting above")
     tables = "\n\n".join([
-        harness.markdown_table(["model", "engine", "setting", "samples/s", "x best sync"], throughput),
+        harness.markdown_table(["model", "engine", "setting", "samples/s", "x best sync", "step s", "rollout s",
+                                "update s", "sampler busy s"], throughput),
         harness.markdown_table(["mode", "seeds", "samples", "held-out pass@1 (mean)", "seed range", "per seed"],
                                quality)])
     text = harness.report(tables, started, notes)

@@ -26,3 +26,9 @@ def test_async_rollout_benchmark_quick():
     quality = re.findall(r"^\| (sync|async) \| 1 \| 256 \| ([\d.]+) \|", result.stdout, re.MULTILINE)
     assert [mode for mode, _ in quality] == ["sync", "async"], result.stdout
     assert all(0.0 <= float(value) <= 1.0 for _, value in quality)
+    profiles = re.findall(r"^\| rloop/tiny-llama \| hf \| (sync|async)[^|]* \| [\d.]+ \| [\d.]+ \| ([\d.]+) \| ([\d.]+) \| "
+                          r"(-?[\d.]+) \| (-|[\d.]+) \|", result.stdout, re.MULTILINE)
+    assert len(profiles) == 3, result.stdout  # step = rollout + update; only the async sampler has a busy time
+    for mode, step, rollout, update, sampler in profiles:
+        assert abs(float(step) - float(rollout) - float(update)) <= 0.011 and float(step) > 0
+        assert (sampler == "-") == (mode == "sync")

@@ -115,10 +115,16 @@ def test_a_real_ctrl_c_during_a_reward_call_stays_a_keyboard_interrupt():
         time.sleep(5)
         return [0.0] * len(completions)
 
-    runner = RewardRunner([waits_for_ctrl_c], num_workers=0, timeout=10)
-    with pytest.raises(KeyboardInterrupt):
-        runner(["p"], ["c"])
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    # the precondition, a process with Python's own Ctrl-C handler, set here: a pytest-xdist worker can hold
+    # another test's handler (one that records the signal instead of raising), and the call then obeys that one
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        runner = RewardRunner([waits_for_ctrl_c], num_workers=0, timeout=10)
+        with pytest.raises(KeyboardInterrupt):
+            runner(["p"], ["c"])
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_reward_functions_get_their_own_copies_of_problems_and_completions():

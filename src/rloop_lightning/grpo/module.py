@@ -321,6 +321,7 @@ class GRPOModule(PolicyModule):
         self.rollout_step += 1
         records = trajectories(sampled, step)
         metrics = {**self._sampling_metrics(sampled, rollout_seconds, step), **sampling_metrics, **reward_health}
+        metrics["perf/rollout_seconds"] = rollout_seconds  # sampling and scoring, or waiting for the sampler
         metrics["rollout/staleness"] = float(sum(step - g.policy_version for g in sampled) / len(sampled))
         if self.sampler is not None:
             metrics["perf/sampler_seconds"] = self.sampler.last_seconds
