@@ -31,10 +31,12 @@ if os.environ["RANK"] == "0":
 try:
     start_ranks(accelerator="cpu", devices=2, timeout_seconds=timeout_seconds)
 except RendezvousTimeout as error:
-    print("ERROR", error, flush=True)
+    sys.stdout.write(f"ERROR {error}\\n")
+    sys.stdout.flush()
     sys.exit(3)
 dist.barrier()
-print("JOINED", dist.get_rank(), "of", dist.get_world_size(), flush=True)
+sys.stdout.write(f"JOINED {dist.get_rank()} of {dist.get_world_size()}\\n")  # one write: ranks share the pipe
+sys.stdout.flush()
 """
 
 
