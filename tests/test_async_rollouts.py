@@ -293,12 +293,10 @@ def test_sigterm_to_the_trainer_leaves_no_sampler_process(tmp_path):
 
 
 def test_async_on_several_ranks_is_refused_before_the_model_loads():
-    from types import SimpleNamespace
+    from rloop_lightning.rollout.staleness import check_rollout_mode
 
     module = make_module(RolloutSettings(mode="async"))
-    module._trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace())  # what setup() reads
     with pytest.raises(ValueError, match="this phase has 2 ranks \\(SimpleNamespace\\): use rollout.mode=sync"):
-        module._check_rollout_mode()
-    module._trainer = SimpleNamespace(world_size=1, strategy=SimpleNamespace())
-    module._check_rollout_mode()  # one rank, two cores: accepted
+        check_rollout_mode(module.rollout, 2, "SimpleNamespace")  # what setup() checks
+    check_rollout_mode(module.rollout, 1, "SimpleNamespace")  # one rank, two cores: accepted
     assert module.policy.model is None

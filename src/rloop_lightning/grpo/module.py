@@ -44,7 +44,7 @@ from rloop_lightning.rewards.inputs import chat_format
 from rloop_lightning.rewards.runner import RewardRunner, function_name
 from rloop_lightning.rollout.base import RolloutEngine, Rollouts, SamplingParams, sampling_seed
 from rloop_lightning.rollout.hf import HFGenerateEngine
-from rloop_lightning.rollout.staleness import RolloutSettings, available_cores, check_admissible, split_cores
+from rloop_lightning.rollout.staleness import RolloutSettings, check_admissible, check_rollout_mode
 
 log = logging.getLogger(__name__)
 
@@ -203,19 +203,8 @@ class GRPOModule(PolicyModule):
                              f"functions {self.runner.names}")
         self._validate_before_training(datamodule, functions)
         self._check_engine_memory()
-        self._check_rollout_mode()
+        check_rollout_mode(self.rollout, self.trainer.world_size, type(self.trainer.strategy).__name__)
         self.sampling_seed = self.rollout.seed if self.rollout.seed is not None else torch.initial_seed()
-
-    def _check_rollout_mode(self) -> None:
-        """Asynchronous rollouts run one sampler process beside a single training process: refused, before
-        any model loads, on several ranks (DDP/FSDP) and without a spare core for the sampler."""
-        if not self.rollout.is_async:
-            return
-        if self.trainer.world_size > 1:
-            raise ValueError(f"rollout.mode=async runs one sampler process beside one training process; this phase "
-                             f"has {self.trainer.world_size} ranks ({type(self.trainer.strategy).__name__}): use "
-                             f"rollout.mode=sync on several ranks")
-        split_cores(available_cores(), self.rollout.sampler_cores, self.rollout.trainer_cores)
 
     def _check_engine_memory(self) -> None:
         """vLLM engines alive together in this phase (the rollout engine, evaluation callbacks' own
@@ -475,17 +464,11 @@ class GRPOModule(PolicyModule):
         if not self.rollout.is_async:
             self.engine.sync_weights(self.policy)  # an engine with its own weights starts from the loaded policy
             return
-        from rloop_lightning.data.resumable import ResumableDataLoader
         from rloop_lightning.rollout.async_sampler import AsyncSampler
 
         self.sampler = AsyncSampler(self.rollout, self.engine, self.sampling, self.num_generations, self._request_seed)
         self.sampler.start(self.policy, self.rollout_step)
-        loader = self.trainer.train_dataloader
-        if isinstance(loader, ResumableDataLoader) and self.rollout.max_staleness > 0:
-            loader.lookahead, loader.lookahead_depth = self.sampler.plan, self.rollout.max_staleness
-        elif self.rollout.max_staleness > 0:
-            log.warning("the training dataloader is not a ResumableDataLoader: asynchronous rollouts cannot see "
-                        "prompts ahead, so each batch is sampled when the trainer reaches it (no overlap)")
+        self.sampler.draw_ahead(self.trainer.train_dataloader)
 
     def on_train_batch_end(self, outputs, batch, batch_index) -> None:
         if self.sampler is not None:
@@ -494,14 +477,10 @@ class GRPOModule(PolicyModule):
             self.engine.sync_weights(self.policy)  # once per rollout batch, after all its optimizer steps
 
     def close_sampler(self) -> None:
-        """Stop the asynchronous sampler process (if any) and stop drawing prompts ahead."""
-        if self.sampler is None:
-            return
-        self.sampler.close()
-        self.sampler = None
-        loader = self.trainer.train_dataloader if self._trainer is not None else None
-        if getattr(loader, "lookahead", None) is not None:
-            loader.lookahead, loader.lookahead_depth = None, 0
+        """Stop the asynchronous sampler process (if any) and its drawing of prompts ahead."""
+        if self.sampler is not None:
+            self.sampler.close()
+            self.sampler = None
 
     def on_train_end(self) -> None:
         self.close_sampler()

@@ -153,6 +153,7 @@ class AsyncSampler:
         self.trainer_cores, self.sampler_cores = split_cores(available_cores(), settings.sampler_cores,
                                                              settings.trainer_cores)
         self.process = None
+        self._loader = None  # the dataloader drawing ahead for this sampler (draw_ahead)
         self.version = -1  # newest pushed
         self.next_step = 0  # the step whose batch the trainer takes next
         self.planned: deque[list[dict]] = deque()  # batches drawn ahead, for steps next_step, next_step + 1, ...
@@ -189,8 +190,27 @@ class AsyncSampler:
         log.info("async rollouts: sampler process %d on cores %s, trainer on cores %s, max_staleness %d",
                  self.process.pid, self.sampler_cores, self.trainer_cores, self.settings.max_staleness)
 
+    def draw_ahead(self, loader) -> None:
+        """Have ``loader`` (a ``ResumableDataLoader``) draw ``max_staleness`` batches ahead and announce
+        them to ``plan``; ``close`` stops it. Another loader cannot: each batch is then sampled when the
+        trainer reaches it."""
+        from rloop_lightning.data.resumable import ResumableDataLoader
+
+        if self.settings.max_staleness == 0:
+            return
+        if not isinstance(loader, ResumableDataLoader):
+            log.warning("the training dataloader is not a ResumableDataLoader: asynchronous rollouts cannot see "
+                        "prompts ahead, so each batch is sampled when the trainer reaches it (no overlap)")
+            return
+        loader.lookahead, loader.lookahead_depth = self.plan, self.settings.max_staleness
+        self._loader = loader
+
     def close(self) -> None:
-        """Stop the sampler process (idempotent) and give the trainer its cores back."""
+        """Stop the sampler process (idempotent), stop drawing prompts ahead and give the trainer its cores
+        back."""
+        if self._loader is not None:
+            self._loader.lookahead, self._loader.lookahead_depth = None, 0
+            self._loader = None
         if self._finalizer is not None:
             self._finalizer()
             self._finalizer = None

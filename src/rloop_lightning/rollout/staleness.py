@@ -106,6 +106,17 @@ def split_cores(available: list[int], sampler_cores: Optional[list[int]],
     return trainer, sampler
 
 
+def check_rollout_mode(settings: RolloutSettings, world_size: int, strategy: str) -> None:
+    """Asynchronous rollouts run one sampler process beside a single training process: refused, before
+    any model loads, on several ranks (DDP/FSDP) and without a spare core for the sampler."""
+    if not settings.is_async:
+        return
+    if world_size > 1:
+        raise ValueError(f"rollout.mode=async runs one sampler process beside one training process; this phase "
+                         f"has {world_size} ranks ({strategy}): use rollout.mode=sync on several ranks")
+    split_cores(available_cores(), settings.sampler_cores, settings.trainer_cores)
+
+
 def available_cores() -> list[int]:
     """The CPU cores this process may run on."""
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
