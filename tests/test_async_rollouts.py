@@ -20,6 +20,7 @@ from rloop_lightning.callbacks.harvest import ExpertHarvester
 from rloop_lightning.data.datamodules import PromptDataModule
 from rloop_lightning.grpo import GRPOModule
 from rloop_lightning.policy import Policy
+from rloop_lightning.rollout.async_sampler import AsyncSampler
 from rloop_lightning.rollout.base import SamplingParams, sampling_seed
 from rloop_lightning.rollout.hf import HFGenerateEngine
 from rloop_lightning.rollout.staleness import (
@@ -266,6 +267,29 @@ if __name__ == "__main__":  # the sampler process is spawned: it imports this fi
     print(sampler.process.pid, len(rollouts), version, flush=True)
     time.sleep(600)
 """
+
+
+def test_draw_ahead_hooks_a_resumable_loader_until_close_and_warns_for_another(caplog):
+    from rloop_lightning.data.resumable import ResumableDataLoader
+
+    sampler = AsyncSampler(RolloutSettings(mode="async", max_staleness=2), HFGenerateEngine(),
+                           SamplingParams(max_new_tokens=4), 2, lambda step, sampling_round: step)
+    loader = ResumableDataLoader([{"id": "a"}, {"id": "b"}], batch_size=1, collate_fn=list)
+    sampler.draw_ahead(loader)
+    assert loader.lookahead == sampler.plan and loader.lookahead_depth == 2
+    sampler.close()
+    assert loader.lookahead is None and loader.lookahead_depth == 0
+
+    plain = [[{"id": "a"}]]
+    with caplog.at_level("WARNING", logger="rloop_lightning.rollout.async_sampler"):
+        sampler.draw_ahead(plain)
+    assert "cannot see prompts ahead" in caplog.text and sampler._loader is None
+
+    caplog.clear()
+    zero = AsyncSampler(RolloutSettings(mode="async", max_staleness=0), HFGenerateEngine(),
+                        SamplingParams(max_new_tokens=4), 2, lambda step, sampling_round: step)
+    zero.draw_ahead(loader)  # staleness 0: nothing to draw ahead, and no warning
+    assert loader.lookahead is None and not caplog.text
 
 
 @pytest.mark.slow

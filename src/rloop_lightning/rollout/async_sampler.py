@@ -191,14 +191,13 @@ class AsyncSampler:
                  self.process.pid, self.sampler_cores, self.trainer_cores, self.settings.max_staleness)
 
     def draw_ahead(self, loader) -> None:
-        """Have ``loader`` (a ``ResumableDataLoader``) draw ``max_staleness`` batches ahead and announce
-        them to ``plan``; ``close`` stops it. Another loader cannot: each batch is then sampled when the
-        trainer reaches it."""
-        from rloop_lightning.data.resumable import ResumableDataLoader
-
+        """Have ``loader`` draw ``max_staleness`` batches ahead and announce them to ``plan``; ``close``
+        stops it. The loader offers this through ``lookahead``/``lookahead_depth`` attributes (as
+        ``data.resumable.ResumableDataLoader`` does); another loader cannot, and each batch is then sampled
+        when the trainer reaches it."""
         if self.settings.max_staleness == 0:
             return
-        if not isinstance(loader, ResumableDataLoader):
+        if not (hasattr(loader, "lookahead") and hasattr(loader, "lookahead_depth")):
             log.warning("the training dataloader is not a ResumableDataLoader: asynchronous rollouts cannot see "
                         "prompts ahead, so each batch is sampled when the trainer reaches it (no overlap)")
             return
