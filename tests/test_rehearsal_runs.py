@@ -70,12 +70,16 @@ def test_dapo_qwen2_5_math_7b_eval(tmp_path):
     assert '"math/test"' in output  # the table is printed
 
 
-@pytest.mark.parametrize("recipe", ["qlora_gsm8k_rloop", "qlora_gsm8k_rloop_8gb"])
-def test_qlora_gsm8k_rloop(tmp_path, recipe):
-    rehearse(["fit"], recipe, f"--run_dir={tmp_path}", timeout=900)
-    completed = json.loads((tmp_path / "manifest.json").read_text())["completed"]
+def assert_rloop_rehearsal_completed(run_dir: Path) -> None:
+    completed = json.loads((run_dir / "manifest.json").read_text())["completed"]
     assert {"eval/theta_0", "iter_00/grpo", "iter_00/expert_set", "iter_01/grpo", "iter_01/expert_set"} <= set(completed)
-    assert (tmp_path / "report.md").exists()
+    assert (run_dir / "report.md").exists()
+
+
+def test_qlora_gsm8k_rloop_8gb(tmp_path):
+    """(``qlora_gsm8k_rloop`` itself runs end to end as the reference of its SIGKILL test below.)"""
+    rehearse(["fit"], "qlora_gsm8k_rloop_8gb", f"--run_dir={tmp_path}", timeout=900)
+    assert_rloop_rehearsal_completed(tmp_path)
 
 
 @pytest.mark.vllm
@@ -132,14 +136,14 @@ def qlora_checkpoint_holds_the_adapter_and_its_moments(path: Path) -> None:
 def test_rloop_recipe_resumes_after_sigkill_to_the_uninterrupted_outputs(tmp_path, recipe):
     """SIGKILL the loop mid-GRPO (after its first checkpoint) and rerun it: the phase resumes from the
     checkpoint and the run ends with the evaluations and policies of an uninterrupted run (which is
-    the recipe's rehearsal end to end: K = 2 and a report)."""
+    the recipe's rehearsal end to end: K = 2, every phase completed, and a report)."""
     import signal
 
     from rloop_lightning.callbacks import PhaseCheckpoint
 
     every_step = "--checkpoint_every_n_steps=1"
     output = rehearse(["fit"], recipe, f"--run_dir={tmp_path / 'reference'}", every_step, timeout=900)
-    assert (tmp_path / "reference" / "report.md").exists()
+    assert_rloop_rehearsal_completed(tmp_path / "reference")
     if recipe == "dapo_qwen2.5_math_7b_rloop":  # FSDP2 + vLLM on 2 processes, K = 2: every engine in the one group
         # per rank: the evaluation engine of theta_0, then each GRPO phase's (no RFT: the expert sets are empty)
         assert "(rank 0 of 1)" not in output and output.count("(rank 0 of 2)") == output.count("(rank 1 of 2)") >= 3
