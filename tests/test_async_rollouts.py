@@ -24,7 +24,7 @@ from rloop_lightning.rollout.async_sampler import AsyncSampler
 from rloop_lightning.rollout.base import SamplingParams, sampling_seed
 from rloop_lightning.rollout.hf import HFGenerateEngine
 from rloop_lightning.rollout.staleness import (
-    RolloutSettings, check_admissible, may_submit, split_cores, staleness,
+    RolloutSettings, check_admissible, check_rollout_mode, may_submit, split_cores, staleness,
 )
 from rloop_lightning.tasks import Countdown
 
@@ -317,8 +317,6 @@ def test_sigterm_to_the_trainer_leaves_no_sampler_process(tmp_path):
 
 
 def test_async_on_several_ranks_is_refused_before_the_model_loads():
-    from rloop_lightning.rollout.staleness import check_rollout_mode
-
     module = make_module(RolloutSettings(mode="async"))
     with pytest.raises(ValueError, match="this phase has 2 ranks \\(SimpleNamespace\\): use rollout.mode=sync"):
         check_rollout_mode(module.rollout, 2, "SimpleNamespace")  # what setup() checks

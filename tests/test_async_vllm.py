@@ -60,7 +60,7 @@ def test_vllm_sampler_process_samples_with_the_pushed_weights(tmp_path, lora):
     evaluation = PassAtKEvaluation([Evaluator(task, num_samples=1, ks=[1], limit=2, greedy=False,
                                               sampling=SamplingParams(max_new_tokens=4))], every_n_steps=1)
     trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                         callbacks=[MetricsRecorder(str(tmp_path / "metrics.jsonl")), idle, evaluation])
     trainer.fit(module, data)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
