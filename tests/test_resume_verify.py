@@ -18,10 +18,12 @@ import yaml
 from rloop_lightning.cli import cli_main
 from rloop_lightning.loop import BasePolicySettings, PhaseSettings, RLoop
 from rloop_lightning.loop.expert_set import ExpertSetSettings
-from rloop_lightning.loop.verify import DIGESTS, ChangedOutputError, file_sha256
+from rloop_lightning.loop.layout import RunLayout
+from rloop_lightning.loop.verify import DIGESTS, ChangedOutputError, file_sha256, is_read_later
 from test_loop import manifest, read_jsonl, write_loop_config
 
 FIRST = ("eval/theta_0", "iter_00/grpo", "iter_00/expert_set", "iter_00/rft", "iter_00/eval")
+LOGS = ("metrics.jsonl", "config.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +52,38 @@ def test_every_finished_phase_records_the_sha256_of_its_files(finished):
     completed = manifest(run_dir)["completed"]
     assert set(completed) == set(FIRST)
     for name, info in completed.items():
-        files = sorted(p for p in (run_dir / name).rglob("*") if p.is_file())
+        files = sorted(p for p in (run_dir / name).rglob("*") if p.is_file() and p.name not in LOGS)
         assert info[DIGESTS] == {p.relative_to(run_dir / name).as_posix(): file_sha256(p) for p in files}
     assert set(completed["iter_00/expert_set"][DIGESTS]) == {"experts.jsonl", "summary.json"}
     assert "policy/model.safetensors" in completed["iter_00/rft"][DIGESTS]
+    assert {"experts/prompt_stats.rank00.json", "policy/model.safetensors"} <= set(completed["iter_00/grpo"][DIGESTS])
+    assert (run_dir / "iter_00/grpo/metrics.jsonl").exists() and (run_dir / "iter_00/rft/config.yaml").exists()
+
+
+def test_only_what_later_phases_read_is_digested():
+    assert [is_read_later(path, RunLayout.read_later("iter_03/grpo")) for path in (
+        "policy/model.safetensors", "experts/rank01/step0000002.jsonl", "experts/prompt_stats.rank00.json",
+        "metrics.jsonl", "config.yaml", "lightning_logs/version_0/metrics.csv", "checkpoints/step=2.ckpt",
+        "wandb/run-1/files/output.log")] == [True, True, True, False, False, False, False, False]
+    assert RunLayout.read_later("iter_00/rft") == ("policy",)
+    assert [is_read_later(path, RunLayout.read_later("iter_00/expert_set")) for path in (
+        "experts.jsonl", "summary.json", "checkpoints/x")] == [True, True, False]
+
+
+def test_changed_or_deleted_logs_do_not_block_resume(finished, tmp_path, monkeypatch):
+    config, run_dir = copy_run(finished, tmp_path)
+    with open(run_dir / "iter_00/grpo/metrics.jsonl", "a") as metrics:
+        metrics.write('{"step": 99, "loss": 0.0}\n')
+    (run_dir / "iter_00/rft/metrics.jsonl").unlink()
+    (run_dir / "iter_00/rft/config.yaml").unlink()
+    recorded = manifest(run_dir)  # digests of logs recorded by earlier versions are ignored as well
+    recorded["completed"]["iter_00/grpo"][DIGESTS]["lightning_logs/version_0/metrics.csv"] = "0" * 64
+    recorded["completed"]["iter_00/rft"][DIGESTS]["metrics.jsonl"] = "0" * 64
+    (run_dir / "manifest.json").write_text(json.dumps(recorded))
+    for work in ("run_grpo", "build_experts", "run_rft", "evaluate_held_out"):
+        monkeypatch.setattr(RLoop, work, lambda *args, **kwargs: pytest.fail("a completed phase was re-run"))
+    cli_main(["fit", "--config", str(config)])
+    assert manifest(run_dir)["completed"] == recorded["completed"]
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])

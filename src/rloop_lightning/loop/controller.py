@@ -293,7 +293,8 @@ class RLoop:
         a missing or changed expert set or evaluation is redone, any other changed output refused."""
         for name, info in list(self.manifest.data["completed"].items()):
             recorded = info.get(DIGESTS)
-            problems = changed_outputs(self.layout.directory(name), recorded) if recorded is not None else []
+            problems = (changed_outputs(self.layout.directory(name), recorded, self.layout.read_later(name))
+                        if recorded is not None else [])
             if not problems:
                 continue
             if not is_redone(name):
@@ -345,7 +346,7 @@ class RLoop:
         info = work(directory) if every_rank or main else None
         barrier()  # every rank's outputs are written
         if main:
-            digests = output_digests(directory)
+            digests = output_digests(directory, self.layout.read_later(name))
             expected = self.redone.pop(name, None)
             if expected is None or not name.endswith("expert_set") or digests == expected:
                 self.manifest.mark_done(name, {**(info or {}), "seconds": round(time.perf_counter() - started, 2),

@@ -24,6 +24,13 @@ from typing import Literal, Optional
 
 IterationPhase = Literal["grpo", "eval_rl_end", "expert_set", "rft", "eval"]
 BASE_EVALUATION = "eval/theta_0"
+POLICY = "policy"
+"""A training phase's exported policy, relative to its directory."""
+HARVEST = "experts"
+"""A GRPO phase's harvested trajectories and prompt statistics, relative to its directory."""
+READ_LATER: dict[str, tuple[str, ...]] = {"grpo": (POLICY, HARVEST), "rft": (POLICY,)}
+"""What later phases read of a training phase's directory (by the phase's kind); the rest of it is logs
+(``metrics.jsonl``, ``config.yaml``, ``lightning_logs/``, a logger's files) and mid-phase checkpoints."""
 _ITERATION = re.compile(r"iter_(\d+)")
 
 
@@ -47,6 +54,12 @@ class RunLayout:
 
     def directory(self, phase: str) -> Path:
         return self.root / phase
+
+    @staticmethod
+    def read_later(phase: str) -> Optional[tuple[str, ...]]:
+        """The parts of ``phase``'s directory (top-level names) that later phases read, or None for all of
+        it but ``checkpoints/`` (an expert set, an evaluation)."""
+        return READ_LATER.get(phase.rsplit("/", 1)[-1])
 
     def iterations(self) -> list[int]:
         """The iterations that have a directory, in order."""
@@ -72,7 +85,7 @@ class RunLayout:
 
     def policy(self, phase: str) -> Path:
         """The exported policy of a training phase (``iter_KK/grpo`` or ``iter_KK/rft``)."""
-        return self.directory(phase) / "policy"
+        return self.directory(phase) / POLICY
 
     def metrics(self, phase: str) -> Path:
         """The per-step metrics of a training phase."""
@@ -84,7 +97,7 @@ class RunLayout:
 
     def harvest(self, k: int) -> Path:
         """Where iteration ``k``'s GRPO phase harvests trajectories and prompt statistics."""
-        return self.directory(self.phase("grpo", k)) / "experts"
+        return self.directory(self.phase("grpo", k)) / HARVEST
 
     def harvest_shards(self, k: int) -> list[Path]:
         return sorted(self.harvest(k).glob("rank*/*.jsonl"))

@@ -1,7 +1,9 @@
 """What resume trusts: a finished phase's outputs, checked against the sha256 digests the manifest recorded.
 
-When a phase finishes, the manifest records the sha256 of every file in its directory (policy files,
-harvest shards, the expert set, ``eval.json``; mid-phase checkpoints excepted). On resume, before
+When a phase finishes, the manifest records the sha256 of every file of it that later phases read
+(``RunLayout.read_later``): a training phase's ``policy/`` (and a GRPO phase's harvest, ``experts/``), an
+expert set's files, ``eval.json``. Logs are not digested and may change or go: ``metrics.jsonl``,
+``config.yaml``, ``lightning_logs/``, a logger's files, and mid-phase checkpoints. On resume, before
 anything runs, every finished phase is checked, and a file that is missing or changed is
 
 - **redone** when the phase is cheap and deterministic and what it was made from is intact: an expert
@@ -11,13 +13,15 @@ anything runs, every finished phase is checked, and a file that is missing or ch
   training is not bit-reproducible on a GPU, so a retrained theta_k would silently differ from the one
   the later phases were computed from.
 
-Phases recorded before digests existed are not checked.
+Phases recorded before digests existed are not checked; digests recorded of logs (by earlier versions)
+are ignored.
 """
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Optional
 
 DIGESTS = "outputs_sha256"
 """The key of a finished phase's digests in the manifest: ``{path relative to the phase directory: sha256}``."""
@@ -34,17 +38,28 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def output_digests(directory: Path) -> dict[str, str]:
-    """sha256 of every file under ``directory`` but its ``checkpoints/``, by relative POSIX path."""
+def is_read_later(relative: str, read_later: Optional[tuple[str, ...]]) -> bool:
+    """Whether the file at POSIX path ``relative`` in a phase's directory is read by later phases, given
+    the phase's ``RunLayout.read_later`` (None: everything but ``checkpoints/``)."""
+    parts = relative.split("/")
+    return parts[0] in read_later if read_later is not None else "checkpoints" not in parts
+
+
+def output_digests(directory: Path, read_later: Optional[tuple[str, ...]] = None) -> dict[str, str]:
+    """sha256 of every file under ``directory`` that later phases read (``is_read_later``), by relative
+    POSIX path."""
     directory = Path(directory)
-    return {path.relative_to(directory).as_posix(): file_sha256(path) for path in sorted(directory.rglob("*"))
-            if path.is_file() and "checkpoints" not in path.relative_to(directory).parts}
+    return {relative: file_sha256(path) for path in sorted(directory.rglob("*"))
+            if path.is_file() and is_read_later(relative := path.relative_to(directory).as_posix(), read_later)}
 
 
-def changed_outputs(directory: Path, recorded: dict[str, str]) -> list[str]:
-    """Recorded files under ``directory`` that are missing or whose sha256 differs, as readable lines."""
+def changed_outputs(directory: Path, recorded: dict[str, str], read_later: Optional[tuple[str, ...]] = None) -> list[str]:
+    """Recorded files under ``directory`` that later phases read and that are missing or whose sha256
+    differs, as readable lines."""
     problems = []
     for relative, expected in sorted(recorded.items()):
+        if not is_read_later(relative, read_later):
+            continue
         path = Path(directory) / relative
         if not path.is_file():
             problems.append(f"{path} is missing")
