@@ -24,6 +24,7 @@ import yaml
 
 from rloop_lightning.cli import cli_main
 from rloop_lightning.loop import RLoop
+from rloop_lightning.loop import lock as lock_module
 from rloop_lightning.loop.lock import RunDirectoryBusy, RunLock
 from rloop_lightning.loop.manifest import ManifestError
 from rloop_lightning.records import RecordError
@@ -42,9 +43,9 @@ def lock_holder(path: Path) -> dict | None:
 
 @pytest.fixture(scope="module")
 def concurrent_runs(tmp_path_factory):
-    """A one-iteration ``rloop fit`` in a subprocess and, while it holds the run directory, a second
-    ``rloop fit`` on it in this process: (loop YAML, run directory, holder's PID, the second's error and
-    seconds, the first's return code)."""
+    """A one-iteration ``rloop fit`` in a subprocess and, while it holds the run directory and after its
+    ``.lock`` was deleted, a second ``rloop fit`` on it in this process: (loop YAML, run directory, holder's
+    PID, the second's error and seconds, the first's return code)."""
     root = tmp_path_factory.mktemp("concurrent")
     run_dir = root / "run"
     config = write_loop_config(root / "configs", run_dir)
@@ -58,6 +59,7 @@ def concurrent_runs(tmp_path_factory):
             assert first.poll() is None, log_path.read_text()[-3000:]
             assert time.monotonic() < deadline, "the first run never took the lock"
             time.sleep(0.05)
+        (run_dir / ".lock").unlink()  # the lock is the holder's, not the file's
         started = time.monotonic()
         with pytest.raises(RunDirectoryBusy) as error:
             cli_main(["fit", "--config", str(config)])
@@ -78,25 +80,54 @@ def test_a_second_fit_on_a_run_directory_is_refused_at_once_naming_the_holder(co
     completed = manifest(run_dir)["completed"]  # the first run finished undisturbed
     assert set(completed) == {"eval/theta_0", "iter_00/grpo", "iter_00/expert_set", "iter_00/rft", "iter_00/eval"}
     assert len([line for line in (run_dir / "iter_00/grpo/metrics.jsonl").read_text().splitlines() if line]) == 3
-    assert lock_holder(run_dir / ".lock") is None  # released on exit
+    assert not (run_dir / ".lock").exists()  # the first run never wrote a new one
 
 
-HOLD = "import sys, time; from rloop_lightning.loop.lock import RunLock; RunLock(sys.argv[1]).acquire(); " \
-       "print('locked', flush=True); time.sleep(600)"
+HOLD = ("import importlib.util, sys, time; spec = importlib.util.spec_from_file_location('lock', sys.argv[2]); "
+        "lock = importlib.util.module_from_spec(spec); spec.loader.exec_module(lock); "
+        "lock.RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(600)")
+"""Holds the lock of the directory ``argv[1]`` with ``loop/lock.py`` alone (standard library: no torch import)."""
+
+
+def hold_lock(directory: Path) -> subprocess.Popen:
+    """A process that holds ``directory``'s lock until killed (it has printed ``locked``)."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(directory), lock_module.__file__],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "locked\n"
+    return holder
 
 
 def test_a_killed_holder_blocks_nothing_and_other_ranks_are_never_refused(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    holder = hold_lock(tmp_path)
     try:
-        assert holder.stdout.readline() == "locked\n"
         with pytest.raises(RunDirectoryBusy, match=f"in use by process {holder.pid} "):
             RunLock(tmp_path).acquire()
         with RunLock(tmp_path, main=False):  # a rank > 0 of the holder's own run
             pass
         holder.send_signal(signal.SIGKILL)
         assert holder.wait(timeout=30) == -signal.SIGKILL
-        assert lock_holder(tmp_path / ".lock")["pid"] == holder.pid  # the file outlives its holder...
+        (tmp_path / ".lock").write_text(json.dumps({"pid": holder.pid}))  # a file left by the killed holder...
         with RunLock(tmp_path):  # ...but not its lock
+            assert lock_holder(tmp_path / ".lock")["pid"] == os.getpid()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_live_holder_keeps_the_lock_when_its_file_is_deleted(tmp_path):
+    holder = hold_lock(tmp_path)
+    try:
+        (tmp_path / ".lock").unlink()  # held by the live process, not by the file
+        (tmp_path / "iter_00").mkdir()
+        with pytest.raises(RunDirectoryBusy, match=f"in use by process {holder.pid} on .*-c import importlib.* \\(kill "
+                                                   f"{holder.pid}\\)"):  # named from /proc/locks
+            RunLock(tmp_path).acquire()
+        assert not (tmp_path / ".lock").exists() and (tmp_path / "iter_00").is_dir()
+        with RunLock(tmp_path / "iter_00"):  # another directory (a W&B sweep's run_dir/<run id>) has its own lock
+            pass
+        holder.send_signal(signal.SIGKILL)
+        assert holder.wait(timeout=30) == -signal.SIGKILL
+        with RunLock(tmp_path):  # its holder killed: free
             assert lock_holder(tmp_path / ".lock")["pid"] == os.getpid()
     finally:
         holder.kill()
