@@ -18,6 +18,7 @@ import yaml
 from rloop_lightning.cli import cli_main
 from rloop_lightning.loop import BasePolicySettings, PhaseSettings, RLoop
 from rloop_lightning.loop.expert_set import ExpertSetSettings
+from rloop_lightning.loop.base_identity import BASE, ChangedBaseError, base_identity
 from rloop_lightning.loop.layout import RunLayout
 from rloop_lightning.loop.verify import DIGESTS, ChangedOutputError, file_sha256, is_read_later
 from test_loop import manifest, read_jsonl, write_loop_config
@@ -58,6 +59,19 @@ def test_every_finished_phase_records_the_sha256_of_its_files(finished):
     assert "policy/model.safetensors" in completed["iter_00/rft"][DIGESTS]
     assert {"experts/prompt_stats.rank00.json", "policy/model.safetensors"} <= set(completed["iter_00/grpo"][DIGESTS])
     assert (run_dir / "iter_00/grpo/metrics.jsonl").exists() and (run_dir / "iter_00/rft/config.yaml").exists()
+    assert manifest(run_dir)[BASE] == base_identity("rloop/micro-llama")  # theta_0's files, by sha256
+
+
+def test_a_changed_base_refuses_to_resume_naming_it_before_anything_runs(finished, tmp_path):
+    config, run_dir = copy_run(finished, tmp_path)
+    recorded = manifest(run_dir)
+    recorded[BASE]["sha256"]["model.safetensors"] = "0" * 64  # the run started from other weights
+    (run_dir / "manifest.json").write_text(json.dumps(recorded))
+    with pytest.raises(ChangedBaseError, match="theta_0 is not the base .*\n  rloop/micro-llama: model.safetensors "
+                                               "changed \\(sha256 000000000000 when the run started\\)"):
+        cli_main(["fit", "--config", str(config), "--iterations", "2"])
+    assert manifest(run_dir)["completed"] == recorded["completed"] and not (run_dir / "iter_01").exists()
+    assert manifest(run_dir)[BASE] == recorded[BASE]  # the record is not overwritten
 
 
 def test_only_what_later_phases_read_is_digested():

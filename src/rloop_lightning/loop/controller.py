@@ -44,6 +44,7 @@ from rloop_lightning.loop.distributed import (
     DEFAULT_TIMEOUT_SECONDS, barrier, is_main_process, share_from_main, start_ranks,
 )
 from rloop_lightning.loop.expert_set import ExpertSetSettings, build_expert_set
+from rloop_lightning.loop.base_identity import BASE, check_base, unresolved
 from rloop_lightning.loop.layout import BASE_EVALUATION, RunLayout
 from rloop_lightning.loop.lock import RunDirectoryBusy, RunLock
 from rloop_lightning.loop.manifest import Manifest
@@ -193,6 +194,7 @@ class RLoop:
         self.manifest = Manifest(self.layout.manifest)
         self.redone: dict[str, dict[str, str]] = {}  # phase -> the digests it must give again
         self.processes: dict = {"accelerator": "auto", "devices": "auto", "num_nodes": 1}  # set by validate_phases
+        self.base_revision: Optional[str] = None  # set by validate_phases
 
     # ------------------------------------------------------------------ driver
     def run(self, config: Optional[dict] = None) -> dict:
@@ -227,6 +229,7 @@ class RLoop:
                 raise FileExistsError(f"{self.layout.root} already holds a run; pass --resume true or another run_dir")
             self.manifest.check_config(config)
             self.verify_finished_phases()
+            check_base(self.manifest, self.base.policy, self.base_revision)  # before a missing base is rebuilt
             theta_path = self.build_base()
             if tiny.is_builtin(theta_path):
                 tiny.materialize(theta_path)  # once, before the other ranks load it
@@ -240,6 +243,8 @@ class RLoop:
         barrier()  # the main process has checked the configuration and built theta_0
         self.manifest.reload()
         self.phase(BASE_EVALUATION, lambda d: self.evaluate_held_out(theta_path, BASE_EVALUATION))
+        if is_main_process() and unresolved(self.manifest.data.get(BASE)):  # built, or downloaded by the evaluation
+            check_base(self.manifest, theta_path, self.base_revision)
         for k in range(self.iterations):
             theta_path = self.iteration(k, theta_path)
         if is_main_process():
@@ -262,6 +267,7 @@ class RLoop:
         grpo_overrides = self.grpo_overrides(theta, self.layout.root, self.seed)
         parse_phase(GRPOModule, self.grpo, grpo_overrides)
         grpo = check_phase(GRPOModule, self.grpo, grpo_overrides, "grpo")
+        self.base_revision = grpo.model.policy.revision  # the hub revision theta_0 is loaded at
         self.processes = processes_of(grpo.config)
         if not self.vanilla:
             rft_overrides = self.rft_overrides(theta, 0, self.layout.root, self.seed)
