@@ -3,7 +3,7 @@
 The probes are the fault tests themselves (tests/test_reward_faults.py, tests/test_faults.py, the
 crash/resume test of tests/test_loop.py, and the second round's tests/test_preemption.py,
 tests/test_checks.py, tests/test_data_errors.py, tests/test_resume_verify.py and
-tests/test_command_inputs.py): each asserts one fault's intended outcome, so a passing test means
+tests/test_command_inputs.py; of the third, tests/test_base_identity.py): each asserts one fault's intended outcome, so a passing test means
 that outcome, a failing one a regression, and one that runs past its time limit a hang.
 They run in one pytest process under pytest-timeout, the whole run under a wall-clock limit too.
 
@@ -164,6 +164,18 @@ PROBES = [
     *(Probe(f"run_dir with {kind} characters", "handled: paths reach the phases as written",
             COMMANDS + f"test_a_run_directory_with_non_ascii_characters_reaches_the_phases_as_written[{kind}]")
       for kind in ("latin", "cjk", "emoji")),
+    Probe("run's .lock deleted while it runs, same fit again", "clear error naming the live holder",
+          FAULTS + "test_a_live_holder_keeps_the_lock_when_its_file_is_deleted"),
+    Probe("finished phase's logs appended to or deleted, resume", "handled: resumes, nothing redone",
+          VERIFY + "test_changed_or_deleted_logs_do_not_block_resume"),
+    Probe("theta_0's weights changed, resume", "clear error naming the base, before anything runs",
+          VERIFY + "test_a_changed_base_refuses_to_resume_naming_it_before_anything_runs"),
+    Probe("base directory rebuilt or deleted, resume", "clear error naming the base and file, before a rebuild",
+          "tests/test_base_identity.py::test_a_base_the_run_builds_is_recorded_once_built_and_a_deleted_one_refused"
+          "_before_a_rebuild"),
+    Probe("hub base's cached main moved to a new commit, resume", "clear error naming both commits",
+          "tests/test_base_identity.py::test_a_hub_base_whose_cache_moved_to_another_commit_refuses_to_resume"
+          "_naming_both"),
 ]
 
 
