@@ -212,6 +212,24 @@ def test_importance_correction_weights_tokens_by_the_sampler_mismatch():
     assert float(metrics["importance/capped_fraction"]) == 0.0
 
 
+def test_importance_weights_scale_the_gradient_of_the_loss():
+    """The weights must multiply each token's loss, not only reach the logs: with the sampler reporting
+    every log-prob 1 nat high, every weight is exp(-1), so one plain SGD step (no clipping, ratio 1 at
+    the step's start) moves every weight exp(-1) times as far as the same step without the correction
+    (the same seed samples the same completions)."""
+    moves = []
+    for engine in (HFGenerateEngine(), ShiftedSamplerEngine()):
+        module = make_module(engine=engine, max_grad_norm=0.0, optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
+        module.policy.load_model()
+        torch.manual_seed(0)  # after loading: the first load builds the cached model from the global RNG
+        before = [p.detach().clone() for p in module.policy.parameters()]
+        fit(module, make_data(), steps=1)
+        moves.append(torch.cat([(p.detach() - b).flatten() for p, b in zip(module.policy.parameters(), before)]))
+    plain, weighted = moves
+    assert float(plain.abs().max()) > 1e-4
+    torch.testing.assert_close(weighted, plain * math.exp(-1), atol=1e-6, rtol=1e-4)
+
+
 def test_importance_correction_is_off_for_the_hf_engine_unless_asked():
     torch.manual_seed(0)
     trainer = fit(make_module(), make_data(), steps=1)
