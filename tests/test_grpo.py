@@ -11,7 +11,8 @@ import torch
 import rloop_lightning.grpo.module as grpo_module
 from rloop_lightning.data.datamodules import PromptDataModule
 from rloop_lightning.grpo import GRPOModule, ImportanceSettings, LossSettings
-from rloop_lightning.policy import Policy
+from rloop_lightning.algorithms import clipped_policy_loss
+from rloop_lightning.policy import LoraSettings, Policy
 from rloop_lightning.rollout.base import SamplingParams
 from rloop_lightning.rollout.hf import HFGenerateEngine
 from rloop_lightning.tasks import Countdown
@@ -228,6 +229,31 @@ def test_importance_weights_scale_the_gradient_of_the_loss():
     plain, weighted = moves
     assert float(plain.abs().max()) > 1e-4
     torch.testing.assert_close(weighted, plain * math.exp(-1), atol=1e-6, rtol=1e-4)
+
+
+def test_old_log_probs_are_those_of_an_eval_pass_and_each_step_starts_at_ratio_one_under_lora_dropout():
+    """With LoRA dropout 0.5 (adapters made non-zero so that it matters), GRPO's old-policy log-probs equal
+    an eval-mode pass, and the training forward (train mode) gives ratio exactly 1 at the step's start."""
+    torch.manual_seed(0)
+    module = make_module(policy=Policy("rloop/micro-llama", lora=LoraSettings(r=4, alpha=8, dropout=0.5)),
+                         num_iterations=2)
+    module.configure_model()
+    policy = module.policy
+    for name, parameter in policy.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0.0, 0.5)
+    prompts = policy.encode_prompts(["1 2 3 -> 6", "4 5 -> 9"])
+    batch = policy.make_batch([prompts[0]] * 2 + [prompts[1]] * 2, policy.encode_completions(["1+2+3", "6", "4+5", "9"]))
+    old = module._logprobs_without_grad(batch)  # the step's old log-probs (a batch reused num_iterations times)
+    policy.model.eval()
+    with torch.no_grad():
+        evaluated = policy.completion_logprobs(batch, share_prompts=True)[0]
+    policy.model.train()
+    current = policy.completion_logprobs(batch, with_entropy=True, share_prompts=True)[0]  # the training forward
+    assert torch.equal(old, evaluated)
+    mask = batch.completion_mask.float()
+    out = clipped_policy_loss(current, old, torch.tensor([1.0, -1.0, 0.5, -0.5]), mask)
+    assert float(out.ratio_mean) == 1.0 and float(out.clip_fraction) == 0.0
 
 
 def test_importance_correction_is_off_for_the_hf_engine_unless_asked():

@@ -49,7 +49,7 @@ class LoraSettings:
     alpha: int = 32
     """Scaling: the adapter's update is multiplied by ``alpha / r``."""
     dropout: float = 0.0
-    """Dropout on the adapter's input."""
+    """Dropout on the adapter's input; RFT only (GRPO turns every dropout off)."""
     target_modules: str | list[str] = "all-linear"
     """Module names (or ``all-linear``) that get an adapter."""
     bias: Literal["none", "all", "lora_only"] = "none"
@@ -66,6 +66,22 @@ def keep_trainable_4bit_layout(model: nn.Module) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def disable_dropout(model: nn.Module) -> list[str]:
+    """Turn every dropout of ``model`` off for good, in train mode too: ``nn.Dropout`` modules (LoRA's
+    ``lora_dropout`` among them) get p = 0, and attention modules that read their dropout from an
+    ``attention_dropout`` attribute (the Hugging Face decoders) get 0. Returns the names of those that were on.
+    Unlike ``model.eval()`` this leaves the training mode alone (gradient checkpointing keys on it)."""
+    disabled = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            module.p = 0.0
+            disabled.append(name)
+        if isinstance(getattr(module, "attention_dropout", None), float) and module.attention_dropout > 0:
+            module.attention_dropout = 0.0
+            disabled.append(f"{name}.attention_dropout")
+    return disabled
 
 
 @contextmanager

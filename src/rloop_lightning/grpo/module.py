@@ -11,7 +11,8 @@ The maths lives in ``rloop_lightning.algorithms``; this module wires it. Every c
 step is returned from ``training_step`` as a trajectory record, which ``ExpertHarvester`` stores.
 Departures from the GRPO paper: KL off by default (DAPO, Dr.GRPO); with ``num_iterations ==
 num_mini_batches == 1`` the behaviour policy equals the current one, so ``old_logprobs`` are the
-detached current log-probs (ratio 1) and no extra forward pass is spent on them.
+detached current log-probs (ratio 1) and no extra forward pass is spent on them. Dropout is off in
+every pass (as in TRL's PPO/RLOO trainers), so a policy's log-probs do not depend on the pass.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from rloop_lightning.grpo.settings import (  # noqa: F401 - LossSettings & co. a
 from rloop_lightning.grpo.groups import Group, ScoringStats, flatten_groups, score_groups, trainer_state, trajectories
 from rloop_lightning.grpo.step_metrics import step_metrics, step_sums
 from rloop_lightning.forwards import PolicyBatch
-from rloop_lightning.policy import Policy
+from rloop_lightning.policy import Policy, disable_dropout
 from rloop_lightning.policy_module import PolicyModule
 from rloop_lightning.prompt_stats import PromptStats
 from rloop_lightning.rewards.inputs import chat_format
@@ -192,6 +193,15 @@ class GRPOModule(PolicyModule):
             self.sampling_seed = state["sampling_seed"]
 
     # ------------------------------------------------------------------ set-up
+    def configure_model(self) -> None:
+        """Load the policy, then turn its dropout off: the old/proximal log-probs, the training forward and
+        the sampler must score one deterministic policy, or the ratio and the importance weights measure
+        dropout noise, not off-policyness (``lora.dropout`` applies to RFT only)."""
+        super().configure_model()
+        disabled = disable_dropout(self.policy.require_model())
+        if disabled:
+            log.info("GRPO trains without dropout: %d dropout modules set to 0 (e.g. %s)", len(disabled), disabled[0])
+
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return
