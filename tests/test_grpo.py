@@ -256,6 +256,30 @@ def test_old_log_probs_are_those_of_an_eval_pass_and_each_step_starts_at_ratio_o
     assert float(out.ratio_mean) == 1.0 and float(out.clip_fraction) == 0.0
 
 
+class ExactTopKEngine(HFGenerateEngine):
+    """Claims vLLM's CUDA rule for top-k ties (exactly k kept)."""
+
+    def top_k_ties(self):
+        return "exact"
+
+
+def test_grpo_scores_a_top_k_sampler_with_its_engine_tie_rule(monkeypatch):
+    """The old-policy and the training log-probs truncate ties at the k-th logit as the engine samples."""
+    rules = []
+    real = Policy.completion_logprobs
+
+    def recording(self, *args, **kwargs):
+        rules.append(kwargs.get("top_k_ties"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Policy, "completion_logprobs", recording)
+    torch.manual_seed(0)
+    module = make_module(engine=ExactTopKEngine(), sampling=SamplingParams(max_new_tokens=8, top_k=5),
+                         num_iterations=2)
+    fit(module, make_data(batch_size=2), steps=2)
+    assert len(rules) == 3 and set(rules) == {"exact"}  # the old-policy pass and 2 training passes
+
+
 def test_importance_correction_is_off_for_the_hf_engine_unless_asked():
     torch.manual_seed(0)
     trainer = fit(make_module(), make_data(), steps=1)

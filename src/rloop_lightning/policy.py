@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from rloop_lightning import tiny
 from rloop_lightning.algorithms.chunked_logprobs import chosen_token_logprobs, logprobs_from_logits
+from rloop_lightning.algorithms.truncation import TopKTies
 from rloop_lightning.forwards import (
     PolicyBatch, head_returns_hidden_states, pad, position_ids, shared_prompt_logits,
 )
@@ -359,13 +360,14 @@ class Policy(nn.Module):
     # ------------------------------------------------------------------ log-probs
     def completion_logprobs(self, batch: PolicyBatch, model: Optional[nn.Module] = None,
                             with_entropy: bool = False, temperature: float = 1.0,
-                            share_prompts: bool = False, top_k: int = 0,
-                            top_p: float = 1.0) -> tuple[Tensor, Optional[Tensor]]:
+                            share_prompts: bool = False, top_k: int = 0, top_p: float = 1.0,
+                            top_k_ties: TopKTies = "keep") -> tuple[Tensor, Optional[Tensor]]:
         """Per-token log-probs [N, C] of the completion tokens (and entropy [N, C], no grad).
 
         ``temperature`` divides the logits and ``top_k``/``top_p`` truncate them
-        (``algorithms.truncation``), so log-probs are those of the distribution that sampled the
-        tokens (as the sampler reported them); temperature 0 (greedy) counts as 1. ``share_prompts``
+        (``algorithms.truncation``; ``top_k_ties``: the rule of the engine that sampled, ``RolloutEngine.top_k_ties``),
+        so log-probs are those of the distribution that sampled the tokens (as the sampler reported them);
+        temperature 0 (greedy) counts as 1. ``share_prompts``
         runs each distinct prompt once (see ``shared_prompt_logits``); the result is the same.
         The model returns hidden states and the head runs ``logprob_chunk_size`` tokens at a time
         (``chosen_token_logprobs``); every rank takes the same path, as it depends only on settings.
@@ -384,9 +386,9 @@ class Policy(nn.Module):
                 ).logits[:, :-1]
         targets = batch.input_ids[:, batch.prompt_length:]
         if head is None:  # [N, C, V] logits
-            return logprobs_from_logits(outputs, targets, temperature, with_entropy, top_k, top_p)
+            return logprobs_from_logits(outputs, targets, temperature, with_entropy, top_k, top_p, top_k_ties)
         return chosen_token_logprobs(outputs, head, targets, self.logprob_chunk_size, temperature, with_entropy,
-                                     top_k, top_p)
+                                     top_k, top_p, top_k_ties)
 
     @contextmanager
     def reference(self) -> Iterator[nn.Module]:

@@ -144,6 +144,7 @@ class GRPOModule(PolicyModule):
         self.overlong = overlong or OverlongSettings()
         self.importance = importance or ImportanceSettings()
         self.rollout = rollout or RolloutSettings()
+        self.top_k_ties = "keep"  # the engine's rule for ties at the k-th logit (set up with the engine's)
         self.sampling_seed: Optional[int] = None  # set at fit start (rollout.seed or the torch seed), checkpointed
         self.sampler = None  # AsyncSampler while an asynchronous phase runs
         self.dynamic_sampling = dynamic_sampling
@@ -214,6 +215,7 @@ class GRPOModule(PolicyModule):
         self._validate_before_training(datamodule, functions)
         self._check_engine_memory()
         check_rollout_mode(self.rollout, self.trainer.world_size, type(self.trainer.strategy).__name__)
+        self.top_k_ties = self.engine.top_k_ties() if self.sampling.top_k else "keep"  # scored as it samples
         self.sampling_seed = self.rollout.seed if self.rollout.seed is not None else torch.initial_seed()
 
     def _check_engine_memory(self) -> None:
@@ -364,7 +366,7 @@ class GRPOModule(PolicyModule):
     def _logprobs_without_grad(self, batch: PolicyBatch) -> torch.Tensor:
         chunks = [self.policy.completion_logprobs(batch.select(rows), temperature=self.sampling.temperature,
                                                   share_prompts=self.share_prompts, top_k=self.sampling.top_k,
-                                                  top_p=self.sampling.top_p)[0]
+                                                  top_p=self.sampling.top_p, top_k_ties=self.top_k_ties)[0]
                   for rows in self._chunks(batch)]
         return torch.cat(chunks)
 
@@ -393,7 +395,8 @@ class GRPOModule(PolicyModule):
                     micro = batch.select(rows)
                     logprobs, entropy = self.policy.completion_logprobs(
                         micro, with_entropy=True, temperature=self.sampling.temperature,
-                        share_prompts=self.share_prompts, top_k=self.sampling.top_k, top_p=self.sampling.top_p)
+                        share_prompts=self.share_prompts, top_k=self.sampling.top_k, top_p=self.sampling.top_p,
+                        top_k_ties=self.top_k_ties)
                     micro_mask = mask[rows]
                     old = old_logprobs[rows] if old_logprobs is not None else logprobs.detach()
                     kl = (kl_penalty(logprobs, ref_logprobs[rows], settings.kl_estimator)
