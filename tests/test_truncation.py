@@ -11,7 +11,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 from rloop_lightning.algorithms.chunked_logprobs import chosen_token_logprobs, logprobs_from_logits
 from rloop_lightning.algorithms.truncation import truncate_logits
 from rloop_lightning.rollout.hf import HFGenerateEngine
-from rloop_lightning.rollout.vllm import top_k_tie_rule
+from rloop_lightning.rollout.vllm import VLLMEngine, top_k_tie_rule
 
 # probabilities 1/8, 1/8, 1/4, 1/2: every cumulative sum is exact in binary floating point
 LOGITS = torch.tensor([[math.log(1), math.log(1), math.log(2), math.log(4)]])
@@ -188,3 +188,4 @@ def test_the_tie_rule_of_each_engine():
         top_k_tie_rule(lambda logits, k: exactly_k(logits, 3, torch.Generator().manual_seed(0)), "cpu")
     vllm_ops = pytest.importorskip("vllm.v1.sample.ops.topk_topp_sampler")
     assert top_k_tie_rule(lambda logits, k: vllm_ops.apply_top_k_top_p(logits, k, None), "cpu") == "keep"
+    assert VLLMEngine().top_k_ties() == "keep"  # vLLM's CPU build here

@@ -226,12 +226,22 @@ class VLLMEngine(RolloutEngine):
         return self.llm
 
     def top_k_ties(self) -> TopKTies:
-        """The rule of the top-k kernel vLLM samples with on this device (``top_k_tie_rule``), probed once."""
+        """The rule of the top-k kernel vLLM samples with on this device (``top_k_tie_rule``), probed once. A
+        probe that cannot run outside an engine falls back to vLLM's dispatch: the Triton kernel (exactly k)
+        wherever vLLM has Triton, else the PyTorch path (every tie)."""
         if self._top_k_ties is None:
             import_vllm()
+            from vllm.triton_utils import HAS_TRITON
             from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 
-            self._top_k_ties = top_k_tie_rule(lambda logits, k: apply_top_k_top_p(logits, k, None), self.device)
+            try:
+                self._top_k_ties = top_k_tie_rule(lambda logits, k: apply_top_k_top_p(logits, k, None), self.device)
+            except ValueError:
+                raise
+            except Exception as error:  # noqa: BLE001 -- a kernel that needs a running engine: vLLM's own rule
+                self._top_k_ties = "exact" if HAS_TRITON else "keep"
+                log.warning("could not probe vLLM's top-k on %s (%s); its dispatch says %s ties", self.device,
+                            error, self._top_k_ties)
         return self._top_k_ties
 
     # ------------------------------------------------------------------ sampling
