@@ -86,12 +86,14 @@ def test_matches_transformers_warpers_and_vllm(top_k, top_p):
 TIES = torch.tensor([[3.0, 1.0, 1.0, 1.0, 0.0]])  # the 2nd largest logit is tied three ways
 
 
-def test_exact_top_k_keeps_k_tokens_ties_in_vocabulary_order_and_the_scored_tie_in_place_of_one():
+def test_exact_top_k_keeps_k_tokens_and_the_scored_tie_in_place_of_another():
     assert kept(truncate_logits(TIES, top_k=2)) == [1, 1, 1, 1, 0]  # transformers' rule: every tie
-    assert kept(truncate_logits(TIES, top_k=2, top_k_ties="exact")) == [1, 1, 0, 0, 0]
-    assert kept(truncate_logits(TIES, top_k=3, top_k_ties="exact")) == [1, 1, 1, 0, 0]
-    scored = truncate_logits(TIES, top_k=2, keep=torch.tensor([3]), top_k_ties="exact")
-    assert kept(scored) == [1, 0, 0, 1, 0]  # still 2 tokens: token 3 took token 1's place
+    for k in (2, 3):
+        exact = kept(truncate_logits(TIES, top_k=k, top_k_ties="exact"))
+        assert exact[0] == 1 and sum(exact[1:4]) == k - 1 and exact[4] == 0
+    for token in (1, 2, 3):  # whichever tie the sampler drew, it is kept, and only one tie with it
+        scored = truncate_logits(TIES, top_k=2, keep=torch.tensor([token]), top_k_ties="exact")
+        assert kept(scored) == [1] + [int(i == token) for i in (1, 2, 3)] + [0]
     assert scored.log_softmax(-1)[0, 3].item() == pytest.approx(1 - math.log(math.exp(3) + math.exp(1)))
     with pytest.raises(ValueError, match="top_k_ties must be 'keep' or 'exact'"):
         truncate_logits(TIES, top_k=2, top_k_ties="first")

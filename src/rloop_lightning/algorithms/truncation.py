@@ -16,8 +16,9 @@ k-th largest logit (``TopKTies``), and the engine that sampled says which (``Rol
 
 * ``keep``: every tied token is kept (so more than k tokens): transformers, and vLLM's PyTorch path
   (CPU);
-* ``exact``: exactly k are kept, the tied ones first in vocabulary order: vLLM's Triton top-k/top-p
-  kernel (CUDA), which counts the boundary value's duplicates and keeps only as many as fill k.
+* ``exact``: exactly k are kept: vLLM's Triton top-k/top-p kernel (CUDA), which counts the boundary
+  value's duplicates and keeps only as many as fill k (the first in vocabulary order; the trainer
+  keeps those ``torch.topk`` picks).
 
 Ties are common with bf16 logits (8 bits of mantissa); with the wrong rule the trainer's normaliser
 Z_kept would hold the mass of tied tokens the sampler never had. Which of the tied tokens are kept
@@ -46,15 +47,10 @@ from torch import Tensor
 TopKTies = Literal["keep", "exact"]
 
 
-def _exact_top_k_removed(logits: Tensor, kth_largest: Tensor, top_k: int) -> Tensor:
-    """[..., V] True outside a set of exactly ``top_k`` tokens: every logit above the k-th largest, then the
-    tokens tied with it in vocabulary order until k are kept (vLLM's Triton kernel's order)."""
-    removed = logits < kth_largest
-    tied = logits == kth_largest
-    slots = top_k - (logits > kth_largest).sum(-1, keepdim=True)  # [..., 1] tied tokens that fit, >= 1
-    if bool((tied.sum(-1, keepdim=True) > slots).any()):
-        removed |= tied & (tied.cumsum(-1, dtype=torch.int32) > slots)
-    return removed
+def _exact_top_k_removed(logits: Tensor, top_k_indices: Tensor) -> Tensor:
+    """[..., V] True outside the ``top_k_indices`` [..., k] that ``torch.topk`` chose: exactly k tokens, every
+    logit above the k-th largest and as many tied with it as fit (which tied ones changes no probability)."""
+    return torch.ones_like(logits, dtype=torch.bool).scatter_(-1, top_k_indices, False)
 
 
 def _keep_scored(logits: Tensor, removed: Tensor, keep: Tensor) -> None:
@@ -87,8 +83,9 @@ def truncate_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0, keep: Op
         return logits
     removed = torch.zeros_like(logits, dtype=torch.bool)
     if 0 < top_k < logits.shape[-1]:
-        kth_largest = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        removed = _exact_top_k_removed(logits, kth_largest, top_k) if top_k_ties == "exact" else logits < kth_largest
+        largest = torch.topk(logits, top_k, dim=-1)
+        removed = (_exact_top_k_removed(logits, largest.indices) if top_k_ties == "exact"
+                   else logits < largest.values[..., -1:])
     if top_p < 1.0:
         masked = logits.masked_fill(removed, float("-inf"))
         sorted_logits, order = torch.sort(masked, dim=-1, descending=False)
