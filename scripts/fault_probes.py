@@ -3,7 +3,8 @@
 The probes are the fault tests themselves (tests/test_reward_faults.py, tests/test_faults.py, the
 crash/resume test of tests/test_loop.py, and the second round's tests/test_preemption.py,
 tests/test_checks.py, tests/test_data_errors.py, tests/test_resume_verify.py and
-tests/test_command_inputs.py; of the third, tests/test_base_identity.py): each asserts one fault's intended outcome, so a passing test means
+tests/test_command_inputs.py; from the third, tests/test_base_identity.py, tests/test_grpo.py and
+tests/test_truncation.py too): each asserts one fault's intended outcome, so a passing test means
 that outcome, a failing one a regression, and one that runs past its time limit a hang.
 They run in one pytest process under pytest-timeout, the whole run under a wall-clock limit too.
 
@@ -176,6 +177,19 @@ PROBES = [
     Probe("hub base's cached main moved to a new commit, resume", "clear error naming both commits",
           "tests/test_base_identity.py::test_a_hub_base_whose_cache_moved_to_another_commit_refuses_to_resume"
           "_naming_both"),
+    Probe("importance weights computed and logged but not applied", "handled: the weights scale the gradient",
+          "tests/test_grpo.py::test_importance_weights_scale_the_gradient_of_the_loss"),
+    Probe("LoRA dropout in the old-policy and training passes", "handled: dropout off, ratio exactly 1 at a step's start",
+          "tests/test_grpo.py::test_old_log_probs_are_those_of_an_eval_pass_and_each_step_starts_at_ratio_one_under_lora_"
+          "dropout"),
+    Probe("top-k ties at the k-th logit, a sampler keeping exactly k", "handled: scored with the sampler's tie rule",
+          "tests/test_truncation.py::test_exact_ties_give_every_token_of_an_exactly_k_sampler_its_sampler_log_prob[5]"),
+    Probe("a top-k sampler with neither tie rule", "clear error naming sampling.top_k",
+          "tests/test_truncation.py::test_the_tie_rule_of_each_engine"),
+    Probe("RFT records whose completions are all empty", "clear error naming the file",
+          "tests/test_data_errors.py::test_rft_records_that_are_all_empty_completions_are_refused_naming_the_file"),
+    Probe("one empty RFT completion among others", "handled: left out, warned naming its line/row",
+          "tests/test_data_errors.py::test_an_empty_rft_completion_among_others_is_left_out_with_a_warning_naming_its_row"),
 ]
 
 

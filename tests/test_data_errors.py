@@ -112,6 +112,26 @@ def test_an_rft_parquet_column_of_the_wrong_type_names_the_row(tmp_path):
         ExpertDataModule([str(path)]).setup("fit")
 
 
+def test_rft_records_that_are_all_empty_completions_are_refused_naming_the_file(tmp_path):
+    path = write_jsonl(tmp_path / "experts.jsonl", [{"prompt": f"{i} ->", "completion": c}
+                                                    for i, c in enumerate(["", " ", "\n"])])
+    with pytest.raises(ValueError, match=rf"every one of the 3 records in \[{path!r}\] has an empty completion"):
+        ExpertDataModule([path]).setup("fit")
+
+
+def test_an_empty_rft_completion_among_others_is_left_out_with_a_warning_naming_its_row(tmp_path, caplog):
+    rows = [{"prompt": f"{i} ->", "completion": "" if i == 2 else f"{i}"} for i in range(5)]
+    path = write_jsonl(tmp_path / "experts.jsonl", rows)
+    table = tmp_path / "more.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": "p", "completion": "  "}, {"prompt": "q", "completion": "x"}]), table)
+    data = ExpertDataModule([path, str(table)])
+    with caplog.at_level(logging.WARNING, logger="rloop_lightning.data.datamodules"):
+        data.setup("fit")
+    assert [r["completion"] for r in data.dataset.records] == ["0", "1", "3", "4", "x"]
+    assert (f"2 of 7 records have an empty completion (\"\" or whitespace only) and are left out of training: "
+            f"{path}:3; {table}: row 1") in caplog.text
+
+
 def test_records_past_the_length_limit_are_counted_and_a_prompt_past_it_is_refused():
     policy = Policy("rloop/micro-llama")
     short = {"prompt": "1 2 -> 3\n", "completion": "1+2"}

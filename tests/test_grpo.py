@@ -11,7 +11,8 @@ import torch
 import rloop_lightning.grpo.module as grpo_module
 from rloop_lightning.data.datamodules import PromptDataModule
 from rloop_lightning.grpo import GRPOModule, ImportanceSettings, LossSettings
-from rloop_lightning.policy import Policy
+from rloop_lightning.algorithms import clipped_policy_loss
+from rloop_lightning.policy import LoraSettings, Policy
 from rloop_lightning.rollout.base import SamplingParams
 from rloop_lightning.rollout.hf import HFGenerateEngine
 from rloop_lightning.tasks import Countdown
@@ -210,6 +211,73 @@ def test_importance_correction_weights_tokens_by_the_sampler_mismatch():
     assert float(metrics["importance/logprob_diff_mean"]) == pytest.approx(1.0, abs=1e-4)
     assert float(metrics["importance/weight_mean"]) == pytest.approx(math.exp(-1), abs=1e-4)
     assert float(metrics["importance/capped_fraction"]) == 0.0
+
+
+def test_importance_weights_scale_the_gradient_of_the_loss():
+    """The weights must multiply each token's loss, not only reach the logs: with the sampler reporting
+    every log-prob 1 nat high, every weight is exp(-1), so one plain SGD step (no clipping, ratio 1 at
+    the step's start) moves every weight exp(-1) times as far as the same step without the correction
+    (the same seed samples the same completions)."""
+    moves = []
+    for engine in (HFGenerateEngine(), ShiftedSamplerEngine()):
+        module = make_module(engine=engine, max_grad_norm=0.0, optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
+        module.policy.load_model()
+        torch.manual_seed(0)  # after loading: the first load builds the cached model from the global RNG
+        before = [p.detach().clone() for p in module.policy.parameters()]
+        fit(module, make_data(), steps=1)
+        moves.append(torch.cat([(p.detach() - b).flatten() for p, b in zip(module.policy.parameters(), before)]))
+    plain, weighted = moves
+    assert float(plain.abs().max()) > 1e-4
+    torch.testing.assert_close(weighted, plain * math.exp(-1), atol=1e-6, rtol=1e-4)
+
+
+def test_old_log_probs_are_those_of_an_eval_pass_and_each_step_starts_at_ratio_one_under_lora_dropout():
+    """With LoRA dropout 0.5 (adapters made non-zero so that it matters), GRPO's old-policy log-probs equal
+    an eval-mode pass, and the training forward (train mode) gives ratio exactly 1 at the step's start."""
+    torch.manual_seed(0)
+    module = make_module(policy=Policy("rloop/micro-llama", lora=LoraSettings(r=4, alpha=8, dropout=0.5)),
+                         num_iterations=2)
+    module.configure_model()
+    policy = module.policy
+    for name, parameter in policy.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0.0, 0.5)
+    prompts = policy.encode_prompts(["1 2 3 -> 6", "4 5 -> 9"])
+    batch = policy.make_batch([prompts[0]] * 2 + [prompts[1]] * 2, policy.encode_completions(["1+2+3", "6", "4+5", "9"]))
+    old = module._logprobs_without_grad(batch)  # the step's old log-probs (a batch reused num_iterations times)
+    policy.model.eval()
+    with torch.no_grad():
+        evaluated = policy.completion_logprobs(batch, share_prompts=True)[0]
+    policy.model.train()
+    current = policy.completion_logprobs(batch, with_entropy=True, share_prompts=True)[0]  # the training forward
+    assert torch.equal(old, evaluated)
+    mask = batch.completion_mask.float()
+    out = clipped_policy_loss(current, old, torch.tensor([1.0, -1.0, 0.5, -0.5]), mask)
+    assert float(out.ratio_mean) == 1.0 and float(out.clip_fraction) == 0.0
+
+
+class ExactTopKEngine(HFGenerateEngine):
+    """Claims vLLM's CUDA rule for top-k ties (exactly k kept)."""
+
+    def top_k_ties(self):
+        return "exact"
+
+
+def test_grpo_scores_a_top_k_sampler_with_its_engine_tie_rule(monkeypatch):
+    """The old-policy and the training log-probs truncate ties at the k-th logit as the engine samples."""
+    rules = []
+    real = Policy.completion_logprobs
+
+    def recording(self, *args, **kwargs):
+        rules.append(kwargs.get("top_k_ties"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Policy, "completion_logprobs", recording)
+    torch.manual_seed(0)
+    module = make_module(engine=ExactTopKEngine(), sampling=SamplingParams(max_new_tokens=8, top_k=5),
+                         num_iterations=2)
+    fit(module, make_data(batch_size=2), steps=2)
+    assert len(rules) == 3 and set(rules) == {"exact"}  # the old-policy pass and 2 training passes
 
 
 def test_importance_correction_is_off_for_the_hf_engine_unless_asked():

@@ -93,3 +93,19 @@ def test_decoupled_objective_with_stale_samples_matches_hand_computation(mode, w
     assert float(stats["capped_fraction"]) == pytest.approx(0.5)
     out = clipped_policy_loss(current, proximal, advantages, mask, 0.2, 0.2, "token", "token_mean")
     assert float(out.loss) == pytest.approx(expected, abs=1e-6)
+
+
+def test_weights_multiply_each_token_gradient_of_the_surrogate():
+    """Hand gradient of the decoupled objective on one completion of two tokens, A = 1, ratio 1 at the step
+    start (pi_theta = pi_prox = 0.5, 0.2), mu = 0.4, 0.4: w = (1.25, 0.5). Token mean loss
+    -(w_1 r_1 + w_2 r_2) / 2 with d r_t / d log pi_theta_t = r_t = 1, so d loss / d log pi_theta = -w / 2 =
+    (-0.625, -0.25); without the weights it would be (-0.5, -0.5)."""
+    from rloop_lightning.algorithms import clipped_policy_loss
+    from rloop_lightning.algorithms.importance import behaviour_weighted_advantages
+
+    proximal, behaviour = torch.tensor([[0.5, 0.2]]).log(), torch.tensor([[0.4, 0.4]]).log()
+    current = proximal.clone().requires_grad_(True)
+    mask = torch.ones(1, 2)
+    advantages, _ = behaviour_weighted_advantages(torch.tensor([1.0]), proximal, behaviour, mask, cap=2.0)
+    clipped_policy_loss(current, proximal, advantages, mask, 0.2, 0.2, "token", "token_mean").loss.backward()
+    torch.testing.assert_close(current.grad, torch.tensor([[-0.625, -0.25]]))

@@ -12,7 +12,7 @@ import torch
 from rloop_lightning import tiny
 from rloop_lightning.callbacks import ExportPolicy
 from rloop_lightning.data.datamodules import DemonstrationDataModule
-from rloop_lightning.policy import LoraSettings, Policy
+from rloop_lightning.policy import LoraSettings, Policy, disable_dropout
 from rloop_lightning.rft import RFTModule
 from rloop_lightning.tasks import Countdown
 
@@ -498,3 +498,12 @@ def test_export_under_a_sharded_strategy_saves_the_gathered_weights(tmp_path):
     reloaded.load_model()
     for name, value in reloaded.model.state_dict().items():
         assert torch.equal(value, gathered[f"policy.model.{name}"]), name
+
+
+def test_disable_dropout_zeroes_dropout_modules_and_attention_dropout_and_keeps_train_mode():
+    attention = torch.nn.Module()
+    attention.attention_dropout = 0.1
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.3), torch.nn.Dropout(0.0), attention).train()
+    assert disable_dropout(model) == ["1", "3.attention_dropout"]
+    assert model[1].p == 0.0 and attention.attention_dropout == 0.0 and model.training
+    assert disable_dropout(model) == []

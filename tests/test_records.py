@@ -11,6 +11,7 @@ import pytest
 from rloop_lightning.records import (
     RecordError,
     expand_paths,
+    iter_located_records,
     iter_records,
     read_records,
     write_jsonl_atomic,
@@ -143,3 +144,11 @@ def test_windows_line_ends_and_a_byte_order_mark_are_read(tmp_path):
     path = tmp_path / "windows.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(json.dumps(r).encode() for r in RECORDS[:2]) + b"\r\n")
     assert read_records(path, ("prompt",)) == RECORDS[:2]
+
+
+def test_located_records_name_the_line_and_the_parquet_row(tmp_path):
+    lines = write_lines(tmp_path / "a.jsonl", [json.dumps(RECORDS[0]), "", json.dumps(RECORDS[1])])
+    rows = write_parquet(tmp_path / "b.parquet", RECORDS[2:])
+    assert list(iter_located_records([lines, rows])) == [
+        (f"{lines}:1", RECORDS[0]), (f"{lines}:3", RECORDS[1]), (f"{rows}: row 1", RECORDS[2]),
+        (f"{rows}: row 2", RECORDS[3])]

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from rloop_lightning import tiny
 from rloop_lightning.algorithms.chunked_logprobs import chosen_token_logprobs, logprobs_from_logits
+from rloop_lightning.algorithms.truncation import TopKTies
 from rloop_lightning.forwards import (
     PolicyBatch, head_returns_hidden_states, pad, position_ids, shared_prompt_logits,
 )
@@ -49,7 +50,7 @@ class LoraSettings:
     alpha: int = 32
     """Scaling: the adapter's update is multiplied by ``alpha / r``."""
     dropout: float = 0.0
-    """Dropout on the adapter's input."""
+    """Dropout on the adapter's input; RFT only (GRPO turns every dropout off)."""
     target_modules: str | list[str] = "all-linear"
     """Module names (or ``all-linear``) that get an adapter."""
     bias: Literal["none", "all", "lora_only"] = "none"
@@ -66,6 +67,22 @@ def keep_trainable_4bit_layout(model: nn.Module) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def disable_dropout(model: nn.Module) -> list[str]:
+    """Turn every dropout of ``model`` off for good, in train mode too: ``nn.Dropout`` modules (LoRA's
+    ``lora_dropout`` among them) get p = 0, and attention modules that read their dropout from an
+    ``attention_dropout`` attribute (the Hugging Face decoders) get 0. Returns the names of those that were on.
+    Unlike ``model.eval()`` this leaves the training mode alone (gradient checkpointing keys on it)."""
+    disabled = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            module.p = 0.0
+            disabled.append(name)
+        if isinstance(getattr(module, "attention_dropout", None), float) and module.attention_dropout > 0:
+            module.attention_dropout = 0.0
+            disabled.append(f"{name}.attention_dropout")
+    return disabled
 
 
 @contextmanager
@@ -343,13 +360,14 @@ class Policy(nn.Module):
     # ------------------------------------------------------------------ log-probs
     def completion_logprobs(self, batch: PolicyBatch, model: Optional[nn.Module] = None,
                             with_entropy: bool = False, temperature: float = 1.0,
-                            share_prompts: bool = False, top_k: int = 0,
-                            top_p: float = 1.0) -> tuple[Tensor, Optional[Tensor]]:
+                            share_prompts: bool = False, top_k: int = 0, top_p: float = 1.0,
+                            top_k_ties: TopKTies = "keep") -> tuple[Tensor, Optional[Tensor]]:
         """Per-token log-probs [N, C] of the completion tokens (and entropy [N, C], no grad).
 
         ``temperature`` divides the logits and ``top_k``/``top_p`` truncate them
-        (``algorithms.truncation``), so log-probs are those of the distribution that sampled the
-        tokens (as the sampler reported them); temperature 0 (greedy) counts as 1. ``share_prompts``
+        (``algorithms.truncation``; ``top_k_ties``: the rule of the engine that sampled, ``RolloutEngine.top_k_ties``),
+        so log-probs are those of the distribution that sampled the tokens (as the sampler reported them);
+        temperature 0 (greedy) counts as 1. ``share_prompts``
         runs each distinct prompt once (see ``shared_prompt_logits``); the result is the same.
         The model returns hidden states and the head runs ``logprob_chunk_size`` tokens at a time
         (``chosen_token_logprobs``); every rank takes the same path, as it depends only on settings.
@@ -368,9 +386,9 @@ class Policy(nn.Module):
                 ).logits[:, :-1]
         targets = batch.input_ids[:, batch.prompt_length:]
         if head is None:  # [N, C, V] logits
-            return logprobs_from_logits(outputs, targets, temperature, with_entropy, top_k, top_p)
+            return logprobs_from_logits(outputs, targets, temperature, with_entropy, top_k, top_p, top_k_ties)
         return chosen_token_logprobs(outputs, head, targets, self.logprob_chunk_size, temperature, with_entropy,
-                                     top_k, top_p)
+                                     top_k, top_p, top_k_ties)
 
     @contextmanager
     def reference(self) -> Iterator[nn.Module]:

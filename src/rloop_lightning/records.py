@@ -62,6 +62,11 @@ def decode_line(raw: bytes, where: str) -> str:
 
 
 def iter_jsonl(path: Path, required: Iterable[str] = (), text: Iterable[str] = ()) -> Iterator[dict]:
+    for _, record in _located_jsonl(path, required, text):
+        yield record
+
+
+def _located_jsonl(path: Path, required: Iterable[str], text: Iterable[str]) -> Iterator[tuple[str, dict]]:
     required, text = tuple(required), tuple(text)
     with open(path, "rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
@@ -74,10 +79,16 @@ def iter_jsonl(path: Path, required: Iterable[str] = (), text: Iterable[str] = (
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise RecordError(f"{path}:{line_number}: malformed JSON ({error.msg})") from None
-            yield _check_fields(record, required, f"{path}:{line_number}", text)
+            where = f"{path}:{line_number}"
+            yield where, _check_fields(record, required, where, text)
 
 
 def iter_parquet(path: Path, required: Iterable[str] = (), text: Iterable[str] = ()) -> Iterator[dict]:
+    for _, record in _located_parquet(path, required, text):
+        yield record
+
+
+def _located_parquet(path: Path, required: Iterable[str], text: Iterable[str]) -> Iterator[tuple[str, dict]]:
     import pyarrow
     import pyarrow.parquet as pq
 
@@ -101,17 +112,25 @@ def iter_parquet(path: Path, required: Iterable[str] = (), text: Iterable[str] =
             return
         for record in batch.to_pylist():
             row += 1
-            yield _check_fields(record, required, f"{path}: row {row}", text)
+            where = f"{path}: row {row}"
+            yield where, _check_fields(record, required, where, text)
 
 
 def iter_records(paths, required: Iterable[str] = (), text: Iterable[str] = ()) -> Iterator[dict]:
     """Yield records from jsonl/parquet files in order, validating ``required`` fields, and that the
     ``text`` fields hold strings (a number, list, bool or null there names the file and row)."""
+    for _, record in iter_located_records(paths, required, text):
+        yield record
+
+
+def iter_located_records(paths, required: Iterable[str] = (), text: Iterable[str] = ()) -> Iterator[tuple[str, dict]]:
+    """``iter_records`` with where each record came from: ``(where, record)``, ``where`` naming the file and
+    line (``path:3``) or parquet row (``path: row 3``) as the errors do."""
     for path in expand_paths(paths):
         if path.suffix == ".parquet":
-            yield from iter_parquet(path, required, text)
+            yield from _located_parquet(path, required, text)
         elif path.suffix in (".jsonl", ".json"):
-            yield from iter_jsonl(path, required, text)
+            yield from _located_jsonl(path, required, text)
         else:
             raise RecordError(f"{path}: unsupported record file type {path.suffix!r} (use .jsonl or .parquet)")
 

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from rloop_lightning.algorithms.truncation import truncate_logits
+from rloop_lightning.algorithms.truncation import TopKTies, truncate_logits
 
 
 def entropy_of(log_probs: Tensor) -> Tensor:
@@ -50,14 +50,15 @@ def entropy_of(log_probs: Tensor) -> Tensor:
 
 
 def logprobs_from_logits(logits: Tensor, targets: Tensor, temperature: float = 1.0, with_entropy: bool = False,
-                         top_k: int = 0, top_p: float = 1.0) -> tuple[Tensor, Optional[Tensor]]:
+                         top_k: int = 0, top_p: float = 1.0,
+                         top_k_ties: TopKTies = "keep") -> tuple[Tensor, Optional[Tensor]]:
     """The plain path: log-probs [...] of ``targets`` under ``logits`` [..., V] / temperature, truncated to
-    the top-k / top-p set (``targets`` kept), and the entropy [...] (no grad). Holds several [..., V]
+    the top-k / top-p set (``targets`` kept; ``top_k_ties`` as in ``truncate_logits``), and the entropy [...] (no grad). Holds several [..., V]
     float32 tensors: the reference the chunks must equal."""
     logits = logits.float()
     if temperature and temperature != 1.0:
         logits = logits / temperature
-    logits = truncate_logits(logits, top_k, top_p, keep=targets)  # as the sampler did (no-op by default)
+    logits = truncate_logits(logits, top_k, top_p, keep=targets, top_k_ties=top_k_ties)  # as the sampler did
     log_probs = torch.log_softmax(logits, dim=-1)
     chosen = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     if not with_entropy:
@@ -76,19 +77,19 @@ def _compute_dtype(hidden: Tensor) -> torch.dtype:
 
 
 def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: float, targets: Tensor,
-                  top_k: int, top_p: float) -> Tensor:
+                  top_k: int, top_p: float, top_k_ties: TopKTies) -> Tensor:
     """float32 trunc((h W^T + b) / T) of one chunk; ``weight``/``bias`` already in the compute dtype."""
     logits = F.linear(hidden.to(weight.dtype), weight, bias).float()
     if temperature != 1.0:
         logits.div_(temperature)
-    return truncate_logits(logits, top_k, top_p, keep=targets)
+    return truncate_logits(logits, top_k, top_p, keep=targets, top_k_ties=top_k_ties)
 
 
 class _LinearHeadLogprobs(torch.autograd.Function):
     """log pi(y) and entropy of a linear head, chunked; the backward recomputes the logits per chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, temperature, with_entropy, top_k, top_p):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, temperature, with_entropy, top_k, top_p, top_k_ties):
         dtype = _compute_dtype(hidden)
         with torch.autocast(hidden.device.type, enabled=False):
             cast_weight = weight.to(dtype)  # once, not per chunk (a no-op unless autocast casts)
@@ -98,14 +99,16 @@ class _LinearHeadLogprobs(torch.autograd.Function):
             entropy = torch.empty_like(chosen) if with_entropy else chosen.new_empty(0)
             for start in range(0, hidden.shape[0], chunk_size):
                 rows = slice(start, start + chunk_size)
-                logits = _chunk_logits(hidden[rows], cast_weight, cast_bias, temperature, targets[rows], top_k, top_p)
+                logits = _chunk_logits(hidden[rows], cast_weight, cast_bias, temperature, targets[rows], top_k, top_p,
+                                       top_k_ties)
                 normaliser[rows] = torch.logsumexp(logits, -1)
                 log_probs = logits.sub_(normaliser[rows, None])  # in place: one [chunk, V] buffer
                 chosen[rows] = log_probs.gather(-1, targets[rows, None]).squeeze(-1)
                 if with_entropy:
                     entropy[rows] = entropy_of(log_probs)
         ctx.save_for_backward(hidden, weight, bias, targets, normaliser)
-        ctx.chunk_size, ctx.temperature, ctx.dtype, ctx.top_k, ctx.top_p = chunk_size, temperature, dtype, top_k, top_p
+        ctx.chunk_size, ctx.temperature, ctx.dtype = chunk_size, temperature, dtype
+        ctx.truncation = (top_k, top_p, top_k_ties)
         ctx.mark_non_differentiable(entropy)
         return chosen, entropy
 
@@ -124,7 +127,7 @@ class _LinearHeadLogprobs(torch.autograd.Function):
                 scale = grad_chosen[rows, None].float()
                 # d/dz of g * log pi(y) = g * (onehot(y) - p), then the chain rule through z = logits / T
                 grad_logits = _chunk_logits(hidden[rows], cast_weight, cast_bias, ctx.temperature, targets[rows],
-                                            ctx.top_k, ctx.top_p)
+                                            *ctx.truncation)
                 grad_logits.sub_(normaliser[rows, None]).exp_().mul_(-scale)
                 grad_logits.scatter_add_(-1, targets[rows, None], scale)
                 if ctx.temperature != 1.0:
@@ -137,15 +140,17 @@ class _LinearHeadLogprobs(torch.autograd.Function):
                     grad_weight += grad_logits.T @ chunk
                 if needs_bias:
                     grad_bias += grad_logits.sum(0)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def _module_head_logprobs(hidden: Tensor, head: nn.Module, targets: Tensor, chunk_size: int, temperature: float,
-                          with_entropy: bool, top_k: int, top_p: float) -> tuple[Tensor, Optional[Tensor]]:
+                          with_entropy: bool, top_k: int, top_p: float,
+                          top_k_ties: TopKTies) -> tuple[Tensor, Optional[Tensor]]:
     """Any head module (LoRA-adapted, quantised): one activation checkpoint per chunk."""
 
     def chunk_logprobs(chunk: Tensor, chunk_targets: Tensor) -> tuple[Tensor, Tensor]:
-        chosen, entropy = logprobs_from_logits(head(chunk), chunk_targets, temperature, with_entropy, top_k, top_p)
+        chosen, entropy = logprobs_from_logits(head(chunk), chunk_targets, temperature, with_entropy, top_k, top_p,
+                                               top_k_ties)
         return chosen, entropy if entropy is not None else chosen.detach().new_empty(0)
 
     chosen, entropy = [], []
@@ -162,7 +167,7 @@ def _module_head_logprobs(hidden: Tensor, head: nn.Module, targets: Tensor, chun
 
 def chosen_token_logprobs(hidden: Tensor, head: nn.Module, targets: Tensor, chunk_size: int,
                           temperature: float = 1.0, with_entropy: bool = False, top_k: int = 0,
-                          top_p: float = 1.0) -> tuple[Tensor, Optional[Tensor]]:
+                          top_p: float = 1.0, top_k_ties: TopKTies = "keep") -> tuple[Tensor, Optional[Tensor]]:
     """Log-probs [...] (float32) of ``targets`` [...] under ``head(hidden)`` / temperature, ``hidden``
     [..., H], computed ``chunk_size`` tokens at a time; the entropy [...] too (no grad) with ``with_entropy``.
 
@@ -179,9 +184,9 @@ def chosen_token_logprobs(hidden: Tensor, head: nn.Module, targets: Tensor, chun
     flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     if type(head) is nn.Linear:
         chosen, entropy = _LinearHeadLogprobs.apply(flat_hidden, head.weight, head.bias, flat_targets,
-                                                    chunk_size, temperature, with_entropy, top_k, top_p)
+                                                    chunk_size, temperature, with_entropy, top_k, top_p, top_k_ties)
         entropy = entropy if with_entropy else None
     else:
         chosen, entropy = _module_head_logprobs(flat_hidden, head, flat_targets, chunk_size, temperature,
-                                                with_entropy, top_k, top_p)
+                                                with_entropy, top_k, top_p, top_k_ties)
     return chosen.view(shape), entropy.view(shape) if entropy is not None else None

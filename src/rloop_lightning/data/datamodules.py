@@ -5,12 +5,16 @@
   shuffle each epoch.
 - ``DemonstrationDataModule`` serves a built-in task's solver demonstrations (the tiny base warm-up).
 
+A record whose completion is empty (or whitespace only) teaches nothing but to end the answer at once:
+such records are left out with a warning naming them, and a file of nothing else is refused.
+
 Batches are lists of record dicts; the LightningModule tokenises them with its policy, so the data
 side needs no tokenizer and one tokenizer setting has one home.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Optional
 
@@ -20,10 +24,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from rloop_lightning.data.resumable import ResumableDataLoader
 
-from rloop_lightning.records import expand_paths, read_records
+from rloop_lightning.records import expand_paths, iter_located_records
 from rloop_lightning.tasks.base import Split, Task
 
+log = logging.getLogger(__name__)
+
 RECORD_FIELDS = ("prompt", "completion")
+SHOWN_EMPTY = 5  # empty records named in the warning
 
 
 def check_batch_size(batch_size: int) -> None:
@@ -42,6 +49,22 @@ def _ranks(trainer: Optional[L.Trainer]) -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def without_empty_completions(located: list[tuple[str, dict]], files: list[str]) -> list[dict]:
+    """The records of ``located`` (``(where, record)`` pairs) whose completion has text; the others are
+    left out with a warning naming them (file and line or row). Every completion empty: ``ValueError``
+    naming the files (a training target of nothing but the end token would teach the policy to stop at once)."""
+    empty = [where for where, record in located if not record["completion"].strip()]
+    if len(empty) == len(located):
+        raise ValueError(f"every one of the {len(located)} records in {files} has an empty completion (\"\" or "
+                         "whitespace only): nothing to train on (RFT would teach the policy to end its answer at once)")
+    if empty:
+        shown = "; ".join(empty[:SHOWN_EMPTY]) + (f"; and {len(empty) - SHOWN_EMPTY} more" if len(empty) > SHOWN_EMPTY
+                                                  else "")
+        log.warning("%d of %d records have an empty completion (\"\" or whitespace only) and are left out of "
+                    "training: %s", len(empty), len(located), shown)
+    return [record for _, record in located if record["completion"].strip()]
 
 
 class RecordDataset(Dataset):
@@ -95,9 +118,10 @@ class ExpertDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         files = expand_paths(self.paths)
-        records = read_records(files, RECORD_FIELDS, text=RECORD_FIELDS)
-        if not records:
+        located = list(iter_located_records(files, RECORD_FIELDS, text=RECORD_FIELDS))
+        if not located:
             raise ValueError(f"no expert records in {self.paths}: nothing to train on")
+        records = without_empty_completions(located, [str(file) for file in files])
         _, ranks = _ranks(self.trainer)
         if len(records) < ranks:
             raise ValueError(f"{len(records)} expert records in {self.paths} cannot give each of {ranks} ranks "

@@ -11,7 +11,8 @@ The maths lives in ``rloop_lightning.algorithms``; this module wires it. Every c
 step is returned from ``training_step`` as a trajectory record, which ``ExpertHarvester`` stores.
 Departures from the GRPO paper: KL off by default (DAPO, Dr.GRPO); with ``num_iterations ==
 num_mini_batches == 1`` the behaviour policy equals the current one, so ``old_logprobs`` are the
-detached current log-probs (ratio 1) and no extra forward pass is spent on them.
+detached current log-probs (ratio 1) and no extra forward pass is spent on them. Dropout is off in
+every pass (as in TRL's PPO/RLOO trainers), so a policy's log-probs do not depend on the pass.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from rloop_lightning.grpo.settings import (  # noqa: F401 - LossSettings & co. a
 from rloop_lightning.grpo.groups import Group, ScoringStats, flatten_groups, score_groups, trainer_state, trajectories
 from rloop_lightning.grpo.step_metrics import step_metrics, step_sums
 from rloop_lightning.forwards import PolicyBatch
-from rloop_lightning.policy import Policy
+from rloop_lightning.policy import Policy, disable_dropout
 from rloop_lightning.policy_module import PolicyModule
 from rloop_lightning.prompt_stats import PromptStats
 from rloop_lightning.rewards.inputs import chat_format
@@ -143,6 +144,7 @@ class GRPOModule(PolicyModule):
         self.overlong = overlong or OverlongSettings()
         self.importance = importance or ImportanceSettings()
         self.rollout = rollout or RolloutSettings()
+        self.top_k_ties = "keep"  # the engine's rule for ties at the k-th logit (set up with the engine's)
         self.sampling_seed: Optional[int] = None  # set at fit start (rollout.seed or the torch seed), checkpointed
         self.sampler = None  # AsyncSampler while an asynchronous phase runs
         self.dynamic_sampling = dynamic_sampling
@@ -192,6 +194,15 @@ class GRPOModule(PolicyModule):
             self.sampling_seed = state["sampling_seed"]
 
     # ------------------------------------------------------------------ set-up
+    def configure_model(self) -> None:
+        """Load the policy, then turn its dropout off: the old/proximal log-probs, the training forward and
+        the sampler must score one deterministic policy, or the ratio and the importance weights measure
+        dropout noise, not off-policyness (``lora.dropout`` applies to RFT only)."""
+        super().configure_model()
+        disabled = disable_dropout(self.policy.require_model())
+        if disabled:
+            log.info("GRPO trains without dropout: %d dropout modules set to 0 (e.g. %s)", len(disabled), disabled[0])
+
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return
@@ -204,6 +215,7 @@ class GRPOModule(PolicyModule):
         self._validate_before_training(datamodule, functions)
         self._check_engine_memory()
         check_rollout_mode(self.rollout, self.trainer.world_size, type(self.trainer.strategy).__name__)
+        self.top_k_ties = self.engine.top_k_ties() if self.sampling.top_k else "keep"  # scored as it samples
         self.sampling_seed = self.rollout.seed if self.rollout.seed is not None else torch.initial_seed()
 
     def _check_engine_memory(self) -> None:
@@ -354,7 +366,7 @@ class GRPOModule(PolicyModule):
     def _logprobs_without_grad(self, batch: PolicyBatch) -> torch.Tensor:
         chunks = [self.policy.completion_logprobs(batch.select(rows), temperature=self.sampling.temperature,
                                                   share_prompts=self.share_prompts, top_k=self.sampling.top_k,
-                                                  top_p=self.sampling.top_p)[0]
+                                                  top_p=self.sampling.top_p, top_k_ties=self.top_k_ties)[0]
                   for rows in self._chunks(batch)]
         return torch.cat(chunks)
 
@@ -383,7 +395,8 @@ class GRPOModule(PolicyModule):
                     micro = batch.select(rows)
                     logprobs, entropy = self.policy.completion_logprobs(
                         micro, with_entropy=True, temperature=self.sampling.temperature,
-                        share_prompts=self.share_prompts, top_k=self.sampling.top_k, top_p=self.sampling.top_p)
+                        share_prompts=self.share_prompts, top_k=self.sampling.top_k, top_p=self.sampling.top_p,
+                        top_k_ties=self.top_k_ties)
                     micro_mask = mask[rows]
                     old = old_logprobs[rows] if old_logprobs is not None else logprobs.detach()
                     kl = (kl_penalty(logprobs, ref_logprobs[rows], settings.kl_estimator)

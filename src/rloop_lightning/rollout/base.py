@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Optional
 
+from rloop_lightning.algorithms.truncation import TopKTies
 from rloop_lightning.policy import Policy
 
 
@@ -80,6 +81,12 @@ class RolloutEngine(ABC):
 
         With ``seed`` (``sampling_seed``), the samples are a function of the weights, the prompts and
         the seed alone: the engine draws from its own seeded generator, not the process's RNG stream."""
+
+    def top_k_ties(self) -> TopKTies:
+        """How this engine's top-k treats tokens tied with the k-th largest logit, so that the trainer scores
+        the same distribution (``algorithms.truncation``): ``keep`` all of them (transformers'
+        ``TopKLogitsWarper``, the default) or keep ``exact`` ly k."""
+        return "keep"
 
     def sync_weights(self, policy: Policy) -> None:
         """Called after each optimizer step; engines holding their own weights copy them here."""

@@ -20,6 +20,9 @@ Hugging Face engine reports and what ``Policy.completion_logprobs(temperature=T,
 computes (``algorithms.truncation``), so importance weights compare like with like at any
 temperature, top-k and top-p. They still differ from the trainer's by kernels and precision (under
 QLoRA also by the base), so ``needs_importance_correction`` is True: see ``algorithms.importance``.
+Top-k ties: vLLM's CPU path keeps every token tied with the k-th largest logit (as transformers
+does), its Triton kernel (CUDA) exactly k; ``top_k_ties`` finds out which, once, by running vLLM's
+``apply_top_k_top_p`` on a probe row on the engine's device, and refuses a top-k that follows neither.
 Sampling follows ``SamplingParams`` alone (vLLM applies the model's ``generation_config`` sampling
 defaults only to requests without sampling parameters); completions stop at every one of
 ``Policy.end_token_ids``.
@@ -46,11 +49,12 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
+from rloop_lightning.algorithms.truncation import TopKTies
 from rloop_lightning.policy import Policy
 from rloop_lightning.rollout.base import RolloutEngine, Rollouts, SamplingParams
 from rloop_lightning.rollout.weights import full_weight_chunks
@@ -98,6 +102,24 @@ def require_runnable_platform() -> str:
         raise RuntimeError(f"VLLMEngine: vLLM found no device it can run on: {reason}. "
                            "rloop_lightning.rollout.hf.HFGenerateEngine (the default engine) runs anywhere.")
     raise RuntimeError(f"VLLMEngine supports vLLM on CUDA and on CPU, not on {platform.device_name!r}")
+
+
+def top_k_tie_rule(apply_top_k: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], device: str) -> TopKTies:
+    """The rule ``apply_top_k(logits [1, V], k [1]) -> truncated logits`` follows for tokens tied with the k-th
+    largest logit, seen on a probe row (3 logits above 7 tied ones, k = 5): ``keep`` (10 kept) or ``exact``
+    (5 kept); anything else is a ``ValueError`` saying the trainer cannot score that sampler's top-k."""
+    logits = torch.full((1, 64), -1.0, device=device)
+    logits[0, :3], logits[0, 3:10] = 2.0, 1.0
+    truncated = apply_top_k(logits.clone(), torch.tensor([5], dtype=torch.int32, device=device))
+    kept = int(torch.isfinite(truncated).sum())
+    if kept == 10:
+        return "keep"
+    if kept == 5:
+        return "exact"
+    raise ValueError(f"sampling.top_k: vLLM's top-k on {device} kept {kept} of 10 tokens at or above the 5th largest "
+                     "logit in a probe (3 above it, 7 tied with it), neither every tie (transformers' rule) nor "
+                     "exactly k (vLLM's Triton kernel's): the trainer cannot score the distribution vLLM samples "
+                     "from. Set sampling.top_k: 0 (top_p still applies) or use HFGenerateEngine")
 
 
 class VLLMEngine(RolloutEngine):
@@ -159,6 +181,7 @@ class VLLMEngine(RolloutEngine):
         self._lora_directory: Optional[str] = None
         self._weights_discarded = False  # level-2 sleep drops the weights: sync before sampling
         self._release: Optional[weakref.finalize] = None
+        self._top_k_ties: Optional[TopKTies] = None
 
     # ------------------------------------------------------------------ set-up
     def build(self, policy: Policy):
@@ -201,6 +224,25 @@ class VLLMEngine(RolloutEngine):
         self._release = _release_without_global_teardown(self.llm)
         self.base_source = source
         return self.llm
+
+    def top_k_ties(self) -> TopKTies:
+        """The rule of the top-k kernel vLLM samples with on this device (``top_k_tie_rule``), probed once. A
+        probe that cannot run outside an engine falls back to vLLM's dispatch: the Triton kernel (exactly k)
+        wherever vLLM has Triton, else the PyTorch path (every tie)."""
+        if self._top_k_ties is None:
+            import_vllm()
+            from vllm.triton_utils import HAS_TRITON
+            from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+
+            try:
+                self._top_k_ties = top_k_tie_rule(lambda logits, k: apply_top_k_top_p(logits, k, None), self.device)
+            except ValueError:
+                raise
+            except Exception as error:  # noqa: BLE001 -- a kernel that needs a running engine: vLLM's own rule
+                self._top_k_ties = "exact" if HAS_TRITON else "keep"
+                log.warning("could not probe vLLM's top-k on %s (%s); its dispatch says %s ties", self.device,
+                            error, self._top_k_ties)
+        return self._top_k_ties
 
     # ------------------------------------------------------------------ sampling
     def generate(self, policy: Policy, prompts: list[str], num_samples: int,
