@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import time
 
 import lightning as L
@@ -24,7 +25,7 @@ from rloop_lightning.rollout.base import SamplingParams
 from rloop_lightning.tasks import Countdown
 
 from faulty_rewards import (  # noqa: I001 -- tests/ is on sys.path
-    always_raises, appends_to_numbers, digit_share, exits, exits_on_real_completions, interrupts, nan_on_real_completions,
+    always_raises, appends_to_numbers, closes_stdout, digit_share, exits, exits_on_real_completions, interrupts, nan_on_real_completions,
     nan_reward, never_returns, returns_a_generator, returns_a_set, returns_a_string, rewrites_completions,
     stalls_on_real_completions,
 )
@@ -149,3 +150,20 @@ def test_a_reward_returning_a_set_generator_or_string_is_refused_by_name(functio
         RewardRunner([function], num_workers=0)(["p", "q"], ["c", "d"])
     assert check_reward_output(digit_share, (0.5, None), 2) == [0.5, None]  # a tuple is a sequence
     assert check_reward_output(digit_share, torch.tensor([1.0, 0.0]), 2) == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_reward_that_closes_stdout_is_named_and_the_stream_is_usable_again(workers):
+    """Before: in-process, the next print or log line failed with a bare "ValueError: I/O operation on closed
+    file", naming no reward; in a worker, every later function that printed failed in its place."""
+    stdout = sys.stdout
+    sys.stdout = open(os.devnull, "w")  # the function's to close, not pytest's capture
+    try:
+        with RewardRunner([closes_stdout], num_workers=workers) as runner, \
+                pytest.raises(RewardFunctionExit, match="reward function 'closes_stdout' closed sys.stdout: a reward "
+                                                        "function must leave the process's standard streams open"):
+            runner(["p", "q"], ["c", "d"])
+        print("still printable", file=sys.stdout)
+        assert not sys.stdout.closed
+    finally:
+        sys.stdout = stdout

@@ -11,6 +11,7 @@ GRPO phase and of every held-out evaluation are tokenized and checked against th
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
@@ -40,6 +41,15 @@ def readable(error: BaseException) -> str:
     reasons = [line.strip()[2:] for line in text.splitlines()
                if line.strip().startswith("- ") and "Expected a <class 'NoneType'>" not in line]
     return "; ".join(reasons) or text
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse a ``run_dir`` that is a file, or lies under one, before anything is written."""
+    existing = next(path for path in [run_dir, *run_dir.parents] if path.exists() or path == path.parent)
+    if not existing.is_dir():
+        where = "is a file" if existing == run_dir else f"lies under {str(existing)!r}, a file"
+        raise NotADirectoryError(f"run_dir {str(run_dir)!r} {where}, not a directory: point run_dir to a "
+                                 "directory (a new one for a new run)")
 
 
 def check_prompt_lengths(policy: Policy, prompts: Sequence[str], max_new_tokens: int, where: str,

@@ -39,7 +39,7 @@ from rloop_lightning.callbacks import (
 from rloop_lightning.records import iter_records, write_json_atomic, write_jsonl_atomic
 from rloop_lightning.evaluation import Evaluator, evaluate_policy
 from rloop_lightning.grpo import GRPOModule
-from rloop_lightning.loop.checks import check_loop_prompts, check_phase
+from rloop_lightning.loop.checks import check_loop_prompts, check_phase, check_run_dir
 from rloop_lightning.loop.distributed import (
     DEFAULT_TIMEOUT_SECONDS, barrier, is_main_process, share_from_main, start_ranks,
 )
@@ -51,7 +51,7 @@ from rloop_lightning.loop.verify import (
     DIGESTS, ChangedOutputError, changed_outputs, is_redone, output_digests,
 )
 from rloop_lightning.loop.phases import (
-    OverrideValue, PhaseCLI, PhaseSettings, build_phase, override_keys, parse_phase, phase_policy,
+    OverrideValue, PhaseCLI, PhaseSettings, build_phase, check_seed, override_keys, parse_phase, phase_policy,
 )
 from rloop_lightning.prompt_stats import PromptStats
 from rloop_lightning.rft import RFTModule
@@ -171,6 +171,7 @@ class RLoop:
         if not distributed_timeout > 0:
             raise ValueError(f"distributed_timeout must be > 0 seconds, got {distributed_timeout}")
         check_checkpoint_cadence(checkpoint_every_n_steps, checkpoint_every_seconds)
+        check_seed(seed, "seed", 1000 * (iterations - 1) + 1)  # phase k: seed + 1000 k (+1 for RFT)
         self.layout = RunLayout(run_dir)
         self.base = base
         self.grpo = grpo
@@ -252,6 +253,7 @@ class RLoop:
         """Parse and build every phase's configuration with the loop's overrides before any compute (no
         weights load), and check the prompts against the context (``loop.checks``): a typo or a bad value
         in a phase YAML or override fails here, before theta_0 is built or evaluated."""
+        check_run_dir(self.layout.root)
         self.base.check()
         theta = self.base.policy
         if self.base.build_config is not None:
