@@ -39,7 +39,7 @@ from rloop_lightning.callbacks import (
 from rloop_lightning.records import iter_records, write_json_atomic, write_jsonl_atomic
 from rloop_lightning.evaluation import Evaluator, evaluate_policy
 from rloop_lightning.grpo import GRPOModule
-from rloop_lightning.loop.checks import check_loop_prompts, check_phase, check_run_dir
+from rloop_lightning.loop.checks import check_loop_prompts, check_loop_rewards, check_phase, check_run_dir
 from rloop_lightning.loop.distributed import (
     DEFAULT_TIMEOUT_SECONDS, barrier, is_main_process, share_from_main, start_ranks,
 )
@@ -251,8 +251,9 @@ class RLoop:
 
     def validate_phases(self) -> None:
         """Parse and build every phase's configuration with the loop's overrides before any compute (no
-        weights load), and check the prompts against the context (``loop.checks``): a typo or a bad value
-        in a phase YAML or override fails here, before theta_0 is built or evaluated."""
+        weights load), check the prompts against the context and probe the reward functions
+        (``loop.checks``): a typo, a bad value in a phase YAML or override, or a broken reward fails here,
+        before theta_0 is built or evaluated."""
         check_run_dir(self.layout.root)
         self.base.check()
         theta = self.base.policy
@@ -276,6 +277,8 @@ class RLoop:
                                  f"loop's trainer field")
         check_loop_prompts(grpo, self.evaluators, self.eval_engine)
         self.check_ranks(grpo.datamodule)
+        if is_main_process():  # the other ranks run the same functions on the same probe
+            check_loop_rewards(grpo, self.grpo.config)
 
     def check_ranks(self, grpo_data: L.LightningDataModule) -> None:
         """Refuse, before any model loads, a process count the data cannot serve: fewer held-out problems

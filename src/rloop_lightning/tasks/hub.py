@@ -8,6 +8,9 @@ Each adapter maps one source record to a problem ``{id, prompt, answer, ...}``; 
     a local file or glob  ``data/test.jsonl``, ``data/*.parquet`` (read with ``data.records``)
     a local directory     given as ``path``: the files named ``<split>*.jsonl|parquet`` inside;
                           given as ``<split>_path``: every jsonl/parquet file inside
+A source that does not exist locally goes to the Hub only when it has a hub id's form (``name`` or
+``org/name``) and ``org`` is not a local directory: ``data/gsm8k`` next to a ``data/`` directory, or
+``data/gsm8k/test``, is refused at once as a missing file, naming the task and field, not tried on the Hub.
 Malformed data fails at ``load`` with the file and line (jsonl) or row (parquet, hub) in the message.
 """
 
