@@ -190,6 +190,28 @@ PROBES = [
           "tests/test_data_errors.py::test_rft_records_that_are_all_empty_completions_are_refused_naming_the_file"),
     Probe("one empty RFT completion among others", "handled: left out, warned naming its line/row",
           "tests/test_data_errors.py::test_an_empty_rft_completion_among_others_is_left_out_with_a_warning_naming_its_row"),
+    *(Probe(f"tokenizer: {case.replace('_', ' ')}", "clear error naming the model, before any weights load",
+            CHECKS + f"test_a_broken_tokenizer_is_named_before_any_weights_load[{case}]")
+      for case in ("template_syntax", "template_raises", "template_renders_nothing", "eos_past_the_embedding")),
+    *(Probe(f"{case.replace('_', ' ')}", "clear error naming the seed setting",
+            CHECKS + f"test_a_seed_numpy_cannot_take_is_named[{case}]")
+      for case in ("loop_seed_negative", "loop_seed_past_the_last_phase", "phase_seed_everything")),
+    *(Probe(f"run_dir is a file ({where.replace('_', ' ')})", "clear error before anything is written",
+            CHECKS + f"test_a_run_dir_that_is_a_file_is_named_before_anything_is_written[{where}]")
+      for where in ("file", "under_a_file")),
+    Probe("a prompt longer than the context on its own", "clear error: no max_new_tokens fits",
+          CHECKS + "test_a_prompt_that_fills_the_context_on_its_own_is_told_so"),
+    *(Probe(f"missing relative data path, {case.replace('_', ' ')}", "clear error naming task and field, no Hub request",
+            DATA + f"test_a_missing_relative_data_path_is_no_such_file_never_a_hub_request[{case}]")
+      for case in ("under_a_local_directory", "not_a_hub_id", "dot_relative")),
+    Probe("hub dataset that cannot be loaded", "clear error naming the source and working directory",
+          DATA + "test_a_hub_dataset_that_cannot_be_loaded_names_the_source_and_the_working_directory"),
+    *(Probe(f"reward closes sys.stdout ({workers} workers)", "clear error naming it; the stream usable again",
+            REWARDS + f"test_a_reward_that_closes_stdout_is_named_and_the_stream_is_usable_again[{workers}]")
+      for workers in (0, 2)),
+    *(Probe(f"rloop fit, reward {case.replace('_', ' ')}", "clear error naming it, before theta_0 is evaluated",
+            REWARDS + f"test_rloop_fit_probes_the_rewards_before_any_evaluation[{case}]")
+      for case in ("set", "exits", "spins_2_workers")),
 ]
 
 

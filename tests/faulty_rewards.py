@@ -82,3 +82,10 @@ FAULTS = {
     "verifier returns NaN on real completions": nan_on_real_completions,
 }
 """Fault description -> reward function, for a probe table."""
+
+
+def closes_stdout(completions, **kwargs):
+    import sys
+
+    sys.stdout.close()
+    return [0.0] * len(completions)

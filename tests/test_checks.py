@@ -6,19 +6,25 @@ Each case failed before: ``num_generations: 1``, ``batch_size: 0``, ``max_new_to
 temperature or top_k, ``reward_timeout: 0``, ``devices: 0`` and ``checkpoint_every_n_steps: 0`` after theta_0's
 evaluation or a whole GRPO phase; ``hard_threshold: 1.5`` as no filter; ``-0.5`` and ``max_steps: 0`` as
 "empty expert set"; ``limit: 0`` evaluated every problem; a 1 MB prompt failed at the first rollout.
+Round 3: a broken or empty chat template, an EOS the model lacks, ``seed: -7``, a ``run_dir`` that is a file
+and a prompt that fills the context on its own gave raw errors naming none of them.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
+from rloop_lightning import tiny
 from rloop_lightning.cli import cli_main
 from rloop_lightning.data.datamodules import ExpertDataModule, PromptDataModule
 from rloop_lightning.evaluation import Evaluator
 from rloop_lightning.loop.expert_set import ExpertSetSettings
+from rloop_lightning.policy import Policy
 from rloop_lightning.rollout.base import SamplingParams
+from rloop_lightning.rollout.hf import HFGenerateEngine
 from rloop_lightning.strategies import check_trainer_values
 from rloop_lightning.tasks import Countdown
 from test_loop import REPO, write_loop_config
@@ -126,3 +132,72 @@ def test_boundaries_are_accepted():
         check_trainer_values(trainer)
     with pytest.raises(ValueError, match="max_epochs"):
         check_trainer_values({"max_epochs": 0})
+
+
+# ---------------------------------------------------------------------------- round 3: named, not raw
+
+
+@pytest.mark.parametrize("tokenizer, message", [
+    ({"chat_template": "{% for m in messages %}{{ m.content }"},
+     "the chat template of '.*broken' .* fails on a prompt: TemplateSyntaxError: unexpected '}'"),
+    ({"chat_template": "{{ raise_exception('no system role') }}"},
+     "the chat template of '.*broken' .* fails on a prompt: TemplateError: no system role"),
+    ({"chat_template": "{% if false %}x{% endif %}"},
+     r"the chat template \(the tokenizer's chat_template\) of '.*broken' turns prompt 0 .* into no tokens"),
+    ({"eos_token": "<|im_end|>"}, "the tokenizer of '.*broken' has eos_token '<|im_end|>' with id 99, but the "
+                                  r"model's embedding has 99 tokens \(ids 0..98\)"),
+], ids=["template_syntax", "template_raises", "template_renders_nothing", "eos_past_the_embedding"])
+def test_a_broken_tokenizer_is_named_before_any_weights_load(tokenizer, message, tmp_path):
+    """Before: jinja2's TemplateSyntaxError/TemplateError naming no model, ``IndexError: index -1 is out of
+    bounds`` at the first rollout, ``IndexError: index out of range in self`` in RFT's embedding lookup."""
+    directory = tmp_path / "broken"
+    shutil.copytree(tiny.materialize("rloop/micro-llama"), directory)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    (directory / "tokenizer_config.json").write_text(json.dumps({**config, **tokenizer}))
+    with pytest.raises(ValueError, match=message):
+        Policy(str(directory))
+
+
+@pytest.mark.parametrize("command, message", [
+    (["fit", "--seed", "-7"], r"seed must be in \[0, 4294966294\] \(the phases are seeded up to seed \+ 1001\), "
+                              r"as NumPy takes seeds in \[0, 2\*\*32 - 1\]; got -7"),
+    (["fit", "--seed", str(2**32 - 1)], "seed must be in .*; got 4294967295"),
+    (["grpo", "fit", "--config", "configs/grpo/tiny_countdown.yaml", "--seed_everything", "-7"],
+     r"seed_everything must be in \[0, 4294967295\], as NumPy takes seeds .*; got -7"),
+], ids=["loop_seed_negative", "loop_seed_past_the_last_phase", "phase_seed_everything"])
+def test_a_seed_numpy_cannot_take_is_named(command, message, tmp_path, monkeypatch):
+    """Before: Lightning's "-7 is not in bounds, numpy accepts from 0 to 4294967295", naming no setting (and
+    a loop seed near 2**32 failed only at iteration 1's RFT phase)."""
+    monkeypatch.chdir(REPO)
+    if command[0] == "fit":
+        command = ["fit", "--config", str(write_loop_config(tmp_path / "configs", tmp_path / "run")), *command[1:]]
+    with pytest.raises(ValueError, match=message):
+        cli_main(command)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("where", ["file", "under_a_file"])
+def test_a_run_dir_that_is_a_file_is_named_before_anything_is_written(where, tmp_path):
+    """Before: a bare ``FileExistsError: [Errno 17] File exists`` from the lock's ``mkdir``."""
+    (tmp_path / "taken").write_text("notes\n")
+    run_dir = tmp_path / "taken" if where == "file" else tmp_path / "taken" / "run"
+    config = write_loop_config(tmp_path / "configs", run_dir)
+    kind = "is a file" if where == "file" else "lies under '.*taken', a file"
+    with pytest.raises(NotADirectoryError, match=f"run_dir '.*' {kind}, not a directory"):
+        cli_main(["fit", "--config", str(config)])
+    assert (tmp_path / "taken").read_text() == "notes\n"
+
+
+def test_a_prompt_that_fills_the_context_on_its_own_is_told_so():
+    """Before: "lower max_new_tokens to -44 or less" (-1048404 for a 1 MB prompt)."""
+    policy = Policy("rloop/micro-llama")
+    prompts = policy.encode_prompts(["1 2 -> 3", "7 " * 150])
+    with pytest.raises(ValueError, match=r"prompt 'long' has 300 tokens; .* the longest prompt fills the context on "
+                                         "its own, so no max_new_tokens fits: shorten or drop the prompts of 256 "
+                                         "tokens or more") as error:
+        HFGenerateEngine().check_prompt_lengths(policy, prompts, SamplingParams(max_new_tokens=8), 256,
+                                                ["short", "long"])
+    assert "lower max_new_tokens" not in str(error.value)
+    with pytest.raises(ValueError, match="lower max_new_tokens to 6 or less"):  # one that fits on its own
+        HFGenerateEngine().check_prompt_lengths(policy, [prompts[0], [5] * 250], SamplingParams(max_new_tokens=8),
+                                                256, ["short", "long"])

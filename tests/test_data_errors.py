@@ -157,3 +157,35 @@ def test_an_rft_phase_truncates_records_past_the_context_and_warns(tmp_path, cap
     assert module.length_limit == 256  # the micro model's context
     assert "1 of 2 records are longer than 256 tokens (max_length=None, model context 256): their completions " \
            "are truncated to fit" in caplog.text
+
+
+@pytest.mark.parametrize("field, value", [("path", "data/gsm8k"), ("test_path", "data/gsm8k/test"),
+                                          ("test_path", "./gsm8k_test")],
+                         ids=["under_a_local_directory", "not_a_hub_id", "dot_relative"])
+def test_a_missing_relative_data_path_is_no_such_file_never_a_hub_request(field, value, tmp_path, monkeypatch):
+    """Before: ``data/gsm8k`` (``./data`` exists) was sent to the Hub and failed after 35 s with "Couldn't
+    reach 'data/gsm8k' on the Hub"; a missing ``path`` read as "a single file and would serve every split"."""
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+
+    def load_dataset(*args, **kwargs):
+        raise AssertionError(f"sent to the Hub: {args}")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    task = GSM8K(**{"path": None, field: value})
+    with pytest.raises(FileNotFoundError, match=f"gsm8k: {field} '{value}' does not exist \\(no such file or "
+                                                f"directory, relative to {tmp_path}\\); it is a local path"):
+        task.load("test")
+
+
+def test_a_hub_dataset_that_cannot_be_loaded_names_the_source_and_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def load_dataset(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'my-org/gsm8k-copy' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    with pytest.raises(OSError, match=f"'my-org/gsm8k-copy' is no local path \\(relative to {tmp_path}\\) and "
+                                      "could not be loaded from the Hugging Face Hub as dataset 'my-org/gsm8k-copy', "
+                                      "split 'test': Couldn't reach"):
+        GSM8K(path="my-org/gsm8k-copy").load("test")

@@ -7,15 +7,18 @@ counted as 0 without a word, and a phase whose every reward failed trained on ze
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
+import sys
 import time
 
 import lightning as L
 import pytest
 import torch
 
+from rloop_lightning.cli import cli_main
 from rloop_lightning.data.datamodules import PromptDataModule
 from rloop_lightning.grpo import GRPOModule
 from rloop_lightning.policy import Policy
@@ -23,8 +26,9 @@ from rloop_lightning.rewards import RewardFunctionError, RewardFunctionExit, Rew
 from rloop_lightning.rollout.base import SamplingParams
 from rloop_lightning.tasks import Countdown
 
-from faulty_rewards import (  # noqa: I001 -- tests/ is on sys.path
-    always_raises, appends_to_numbers, digit_share, exits, exits_on_real_completions, interrupts, nan_on_real_completions,
+from test_loop import write_loop_config  # noqa: I001 -- tests/ is on sys.path
+from faulty_rewards import (  # noqa: I001
+    always_raises, appends_to_numbers, closes_stdout, digit_share, exits, exits_on_real_completions, interrupts, nan_on_real_completions,
     nan_reward, never_returns, returns_a_generator, returns_a_set, returns_a_string, rewrites_completions,
     stalls_on_real_completions,
 )
@@ -149,3 +153,47 @@ def test_a_reward_returning_a_set_generator_or_string_is_refused_by_name(functio
         RewardRunner([function], num_workers=0)(["p", "q"], ["c", "d"])
     assert check_reward_output(digit_share, (0.5, None), 2) == [0.5, None]  # a tuple is a sequence
     assert check_reward_output(digit_share, torch.tensor([1.0, 0.0]), 2) == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_reward_that_closes_stdout_is_named_and_the_stream_is_usable_again(workers):
+    """Before: in-process, the next print or log line failed with a bare "ValueError: I/O operation on closed
+    file", naming no reward; in a worker, every later function that printed failed in its place."""
+    stdout = sys.stdout
+    sys.stdout = open(os.devnull, "w")  # the function's to close, not pytest's capture
+    try:
+        with RewardRunner([closes_stdout], num_workers=workers) as runner, \
+                pytest.raises(RewardFunctionExit, match="reward function 'closes_stdout' closed sys.stdout: a reward "
+                                                        "function must leave the process's standard streams open"):
+            runner(["p", "q"], ["c", "d"])
+        print("still printable", file=sys.stdout)
+        assert not sys.stdout.closed
+    finally:
+        sys.stdout = stdout
+
+
+LOOP_PROBES = {  # one per way the probe fails: a bad return value, an exit, a spin in a worker
+    "set": (returns_a_set, 0, ValueError, "returned set, expected a list of numbers or None"),
+    "exits": (exits, 0, RewardFunctionExit, r"raised SystemExit\(0\)"),
+    "spins_2_workers": (never_returns, 2, RewardFunctionError, r"failed the set-up check .* timed out"),
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", list(LOOP_PROBES))
+def test_rloop_fit_probes_the_rewards_before_any_evaluation(case, tmp_path, monkeypatch):
+    """Before: the GRPO phase's set-up probe caught each of these only after theta_0's held-out evaluation
+    (the expensive part of a real recipe); now ``validate_phases`` probes them before anything is written."""
+    function, workers, kind, message = LOOP_PROBES[case]
+
+    def evaluate_policy(*args, **kwargs):
+        raise AssertionError("theta_0 was evaluated before the reward functions were probed")
+
+    monkeypatch.setattr("rloop_lightning.loop.controller.evaluate_policy", evaluate_policy)
+    config = write_loop_config(tmp_path / "configs", tmp_path / "run")
+    overrides = {"trainer.max_steps": 3, "model.reward_functions": [f"faulty_rewards.{function.__name__}"],
+                 "model.correctness_function": None, "model.reward_workers": workers,
+                 "model.reward_timeout": TIMEOUT}
+    with pytest.raises(kind, match=f"grpo phase .*grpo.yaml.*reward function '{function.__name__}' {message}"):
+        cli_main(["fit", "--config", str(config), "--vanilla", "true", "--grpo.overrides", json.dumps(overrides)])
+    assert not (tmp_path / "run").exists()

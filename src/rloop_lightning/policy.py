@@ -194,6 +194,8 @@ class Policy(nn.Module):
         self.model: Optional[nn.Module] = None
         self._reference: Optional[nn.Module] = None
         self._end_token_ids: Optional[list[int]] = None
+        self.encode_prompts(["1 + 1 = ?"])  # a template that fails or renders nothing fails here, named
+        self._check_special_tokens()
 
     # ------------------------------------------------------------------ loading
     @staticmethod
@@ -221,17 +223,38 @@ class Policy(nn.Module):
             raise ValueError(f"tokenizer of {self.model_name_or_path!r} has no EOS token; completions cannot end")
         return tokenizer
 
+    def _model_config(self):
+        """The model's config (its own when loaded, else read from ``config.json``; no weights needed)."""
+        if self.model is not None:
+            return self.model.config
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.base_source(), revision=self.revision,
+                                          trust_remote_code=self.trust_remote_code)
+
     @property
     def context_length(self) -> Optional[int]:
         """The model's maximum sequence length (from its config; no weights needed)."""
-        if self.model is not None:
-            config = self.model.config
-        else:
-            from transformers import AutoConfig
+        return getattr(self._model_config(), "max_position_embeddings", None)
 
-            config = AutoConfig.from_pretrained(self.base_source(), revision=self.revision,
-                                                trust_remote_code=self.trust_remote_code)
-        return getattr(config, "max_position_embeddings", None)
+    def _check_special_tokens(self) -> None:
+        """Refuse an EOS, padding or chat turn-end token whose id is past the model's embedding (a token
+        ``tokenizer_config.json`` names but the vocabulary lacks gets the next free id): RFT would close
+        every completion with it and fail in the embedding lookup, and generation could never emit it."""
+        config = self._model_config()
+        vocab_size = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
+                             "vocab_size", None)
+        if vocab_size is None:
+            return
+        turn_end = chat_turn_end_id(self.tokenizer) if self.use_chat_template else None
+        for role, token_id in (("eos_token", self.tokenizer.eos_token_id), ("pad_token", self.tokenizer.pad_token_id),
+                               ("chat template's turn-end token", turn_end)):
+            if token_id is not None and token_id >= vocab_size:
+                raise ValueError(
+                    f"the tokenizer of {self.model_name_or_path!r} has {role} "
+                    f"{self.tokenizer.convert_ids_to_tokens(token_id)!r} with id {token_id}, but the model's "
+                    f"embedding has {vocab_size} tokens (ids 0..{vocab_size - 1}): the model does not know this "
+                    f"token. Set the {role} (tokenizer_config.json) to a token of the model's vocabulary")
 
     @property
     def torch_dtype(self):
@@ -309,12 +332,28 @@ class Policy(nn.Module):
             return self.prompt_template.format(prompt=prompt)
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         messages.append({"role": "user", "content": prompt})
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        from jinja2 import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except TemplateError as error:  # a syntax error, or the template's own raise_exception(...)
+            raise ValueError(f"the chat template of {self.model_name_or_path!r} (the tokenizer's chat_template, in "
+                             f"tokenizer_config.json or chat_template.jinja) fails on a prompt: "
+                             f"{type(error).__name__}: {error}. Fix the template, or set "
+                             "policy.use_chat_template: false to use policy.prompt_template") from None
 
     def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
         texts = [self.format_prompt(p) for p in prompts]
         # chat templates already carry BOS/special tokens as text
-        return self.tokenizer(texts, add_special_tokens=not self.use_chat_template)["input_ids"]
+        ids = self.tokenizer(texts, add_special_tokens=not self.use_chat_template)["input_ids"]
+        empty = next((index for index, row in enumerate(ids) if not row), None)
+        if empty is not None:
+            source = ("the chat template (the tokenizer's chat_template)" if self.use_chat_template
+                      else f"policy.prompt_template {self.prompt_template!r}")
+            raise ValueError(f"{source} of {self.model_name_or_path!r} turns prompt {empty} "
+                             f"({str(prompts[empty])[:60]!r}) into no tokens at all: a prompt must give the model "
+                             "something to continue from")
+        return ids
 
     def encode_completions(self, completions: Sequence[str]) -> list[list[int]]:
         """Token ids of completions, each closed by ``end_token_ids[0]`` (the chat turn's end under a template)."""

@@ -5,12 +5,16 @@ after theta_0's evaluation or a whole GRPO phase.
 loads its tokenizer but no weights), so each value's own check runs: those of the dataclasses
 (``SamplingParams``, ``ExpertSetSettings``) and module ``__init__``s (``GRPOModule``, ``RFTModule``,
 the data modules), and ``strategies.check_trainer_values`` on the trainer's settings. Then the prompts of the
-GRPO phase and of every held-out evaluation are tokenized and checked against the model context.
+GRPO phase and of every held-out evaluation are tokenized and checked against the model context, and
+the GRPO phase's reward functions probed (``check_loop_rewards``): a reward that returns a set, a
+generator, strings or the wrong number of values, raises, exits or never returns fails here, not after
+theta_0's held-out evaluation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
@@ -18,6 +22,7 @@ from jsonargparse import ArgumentError
 
 from rloop_lightning.loop.phases import PhaseCLI, PhaseSettings, build_phase
 from rloop_lightning.policy import Policy
+from rloop_lightning.rewards import RewardFunctionError, RewardFunctionExit, RewardRunner, chat_format
 
 
 def check_phase(module_class: type[L.LightningModule], settings: PhaseSettings, overrides: dict[str, Any],
@@ -40,6 +45,15 @@ def readable(error: BaseException) -> str:
     reasons = [line.strip()[2:] for line in text.splitlines()
                if line.strip().startswith("- ") and "Expected a <class 'NoneType'>" not in line]
     return "; ".join(reasons) or text
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse a ``run_dir`` that is a file, or lies under one, before anything is written."""
+    existing = next(path for path in [run_dir, *run_dir.parents] if path.exists() or path == path.parent)
+    if not existing.is_dir():
+        where = "is a file" if existing == run_dir else f"lies under {str(existing)!r}, a file"
+        raise NotADirectoryError(f"run_dir {str(run_dir)!r} {where}, not a directory: point run_dir to a "
+                                 "directory (a new one for a new run)")
 
 
 def check_prompt_lengths(policy: Policy, prompts: Sequence[str], max_new_tokens: int, where: str,
@@ -70,3 +84,23 @@ def check_loop_prompts(grpo: PhaseCLI, evaluators: Sequence, eval_engine: Option
         check_prompt_lengths(policy, [p["prompt"] for p in evaluator.problems], evaluator.sampling.max_new_tokens,
                              f"evaluators.{index} (task {evaluator.task.name!r} split {evaluator.split!r}, "
                              f"sampling.max_new_tokens)", getattr(eval_engine, "max_model_len", None))
+
+
+def check_loop_rewards(grpo: PhaseCLI, phase_config: str) -> None:
+    """The GRPO phase's set-up probe of its reward functions (``RewardRunner.check_problems``: an empty
+    completion for each of two prompts, with the phase's workers and time limit), run before theta_0 is
+    built or evaluated; the error names the function and ``phase_config``. Its workers are stopped after.
+    (Held-out evaluators probe their task's reward when an evaluation starts, before its weights load.)"""
+    module, data = grpo.model, grpo.datamodule
+    if not (hasattr(data, "problems") and hasattr(data, "task")):
+        return
+    functions = module.reward_functions or [data.task.reward]
+    runner = RewardRunner(functions, module.reward_weights, module.reward_workers, module.reward_timeout)
+    try:
+        runner.check_problems(data.problems, chat_format(module.policy))
+    except (RewardFunctionError, RewardFunctionExit) as error:  # each names the function
+        raise type(error)(f"grpo phase ({phase_config}): {error}") from None
+    except ValueError as error:  # a wrong number or type of values (check_reward_output) names it too
+        raise ValueError(f"grpo phase ({phase_config}): {error}") from None
+    finally:
+        runner.close()

@@ -39,7 +39,7 @@ from rloop_lightning.callbacks import (
 from rloop_lightning.records import iter_records, write_json_atomic, write_jsonl_atomic
 from rloop_lightning.evaluation import Evaluator, evaluate_policy
 from rloop_lightning.grpo import GRPOModule
-from rloop_lightning.loop.checks import check_loop_prompts, check_phase
+from rloop_lightning.loop.checks import check_loop_prompts, check_loop_rewards, check_phase, check_run_dir
 from rloop_lightning.loop.distributed import (
     DEFAULT_TIMEOUT_SECONDS, barrier, is_main_process, share_from_main, start_ranks,
 )
@@ -52,7 +52,7 @@ from rloop_lightning.loop.verify import (
     DIGESTS, ChangedOutputError, changed_outputs, is_redone, output_digests,
 )
 from rloop_lightning.loop.phases import (
-    OverrideValue, PhaseCLI, PhaseSettings, build_phase, override_keys, parse_phase, phase_policy,
+    OverrideValue, PhaseCLI, PhaseSettings, build_phase, check_seed, override_keys, parse_phase, phase_policy,
 )
 from rloop_lightning.prompt_stats import PromptStats
 from rloop_lightning.rft import RFTModule
@@ -172,6 +172,7 @@ class RLoop:
         if not distributed_timeout > 0:
             raise ValueError(f"distributed_timeout must be > 0 seconds, got {distributed_timeout}")
         check_checkpoint_cadence(checkpoint_every_n_steps, checkpoint_every_seconds)
+        check_seed(seed, "seed", 1000 * (iterations - 1) + 1)  # phase k: seed + 1000 k (+1 for RFT)
         self.layout = RunLayout(run_dir)
         self.base = base
         self.grpo = grpo
@@ -255,8 +256,10 @@ class RLoop:
 
     def validate_phases(self) -> None:
         """Parse and build every phase's configuration with the loop's overrides before any compute (no
-        weights load), and check the prompts against the context (``loop.checks``): a typo or a bad value
-        in a phase YAML or override fails here, before theta_0 is built or evaluated."""
+        weights load), check the prompts against the context and probe the reward functions
+        (``loop.checks``): a typo, a bad value in a phase YAML or override, or a broken reward fails here,
+        before theta_0 is built or evaluated."""
+        check_run_dir(self.layout.root)
         self.base.check()
         theta = self.base.policy
         if self.base.build_config is not None:
@@ -280,6 +283,8 @@ class RLoop:
                                  f"loop's trainer field")
         check_loop_prompts(grpo, self.evaluators, self.eval_engine)
         self.check_ranks(grpo.datamodule)
+        if is_main_process():  # the other ranks run the same functions on the same probe
+            check_loop_rewards(grpo, self.grpo.config)
 
     def check_ranks(self, grpo_data: L.LightningDataModule) -> None:
         """Refuse, before any model loads, a process count the data cannot serve: fewer held-out problems

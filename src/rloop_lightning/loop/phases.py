@@ -69,6 +69,13 @@ class PhaseCLI(LightningCLI):
                     "forward, after which full weights cannot be gathered (vLLM sync, export). Use FSDP2 instead: "
                     "--config configs/strategies/fsdp2.yaml (ModelParallelStrategy), or DDP with LoRA/QLoRA.")
 
+    def _set_seed(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        seed = config.get("seed_everything")
+        if not isinstance(seed, bool) and isinstance(seed, int):
+            check_seed(seed, "seed_everything")
+        super()._set_seed()
+
     def instantiate_classes(self) -> None:
         if self.instantiate:
             super().instantiate_classes()
@@ -76,6 +83,18 @@ class PhaseCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         if self.instantiate:
             super().after_instantiate_classes()
+
+
+MAX_SEED = 2**32 - 1  # NumPy's seeds are unsigned 32-bit integers (Lightning's seed_everything seeds NumPy)
+
+
+def check_seed(seed: int, name: str, largest_offset: int = 0) -> None:
+    """Refuse a seed NumPy cannot take, naming the setting: ``seed`` through ``seed + largest_offset`` (the
+    seeds derived from it) must lie in [0, 2**32 - 1]."""
+    if not 0 <= seed <= MAX_SEED - largest_offset:
+        derived = f" (the phases are seeded up to {name} + {largest_offset})" if largest_offset else ""
+        raise ValueError(f"{name} must be in [0, {MAX_SEED - largest_offset}]{derived}, as NumPy takes seeds in "
+                         f"[0, 2**32 - 1]; got {seed}")
 
 
 def class_path_or_value(value):

@@ -18,8 +18,8 @@ Isolation: every call gets its own deep copy of the prompts, completions and pro
 function that appends to a problem's ``numbers`` or rewrites ``completions`` in place changes neither
 the cached problems nor what the next function scores. A function that raises ``SystemExit`` or
 ``KeyboardInterrupt`` is not scored as a failure: the run stops with ``RewardFunctionExit`` naming it
-(a function that exits is broken, not the completion it was given). A real Ctrl-C that lands during a
-call stays a ``KeyboardInterrupt``.
+(a function that exits is broken, not the completion it was given); so does one that closes
+``sys.stdout`` or ``sys.stderr``. A real Ctrl-C that lands during a call stays a ``KeyboardInterrupt``.
 """
 
 from __future__ import annotations
@@ -29,12 +29,13 @@ import copy
 import inspect
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, TextIO
 
 from rloop_lightning.rewards.inputs import RewardBatch, TrainerState
 
@@ -183,7 +184,7 @@ def _own_copy(values: list) -> list:
 
 
 def _call(function: Callable, keywords: dict, seconds: float) -> Any:
-    with user_interrupts() as interrupted, time_limit(seconds):
+    with open_streams(repr(function_name(function))), user_interrupts() as interrupted, time_limit(seconds):
         try:
             output = function(**keywords)
             if inspect.isawaitable(output):
@@ -200,6 +201,33 @@ def exit_error(function: Callable, stop: BaseException) -> RewardFunctionExit:
     return RewardFunctionExit(
         f"reward function {function_name(function)!r} raised {what}: a reward function must return scores (or "
         "raise an Exception, counted as its failure), never exit or interrupt the run; fix the function")
+
+
+@contextmanager
+def open_streams(names: str) -> Iterator[None]:
+    """Raise ``RewardFunctionExit`` naming the reward function(s) ``names`` when the body closes
+    ``sys.stdout`` or ``sys.stderr`` (the next print or log line, anyone's, would fail with a bare "I/O
+    operation on closed file"); the closed stream is first replaced, so the error can be read."""
+    try:
+        yield
+    finally:
+        closed = [name for name in ("stdout", "stderr") if getattr(getattr(sys, name), "closed", False)]
+        for name in closed:
+            setattr(sys, name, _reopened(name))
+        if closed:
+            raise RewardFunctionExit(
+                f"reward function {names} closed sys.{closed[0]}: a reward function must "
+                "leave the process's standard streams open (later output, its own and the trainer's, would fail "
+                "with 'I/O operation on closed file'); fix the function")
+
+
+def _reopened(name: str) -> TextIO:
+    """A writable stream for ``sys.<name>`` after it was closed: the interpreter's own one when that is still
+    open, else a new one on file descriptor 1 or 2 (closing ``sys.stdout`` leaves the descriptor open)."""
+    original = getattr(sys, f"__{name}__")
+    if original is not None and not original.closed:
+        return original
+    return open({"stdout": 1, "stderr": 2}[name], "w", buffering=1, closefd=False, errors="backslashreplace")
 
 
 @contextmanager
@@ -254,7 +282,8 @@ def _score_together(functions: list[Callable], batch: RewardBatch, state: Traine
         return await asyncio.gather(*(call(f, log) for f, log in zip(functions, logs)), return_exceptions=True)
 
     try:
-        with time_limit(timeout * 1.1 + 0.1):  # a backstop for a coroutine that blocks the event loop
+        with open_streams(" or ".join(repr(function_name(f)) for f in functions)), \
+                time_limit(timeout * 1.1 + 0.1):  # a backstop for a coroutine that blocks the event loop
             outputs = asyncio.run(gather())
     except RewardTimeout as failure:
         outputs = [failure] * len(functions)

@@ -114,9 +114,13 @@ class RolloutEngine(ABC):
             if len(ids) + sampling.max_new_tokens > max_context:
                 longest = max(len(row) for row in prompt_ids)
                 name = f"{names[index]!r}" if names else str(index)
+                # no max_new_tokens >= 1 fits a prompt that fills the context on its own
+                advice = (f"lower max_new_tokens to {max_context - longest} or less, or drop the longest prompts"
+                          if longest < max_context else
+                          f"the longest prompt fills the context on its own, so no max_new_tokens fits: shorten "
+                          f"or drop the prompts of {max_context} tokens or more")
                 raise ValueError(
                     f"prompt {name} has {len(ids)} tokens; with max_new_tokens={sampling.max_new_tokens} it exceeds "
                     f"the model context of {max_context} tokens ({policy.model_name_or_path}; the longest prompt "
-                    f"has {longest}): lower max_new_tokens to {max_context - longest} or less, or drop the "
-                    f"longest prompts"
+                    f"has {longest}): {advice}"
                 )

@@ -8,12 +8,16 @@ Each adapter maps one source record to a problem ``{id, prompt, answer, ...}``; 
     a local file or glob  ``data/test.jsonl``, ``data/*.parquet`` (read with ``data.records``)
     a local directory     given as ``path``: the files named ``<split>*.jsonl|parquet`` inside;
                           given as ``<split>_path``: every jsonl/parquet file inside
+A source that does not exist locally goes to the Hub only when it has a hub id's form (``name`` or
+``org/name``) and ``org`` is not a local directory: ``data/gsm8k`` next to a ``data/`` directory, or
+``data/gsm8k/test``, is refused at once as a missing file, naming the task and field, not tried on the Hub.
 Malformed data fails at ``load`` with the file and line (jsonl) or row (parquet, hub) in the message.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -50,12 +54,20 @@ def _text(record: dict, field: str, numbers: bool = False) -> str:
     raise _BadRecord(f"field {field!r} is {type(value).__name__} ({str(value)[:60]!r}), expected text")
 
 
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?(:[\w.-]+)?")  # name or org/name, with an optional :split
+
+
 def _is_local(source: str) -> bool:
+    """A local path, not a hub id: it exists, is a glob or a data file name, starts like a path, is not of the
+    hub's ``name``/``org/name`` form (``data/gsm8k/test``), or starts with a local directory (``data/gsm8k``
+    where ``./data`` exists: a missing local path, never sent to the Hub)."""
     return (
         os.path.exists(source)
         or any(char in source for char in "*?[")
         or Path(source).suffix in (".jsonl", ".json", ".parquet")
-        or source.startswith((".", "/"))
+        or source.startswith((".", "/", "~"))
+        or not _HUB_ID.fullmatch(source)
+        or ("/" in source and os.path.isdir(source.split("/")[0]))
     )
 
 
@@ -83,7 +95,12 @@ def hub_records(source: str, split: str, config_name: str | None) -> Iterator[tu
 
     hub_id, _, hub_split = source.partition(":")
     hub_split = hub_split or ("test" if split == "ood" else split)
-    dataset = datasets.load_dataset(hub_id, config_name, split=hub_split)
+    try:
+        dataset = datasets.load_dataset(hub_id, config_name, split=hub_split)
+    except (OSError, ValueError) as error:  # unreachable (ConnectionError is an OSError), unknown id, no such split
+        kind = OSError if isinstance(error, OSError) else ValueError
+        raise kind(f"{source!r} is no local path (relative to {os.getcwd()}) and could not be loaded from "
+                   f"the Hugging Face Hub as dataset {hub_id!r}, split {hub_split!r}: {error}") from error
     for index, record in enumerate(dataset):
         yield (lambda index=index: f"{hub_id} [{hub_split}] row {index + 1}"), record
 
@@ -122,10 +139,10 @@ class MathDatasetTask(Task):
         if split not in self.split_paths:
             raise ValueError(f"{self.name} has no split {split!r}; choose from {self.splits}")
         if self.split_paths[split]:
-            return self.split_paths[split]
+            return self._checked(self.split_paths[split], f"{split}_path")
         if split not in self.fallback_splits or not self.path:
             raise ValueError(f"{self.name} has no source for split {split!r}; set {split}_path")
-        if not _is_local(self.path):
+        if not _is_local(self._checked(self.path, "path")):
             return self.path
         if not os.path.isdir(self.path):
             raise ValueError(
@@ -141,6 +158,14 @@ class MathDatasetTask(Task):
         if not files:
             raise ValueError(f"{self.name}: no {split}*.jsonl or {split}*.parquet file under {self.path}")
         return files
+
+    def _checked(self, source: str, field: str) -> str:
+        """``source``, refused with the task and field named when it is a local path (not a glob) that does
+        not exist."""
+        if _is_local(source) and not any(char in source for char in "*?[") and not os.path.exists(source):
+            raise FileNotFoundError(f"{self.name}: {field} {source!r} does not exist (no such file or directory, "
+                                    f"relative to {os.getcwd()}); it is a local path, not a hub dataset id")
+        return source
 
     def load(self, split: Split) -> list[dict]:
         source = self.source(split)
