@@ -106,7 +106,8 @@ def _is_rl_end(policy: str, k: int) -> bool:
 def load_curve(run_dir: str | Path) -> list[CurvePoint]:
     """Every evaluated point of a run directory, in order along the RL-step axis."""
     layout = RunLayout(run_dir)
-    completed = json.loads(layout.manifest.read_text()).get("completed", {}) if layout.manifest.exists() else {}
+    completed = json.loads(layout.manifest.read_text()).get("completed") if layout.manifest.exists() else None
+    completed = completed if isinstance(completed, dict) else {}  # a manifest of scripts/trl_arm.py has none
     points = []
     base = _evaluation(layout, BASE_EVALUATION)
     if base is not None:
