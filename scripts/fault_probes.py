@@ -3,7 +3,8 @@
 The probes are the fault tests themselves (tests/test_reward_faults.py, tests/test_faults.py, the
 crash/resume test of tests/test_loop.py, and the second round's tests/test_preemption.py,
 tests/test_checks.py, tests/test_data_errors.py, tests/test_resume_verify.py and
-tests/test_command_inputs.py): each asserts one fault's intended outcome, so a passing test means
+tests/test_command_inputs.py; the learning-curve and validation settings in tests/test_checks.py and
+tests/test_reproduce_tiny.py): each asserts one fault's intended outcome, so a passing test means
 that outcome, a failing one a regression, and one that runs past its time limit a hang.
 They run in one pytest process under pytest-timeout, the whole run under a wall-clock limit too.
 
@@ -164,6 +165,15 @@ PROBES = [
     *(Probe(f"run_dir with {kind} characters", "handled: paths reach the phases as written",
             COMMANDS + f"test_a_run_directory_with_non_ascii_characters_reaches_the_phases_as_written[{kind}]")
       for kind in ("latin", "cjk", "emoji")),
+    *(Probe(f"{case.replace('_', ' ')}", "clear error naming the setting, before anything is written",
+            CHECKS + f"test_a_bad_value_fails_before_anything_is_written_naming_phase_and_field[{case}]")
+      for case in ("curve_every_n_steps_0", "curve_past_a_phase", "curve_without_evaluators",
+                   "best_validation_without_validation")),
+    Probe("validation split the train split leaves no room for", "clear error naming num_train and num_validation, "
+          "before anything is written",
+          CHECKS + "test_an_evaluator_value_fails_before_anything_is_written[validation_split_without_room]"),
+    Probe("study search choosing on the test or OOD split", "clear error naming --select-split, before any run",
+          "tests/test_reproduce_tiny.py::test_a_search_that_would_read_the_test_split_is_refused_before_anything_runs"),
 ]
 
 
