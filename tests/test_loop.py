@@ -333,9 +333,26 @@ def test_killed_runs_resume_to_the_same_expert_sets(loop_run, tmp_path):
 
 
 def test_replay_adds_earlier_expert_sets_and_rft_from_rl_end_is_one_flag(tmp_path):
+    """... with a learning curve, a validation split and the best saved policy on it as the answer."""
     config = write_loop_config(tmp_path / "configs", tmp_path / "run")
-    cli_main(["fit", "--config", str(config), "--expert_set.replay", "true", "--rft_from", "rl_end"])
+    test, = [e for e in yaml.safe_load(config.read_text())["evaluators"] if e["split"] == "test"]
+    evaluators = [test, {**test, "split": "validation", "greedy": False}]
+    cli_main(["fit", "--config", str(config), "--expert_set.replay", "true", "--rft_from", "rl_end",
+              "--curve_every_n_steps", "2", "--output", "best_validation", "--evaluators", json.dumps(evaluators)])
     run_dir = tmp_path / "run"
+    from rloop_lightning.loop.curves import choose, load_curve
+
+    points = load_curve(run_dir)
+    assert [(p.rl_step, p.kind) for p in points] == [(0, "theta_0"), (2, "rl"), (3, "rl_end"), (3, "rft"),
+                                                     (5, "rl"), (6, "rl_end"), (6, "rft")]
+    assert set(points[1].metrics) == {"countdown/test", "countdown/validation"}
+    assert points[2].policy == str(run_dir / "iter_00/grpo/policy")
+    final = json.loads((run_dir / "final.json").read_text())
+    best = choose(points, "best_validation")
+    assert final["output"] == "best_validation" and final["policy"] == best.policy
+    assert final["metrics"] == best.metrics
+    report = (run_dir / "report.md").read_text()
+    assert "### run: learning curve" in report and "| best saved on validation: " in report
     first = read_jsonl(run_dir / "iter_00" / "expert_set" / "experts.jsonl")
     second = read_jsonl(run_dir / "iter_01" / "expert_set" / "experts.jsonl")
     summary = json.loads((run_dir / "iter_01" / "expert_set" / "summary.json").read_text())

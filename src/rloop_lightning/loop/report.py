@@ -288,8 +288,10 @@ def write_final(run_dir: str | Path, output: str) -> Optional[Path]:
     point = choose(load_curve(layout.root), output)
     if point is None:
         return None
-    write_json_atomic(layout.final, {"output": output, "point": point.label, "rl_step": point.rl_step,
-                                     "policy": point.policy, "metrics": point.metrics})
+    final = {"output": output, "point": point.label, "rl_step": point.rl_step, "policy": point.policy,
+             "metrics": point.metrics}
+    if not layout.final.exists() or json.loads(layout.final.read_text()) != final:  # a rerun changes no file
+        write_json_atomic(layout.final, final)
     return layout.final
 
 
