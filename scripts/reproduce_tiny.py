@@ -264,12 +264,13 @@ def candidate_tables(runs: dict[str, list[Path]], splits: list[str]) -> list[str
             ""] + split_tables(rows, splits, ["avg@n", "pass@32"])
 
 
-def curve_series(run_dir: Path, split: str) -> dict[int, float]:
-    """avg@n of ``split`` by cumulative RL step over a run's curve (theta_0, RL points, RL end points)."""
+def curve_series(run_dir: Path, split: str, rft: bool = False) -> dict[int, float]:
+    """avg@n of ``split`` by cumulative RL step over a run's curve: theta_0, RL points and RL end points,
+    or with ``rft`` the RFT outputs."""
     from rloop_lightning.loop.curves import average_accuracy, load_curve
 
     return {p.rl_step: average_accuracy(p.metrics[split]) for p in load_curve(run_dir)
-            if p.kind != "rft" and split in p.metrics}
+            if (p.kind == "rft") == rft and split in p.metrics}
 
 
 def plot_held_out_curves(runs: dict[str, list[Path]], split: str, path: Path) -> bool:
@@ -292,9 +293,14 @@ def plot_held_out_curves(runs: dict[str, list[Path]], split: str, path: Path) ->
         line, = axis.plot(steps, means, label=f"{name} ({len(series)} seeds)")
         axis.fill_between(steps, [m - d for m, d in zip(means, stds)], [m + d for m, d in zip(means, stds)],
                           color=line.get_color(), alpha=0.2)
+        outputs = [curve_series(d, split, rft=True) for d in dirs]
+        rft_steps = sorted(set.intersection(*(set(s) for s in outputs)))
+        if rft_steps:
+            axis.scatter(rft_steps, [statistics.mean(s[step] for s in outputs) for step in rft_steps], marker="*",
+                         s=80, color=line.get_color(), label=f"{name} RFT outputs", zorder=3)
         drawn = True
     if drawn:
-        axis.set_xlabel("cumulative RL steps")
+        axis.set_xlabel("cumulative RL steps (stars: RFT outputs)")
         axis.set_ylabel(f"held-out avg@n, {split}")
         axis.legend()
         figure.tight_layout()

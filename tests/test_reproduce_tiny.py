@@ -154,6 +154,9 @@ def test_quick_study_chooses_on_validation_and_plots_the_curves(script, tmp_path
             "(`vanilla` 0.450, `rloop` 0.250)") in text
     assert "| rloop: theta_K | 1 | 0.250 | - |" in text  # validation avg@n; no pass@32 on validation
     assert "| vanilla: best on validation | 1 | 0.500 | - |" in text  # step 6, mid-phase
+    assert script.curve_series(out / "tiny_cpu" / "rloop_seed0", "countdown/validation") == {
+        0: 0.1, 2: 0.2, 4: 0.3, 6: 0.2, 8: 0.25}
+    assert script.curve_series(out / "tiny_cpu" / "rloop_seed0", "countdown/validation", rft=True) == {4: 0.3, 8: 0.25}
     assert (tmp_path / "docs" / "results" / "tiny_cpu_curves.png").stat().st_size > 0
     assert "![held-out avg@n over RL steps, countdown/test](results/tiny_cpu_curves.png)" in text
 
