@@ -149,3 +149,13 @@ def test_a_mid_phase_best_is_reported_but_not_handed_over(tmp_path):
     points = load_curve(run_dir)
     assert compare(points)["best on validation"].label == "iter 1 RL step 2"
     assert choose(points, "best_validation").label == "iter 1 RL end"  # the best point with saved weights
+
+
+def test_output_may_change_on_resume_and_the_curve_may_not(tmp_path):
+    from rloop_lightning.loop.manifest import Manifest
+
+    manifest = Manifest(tmp_path / "manifest.json")
+    manifest.check_config({"seed": 0, "output": "theta_K"})  # an older run: no curve_every_n_steps at all
+    manifest.check_config({"seed": 0, "output": "best_validation", "curve_every_n_steps": None})
+    with pytest.raises(ValueError, match="curve_every_n_steps: None -> 10"):
+        manifest.check_config({"seed": 0, "output": "best_validation", "curve_every_n_steps": 10})
