@@ -3,8 +3,9 @@
 The probes are the fault tests themselves (tests/test_reward_faults.py, tests/test_faults.py, the
 crash/resume test of tests/test_loop.py, and the second round's tests/test_preemption.py,
 tests/test_checks.py, tests/test_data_errors.py, tests/test_resume_verify.py and
-tests/test_command_inputs.py; from the third, tests/test_base_identity.py, tests/test_grpo.py and
-tests/test_truncation.py too): each asserts one fault's intended outcome, so a passing test means
+tests/test_command_inputs.py; from the third, tests/test_base_identity.py, tests/test_grpo.py,
+tests/test_truncation.py and tests/test_reproduce_tiny.py too): each asserts one fault's intended
+outcome, so a passing test means
 that outcome, a failing one a regression, and one that runs past its time limit a hang.
 They run in one pytest process under pytest-timeout, the whole run under a wall-clock limit too.
 
@@ -212,6 +213,15 @@ PROBES = [
     *(Probe(f"rloop fit, reward {case.replace('_', ' ')}", "clear error naming it, before theta_0 is evaluated",
             REWARDS + f"test_rloop_fit_probes_the_rewards_before_any_evaluation[{case}]")
       for case in ("set", "exits", "spins_2_workers")),
+    *(Probe(f"{case.replace('_', ' ')}", "clear error naming the setting, before anything is written",
+            CHECKS + f"test_a_bad_value_fails_before_anything_is_written_naming_phase_and_field[{case}]")
+      for case in ("curve_every_n_steps_0", "curve_past_a_phase", "curve_without_evaluators",
+                   "best_validation_without_validation")),
+    Probe("validation split the train split leaves no room for", "clear error naming num_train and num_validation, "
+          "before anything is written",
+          CHECKS + "test_an_evaluator_value_fails_before_anything_is_written[validation_split_without_room]"),
+    Probe("study search choosing on the test or OOD split", "clear error naming --select-split, before any run",
+          "tests/test_reproduce_tiny.py::test_a_search_that_would_read_the_test_split_is_refused_before_anything_runs"),
 ]
 
 

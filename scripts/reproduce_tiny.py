@@ -28,6 +28,14 @@ to ``runs/study/<config stem>/<name>_seed<S>``. Its tables replace the block bet
 ``<!-- reproduce_tiny: <config stem> -->`` and ``<!-- end reproduce_tiny: <config stem> -->`` in
 ``docs/results.md`` (appended when the page has no such block), its reward curves go to
 ``docs/results/<config stem>_reward_curves.png``; the rest of the page is prose, kept across reruns.
+
+Choosing on validation: the arms run here are the search (variants and ablations); the section names
+the arm of highest ``--select-metric`` (default avg@n) on ``--select-split``, a ``task/validation``
+split the runs evaluated (an evaluator with ``split: validation`` in the loop config). A search that
+would choose on a test or OOD split is refused before anything runs: those splits are read only for
+the tables. Runs with a learning curve (``curve_every_n_steps``) add, per arm, the candidate answers
+at equal RL steps (theta_K, the last RL end point, the best point on validation) and
+``docs/results/<config stem>_curves.png``: held-out avg@n over RL steps, mean and a ±1 std band over seeds.
 """
 
 from __future__ import annotations
@@ -211,7 +219,98 @@ def plot_curves(runs: dict[str, list[Path]], path: Path) -> None:
     plt.close(figure)
 
 
-def write_section(config: str, runs: dict[str, list[Path]], figures: Path) -> str:
+def check_select_split(split: str | None) -> None:
+    """Refuse a search that would choose on anything but a validation split (``task/validation``)."""
+    if split is not None and not split.endswith("/validation"):
+        raise SystemExit(f"--select-split {split}: settings are chosen on a validation split only "
+                         "(task/validation); the test and OOD splits are read only for the final tables")
+
+
+def selection(runs: dict[str, list[Path]], split: str | None, metric_name: str) -> list[str]:
+    """The arm of highest mean ``metric_name`` on the validation ``split`` (default: the first validation
+    split the runs evaluated), over its seeds' final policies; never a test or OOD split."""
+    check_select_split(split)
+    evals = {name: [final_eval(d) for d in dirs] for name, dirs in runs.items() if dirs}
+    if split is None:
+        split = next((s for e in evals.values() for ev in e for s in sorted(ev) if s.endswith("/validation")), None)
+    if split is None:
+        return ["Chosen on validation: nothing (the runs evaluated no validation split; the tables' splits are "
+                "not used for choosing).", ""]
+    scores = {name: statistics.mean(metric(e.get(split, {}), metric_name) for e in es) for name, es in evals.items()}
+    scores = {name: score for name, score in scores.items() if not math.isnan(score)}
+    if not scores:
+        return [f"Chosen on validation: nothing (no arm reports {metric_name} on {split}).", ""]
+    best = max(scores, key=scores.get)
+    ranked = ", ".join(f"`{name}` {score:.3f}" for name, score in sorted(scores.items(), key=lambda i: -i[1]))
+    return [f"Chosen on {split} ({metric_name} of theta_K, mean over seeds): **{best}** ({ranked}).", ""]
+
+
+def candidate_tables(runs: dict[str, list[Path]], splits: list[str]) -> list[str]:
+    """Per arm with learning curves: theta_K, the last RL end point and the best point on validation
+    (``loop.curves.compare``), mean ± std over seeds, at the arm's total RL steps."""
+    from rloop_lightning.loop.curves import compare, load_curve
+
+    rows: dict[str, list[dict]] = {}
+    for name, dirs in runs.items():
+        for run_dir in dirs:
+            points = load_curve(run_dir)
+            if not any(p.kind == "rl" for p in points):
+                continue
+            for candidate, point in compare(points).items():
+                rows.setdefault(f"{name}: {candidate}", []).append(point.metrics)
+    if not rows:
+        return []
+    return ["Candidate answers at equal RL steps (runs with a learning curve; best = highest validation avg@n):",
+            ""] + split_tables(rows, splits, ["avg@n", "pass@32"])
+
+
+def curve_series(run_dir: Path, split: str, rft: bool = False) -> dict[int, float]:
+    """avg@n of ``split`` by cumulative RL step over a run's curve: theta_0, RL points and RL end points,
+    or with ``rft`` the RFT outputs."""
+    from rloop_lightning.loop.curves import average_accuracy, load_curve
+
+    return {p.rl_step: average_accuracy(p.metrics[split]) for p in load_curve(run_dir)
+            if (p.kind == "rft") == rft and split in p.metrics}
+
+
+def plot_held_out_curves(runs: dict[str, list[Path]], split: str, path: Path) -> bool:
+    """Held-out avg@n over RL steps per arm: mean over seeds and a ±1 std band, at the steps every seed
+    evaluated. False (nothing drawn) when no run has a curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    drawn = False
+    for name, dirs in runs.items():
+        series = [curve_series(d, split) for d in dirs]
+        steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
+        if len(steps) < 3:  # theta_0 and end points only: no curve
+            continue
+        means = [statistics.mean(s[step] for s in series) for step in steps]
+        stds = [statistics.stdev(s[step] for s in series) if len(series) > 1 else 0.0 for step in steps]
+        line, = axis.plot(steps, means, label=f"{name} ({len(series)} seeds)")
+        axis.fill_between(steps, [m - d for m, d in zip(means, stds)], [m + d for m, d in zip(means, stds)],
+                          color=line.get_color(), alpha=0.2)
+        outputs = [curve_series(d, split, rft=True) for d in dirs]
+        rft_steps = sorted(set.intersection(*(set(s) for s in outputs)))
+        if rft_steps:
+            axis.scatter(rft_steps, [statistics.mean(s[step] for s in outputs) for step in rft_steps], marker="*",
+                         s=80, color=line.get_color(), label=f"{name} RFT outputs", zorder=3)
+        drawn = True
+    if drawn:
+        axis.set_xlabel("cumulative RL steps (stars: RFT outputs)")
+        axis.set_ylabel(f"held-out avg@n, {split}")
+        axis.legend()
+        figure.tight_layout()
+        figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return drawn
+
+
+def write_section(config: str, runs: dict[str, list[Path]], figures: Path, select_split: str | None = None,
+                  select_metric: str = "avg@n") -> str:
     """This config's tables (one per evaluated split) and reward curves (``figures/<config stem>_reward_curves.png``),
     as the markdown that goes between the config's markers in the results page."""
     from rloop_lightning.loop.report import split_order, write_report
@@ -227,6 +326,8 @@ def write_section(config: str, runs: dict[str, list[Path]], figures: Path) -> st
               f"--config {config} --run_dir ... --seed S` plus the flags named below). Held-out metrics of "
               "the final policy theta_K; mean ± std over seeds."), ""]
     lines += split_tables(rows, splits)
+    lines += selection(runs, select_split, select_metric)
+    lines += candidate_tables(runs, splits)
     lines += ["Flags: " + "; ".join(f"`{n}`: `{' '.join(f) or '(defaults)'}`"
                                     for n, f in {**VARIANTS, **ABLATIONS}.items() if n in runs), ""]
     if "trl" in runs:
@@ -237,6 +338,8 @@ def write_section(config: str, runs: dict[str, list[Path]], figures: Path) -> st
         if name != "trl":  # TRL runs have only their final evaluation
             write_report(dirs[0], runs["vanilla"][0] if name == "rloop" and runs.get("vanilla") else None)
     lines += [f"![training reward, {tasks}]({figures.name}/{stem}_reward_curves.png)"]
+    if plot_held_out_curves(runs, splits[0], figures / f"{stem}_curves.png"):
+        lines += ["", f"![held-out avg@n over RL steps, {splits[0]}]({figures.name}/{stem}_curves.png)"]
     return "\n".join(lines)
 
 
@@ -267,6 +370,10 @@ def main(argv=None) -> None:
                         help="runs go to OUT/<config stem>/<name>_seed<S>")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
     parser.add_argument("--report-only", action="store_true", help="aggregate finished runs, run nothing")
+    parser.add_argument("--select-split", default=None,
+                        help="the task/validation split the search chooses on (default: the runs' first "
+                             "validation split); a test or OOD split is refused")
+    parser.add_argument("--select-metric", default="avg@n", help="the metric the search chooses by (default avg@n)")
     parser.add_argument("--arm", dest="arms", action="append", type=lambda spec: ("final", spec),
                         metavar="NAME=DIR[,DIR...]",
                         help="side-study mode: a row of theta_K of these runs (paths or globs, one per seed); "
@@ -278,6 +385,7 @@ def main(argv=None) -> None:
     parser.add_argument("--metrics", nargs="+", default=METRICS,
                         help=f"side-study mode: columns (default {' '.join(METRICS)}; avg@n is also known)")
     args = parser.parse_args(argv)
+    check_select_split(args.select_split)  # before anything runs
     if args.arms:
         command = shlex.join(["python", "scripts/reproduce_tiny.py", *(sys.argv[1:] if argv is None else argv)])
         print(f"Produced by `{command}`.\n\n{study_tables(args.arms, args.splits, args.metrics)}")
@@ -307,7 +415,7 @@ def main(argv=None) -> None:
             print(f"left out (unfinished): {run_dir}", flush=True)
     if not runs:
         raise SystemExit(f"no finished runs under {out}")
-    section = write_section(args.config, runs, args.doc.parent / "results")
+    section = write_section(args.config, runs, args.doc.parent / "results", args.select_split, args.select_metric)
     write_results(args.doc, Path(args.config).stem, section)
 
 

@@ -60,6 +60,11 @@ CASES = {
     "max_per_prompt_-1": (["--expert_set.max_per_prompt", "-1"], "expert_set.max_per_prompt must be >= 0, got -1"),
     "checkpoint_every_n_steps_0": (["--checkpoint_every_n_steps", "0"], "checkpoint_every_n_steps must be >= 1 or null"),
     "checkpoint_every_seconds_0": (["--checkpoint_every_seconds", "0"], "checkpoint_every_seconds must be > 0 or null"),
+    "curve_every_n_steps_0": (["--curve_every_n_steps", "0"], "curve_every_n_steps must be >= 1 .*got 0"),
+    "curve_past_a_phase": (["--curve_every_n_steps", "4"], "curve_every_n_steps=4 exceeds the 3 RL steps of a GRPO phase"),
+    "curve_without_evaluators": (["--curve_every_n_steps", "2", "--evaluators", "[]"],
+                                 "curve_every_n_steps is set but evaluators is empty"),
+    "best_validation_without_validation": (["--output", "best_validation"], "no evaluator has split: validation"),
     "grpo_prompt_past_the_context": (grpo(**{"model.sampling.max_new_tokens": 250}),
                                      r"grpo phase, task 'countdown' split 'train' \(model.sampling.max_new_tokens\): "
                                      r"prompt 0 has \d+ tokens; with max_new_tokens=250 it exceeds the model context "
@@ -81,7 +86,8 @@ def test_a_bad_value_fails_before_anything_is_written_naming_phase_and_field(cas
     ("num_samples", 0, "num_samples must be >= 1"),
     ("ks", [1, 8], r"pass@k needs 1 <= k <= num_samples=4; got ks=\[1, 8\]"),
     ("reward_timeout", 0, "need num_workers >= 0 and timeout > 0"),
-], ids=["limit", "num_samples", "ks", "reward_timeout"])
+    ("split", "validation", r"num_train=20000\) leaves too few problems for num_validation=200"),
+], ids=["limit", "num_samples", "ks", "reward_timeout", "validation_split_without_room"])
 def test_an_evaluator_value_fails_before_anything_is_written(field, value, message, tmp_path):
     config = write_loop_config(tmp_path / "configs", tmp_path / "run")
     evaluator = {"task": {"class_path": "rloop_lightning.tasks.Countdown", "init_args": {"num_test": 4}},

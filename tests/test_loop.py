@@ -225,9 +225,11 @@ def test_empty_expert_set_skips_rft_and_carries_theta_forward(tmp_path, caplog):
 
 
 def test_vanilla_chains_grpo_end_points(loop_run, tmp_path):
-    config, _ = loop_run
+    """... with a learning curve: a point every RL step (curve_every_n_steps: 1)."""
+    config, rloop_dir = loop_run
     run_dir = tmp_path / "vanilla"
-    cli_main(["fit", "--config", str(config), "--vanilla", "true", "--run_dir", str(run_dir)])
+    cli_main(["fit", "--config", str(config), "--vanilla", "true", "--run_dir", str(run_dir),
+              "--curve_every_n_steps", "1"])
     completed = manifest(run_dir)["completed"]
     assert set(completed) == {"eval/theta_0", "iter_00/grpo", "iter_00/eval", "iter_01/grpo", "iter_01/eval"}
     assert not list(run_dir.glob("iter_*/expert_set")) and not list(run_dir.glob("iter_*/rft"))
@@ -236,6 +238,27 @@ def test_vanilla_chains_grpo_end_points(loop_run, tmp_path):
     assert json.loads((run_dir / "iter_00/eval/eval.json").read_text())["policy"] == rl_end
     assert json.loads((run_dir / "iter_01/eval/eval.json").read_text())["policy"] == str(
         run_dir / "iter_01/grpo/policy")
+    # the curve: RL steps 1..3 of each phase; its last point, the in-memory policy after the last step, is
+    # the phase's end point evaluated from its export: one evaluator, one seeding rule
+    curves = [read_jsonl(run_dir / f"iter_{k:02d}/grpo/curve.jsonl") for k in (0, 1)]
+    assert [[row["step"] for row in rows] for rows in curves] == [[1, 2, 3], [1, 2, 3]]
+    assert all(row["seconds"] > 0 for rows in curves for row in rows)
+    for k, rows in enumerate(curves):
+        assert rows[-1]["metrics"] == json.loads((run_dir / f"iter_{k:02d}/eval/eval.json").read_text())["metrics"]
+    # training's random state is kept: phase 0 trains as the same phase without a curve (the RLoop run's)
+    def rewards(directory: Path) -> list:
+        return [(row["train/reward_mean"], row["train/accuracy"]) for row in read_jsonl(directory / "metrics.jsonl")]
+    assert rewards(run_dir / "iter_00/grpo") == rewards(rloop_dir / "iter_00/grpo")
+    assert completed["iter_00/grpo"]["training_seconds"] < completed["iter_00/grpo"]["seconds"]
+    # on one axis: theta_0 at 0, RL steps 1..6, end points at 3 and 6; handed over: the last end point
+    from rloop_lightning.loop.curves import load_curve
+
+    points = load_curve(run_dir)
+    assert [(p.rl_step, p.kind) for p in points] == [(0, "theta_0"), (1, "rl"), (2, "rl"), (3, "rl"), (3, "rl_end"),
+                                                     (4, "rl"), (5, "rl"), (6, "rl"), (6, "rl_end")]
+    final = json.loads((run_dir / "final.json").read_text())
+    assert final["policy"] == str(run_dir / "iter_01/grpo/policy") and final["output"] == "theta_K"
+    assert "| iter 1 RL step 2 | 5 |" in (run_dir / "report.md").read_text()
 
 
 # ---------------------------------------------------------------------------- crash and resume
@@ -310,9 +333,26 @@ def test_killed_runs_resume_to_the_same_expert_sets(loop_run, tmp_path):
 
 
 def test_replay_adds_earlier_expert_sets_and_rft_from_rl_end_is_one_flag(tmp_path):
+    """... with a learning curve, a validation split and the best saved policy on it as the answer."""
     config = write_loop_config(tmp_path / "configs", tmp_path / "run")
-    cli_main(["fit", "--config", str(config), "--expert_set.replay", "true", "--rft_from", "rl_end"])
+    test, = [e for e in yaml.safe_load(config.read_text())["evaluators"] if e["split"] == "test"]
+    evaluators = [test, {**test, "split": "validation", "greedy": False}]
+    cli_main(["fit", "--config", str(config), "--expert_set.replay", "true", "--rft_from", "rl_end",
+              "--curve_every_n_steps", "2", "--output", "best_validation", "--evaluators", json.dumps(evaluators)])
     run_dir = tmp_path / "run"
+    from rloop_lightning.loop.curves import choose, load_curve
+
+    points = load_curve(run_dir)
+    assert [(p.rl_step, p.kind) for p in points] == [(0, "theta_0"), (2, "rl"), (3, "rl_end"), (3, "rft"),
+                                                     (5, "rl"), (6, "rl_end"), (6, "rft")]
+    assert set(points[1].metrics) == {"countdown/test", "countdown/validation"}
+    assert points[2].policy == str(run_dir / "iter_00/grpo/policy")
+    final = json.loads((run_dir / "final.json").read_text())
+    best = choose(points, "best_validation")
+    assert final["output"] == "best_validation" and final["policy"] == best.policy
+    assert final["metrics"] == best.metrics
+    report = (run_dir / "report.md").read_text()
+    assert "### run: learning curve" in report and "| best saved on validation: " in report
     first = read_jsonl(run_dir / "iter_00" / "expert_set" / "experts.jsonl")
     second = read_jsonl(run_dir / "iter_01" / "expert_set" / "experts.jsonl")
     summary = json.loads((run_dir / "iter_01" / "expert_set" / "summary.json").read_text())

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 
 from rloop_lightning.tasks import Countdown, MultiStepArithmetic, Task
@@ -241,3 +244,56 @@ def test_countdown_draws_cover_several_solutions_of_one_problem():
     assert len(drawn) > 1
     assert all(verify_expression(e, problem["numbers"], problem["target"]) for e in drawn)
     assert countdown.demonstration(problem, draw=3) == countdown.demonstration(problem, draw=3)
+
+
+# --------------------------------------------------------------------------- validation split
+
+# sha256 (first 16 hex digits) of json.dumps(task.load(split)) for the default tasks (seed 0),
+# computed before the validation split existed: adding it must leave every other split as it was
+SPLIT_DIGESTS = {
+    "countdown": {"train": "cdc01a2f2e217ee9", "test": "1a107e0a6d78dedd", "ood": "f1da8e3f1cebb46a"},
+    "arithmetic": {"train": "bb0e0c5d9618e258", "test": "ce524be1c285c12d", "ood": "62bfe8225975e193"},
+}
+
+
+def split_digest(problems: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(problems).encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("task_class", [Countdown, MultiStepArithmetic])
+def test_validation_split_leaves_the_other_splits_byte_identical(task_class):
+    task = task_class()
+    for split, digest in SPLIT_DIGESTS[task.name].items():
+        assert split_digest(task.load(split)) == digest, split
+    assert "validation" not in task._problems  # drawn only when asked for
+    if task_class is MultiStepArithmetic:  # the default train split leaves ~260 expressions: room for 200
+        task.load("validation")
+    for split, digest in SPLIT_DIGESTS[task.name].items():
+        assert split_digest(task.load(split)) == digest, split
+
+
+def problem_keys(task, problems: list[dict]) -> set:
+    if isinstance(task, Countdown):
+        return keys(problems)
+    return {p["expression"] for p in problems}
+
+
+@pytest.mark.parametrize("task_class", [Countdown, MultiStepArithmetic])
+def test_validation_split_is_in_distribution_disjoint_distinct_and_deterministic(task_class):
+    task = task_class(seed=2, num_train=512, num_validation=150)
+    validation = task.load("validation")  # first, before the other splits were drawn
+    assert len(validation) == 150 and validation[0]["id"] == f"{task.name}-validation-0"
+    assert len(problem_keys(task, validation)) == 150
+    for split in ("train", "test", "ood"):
+        assert not problem_keys(task, validation) & problem_keys(task, task.load(split)), split
+    assert task_class(seed=2, num_train=512, num_validation=150).load("validation") == validation
+    assert task_class(seed=3, num_train=512, num_validation=150).load("validation") != validation
+    if task_class is Countdown:  # the training distribution: train/test's numbers and target range
+        assert all(len(p["numbers"]) == 3 and 0 <= p["target"] <= 100 for p in validation)
+    else:
+        assert all(sum(p["expression"].count(op) for op in "+-*") == 2 for p in validation)
+
+
+def test_a_validation_split_the_train_split_leaves_no_room_for_names_the_settings():
+    with pytest.raises(ValueError, match=r"num_train=20000.*num_validation=200"):
+        Countdown().load("validation")  # the default train split covers all but ~40 keys

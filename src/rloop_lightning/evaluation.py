@@ -47,7 +47,8 @@ class Evaluator:
 
     Args:
         task: the task whose split is evaluated.
-        split: ``test`` (in-distribution) or ``ood``.
+        split: ``test`` (in-distribution), ``ood``, or ``validation`` (for choosing settings; see
+            ``tasks.base.GeneratedTask``).
         num_samples: n samples per problem (pass@k needs k <= n).
         ks: the k of pass@k to report.
         sampling: sampling parameters for the n samples.

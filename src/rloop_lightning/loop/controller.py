@@ -40,6 +40,7 @@ from rloop_lightning.records import iter_records, write_json_atomic, write_jsonl
 from rloop_lightning.evaluation import Evaluator, evaluate_policy
 from rloop_lightning.grpo import GRPOModule
 from rloop_lightning.loop.checks import check_loop_prompts, check_loop_rewards, check_phase, check_run_dir
+from rloop_lightning.loop.curves import Output, check_curve, check_curve_interval, phase_rl_steps
 from rloop_lightning.loop.distributed import (
     DEFAULT_TIMEOUT_SECONDS, barrier, is_main_process, share_from_main, start_ranks,
 )
@@ -151,6 +152,15 @@ class RLoop:
             (a step count would have to be tuned to each model and step time); a CPU phase of a few
             minutes writes none.
         keep_checkpoints: keep each phase's last checkpoint when the phase completes (default: deleted).
+        curve_every_n_steps: evaluate the policy (``evaluators``, ``evaluate_policy`` with ``seed``: the end
+            points' evaluation) every this many RL steps of every GRPO phase, both arms alike, and each GRPO
+            end point: the learning curve of ``loop.curves`` and the report (None: no curve). Each point
+            costs one evaluation of ``evaluators``: a phase of S steps adds floor((S - 1) / N) of them, and
+            an RLoop run one more per iteration (its RL end point).
+        output: the policy the loop hands over, in ``final.json`` (its path and metrics) and as W&B's
+            ``final/...``: ``theta_K`` (the last RFT output; a plain-RL run's last GRPO end point),
+            ``rl_end`` (the last GRPO phase's end point) or ``best_validation`` (the saved policy of highest
+            validation avg@n, theta_0 and each RL end point and RFT output; needs a validation evaluator).
         distributed_timeout: seconds a rank waits for the others, several processes only: at the process
             group's rendezvous (under torchrun/SLURM ranks 1..N-1 wait there while the main process checks
             the configuration and builds or downloads theta_0) and in every later collective and barrier.
@@ -166,13 +176,17 @@ class RLoop:
                  wandb_project: Optional[str] = None, trainer: Optional[dict[str, OverrideValue]] = None,
                  checkpoint_every_n_steps: Optional[int] = None,
                  checkpoint_every_seconds: Optional[float] = 1800.0, keep_checkpoints: bool = False,
-                 distributed_timeout: float = DEFAULT_TIMEOUT_SECONDS):
+                 distributed_timeout: float = DEFAULT_TIMEOUT_SECONDS, curve_every_n_steps: Optional[int] = None,
+                 output: Output = "theta_K"):
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
         if not distributed_timeout > 0:
             raise ValueError(f"distributed_timeout must be > 0 seconds, got {distributed_timeout}")
         check_checkpoint_cadence(checkpoint_every_n_steps, checkpoint_every_seconds)
         check_seed(seed, "seed", 1000 * (iterations - 1) + 1)  # phase k: seed + 1000 k (+1 for RFT)
+        check_curve(curve_every_n_steps, evaluators, output)
+        self.curve_every_n_steps = curve_every_n_steps
+        self.output = output
         self.layout = RunLayout(run_dir)
         self.base = base
         self.grpo = grpo
@@ -249,7 +263,9 @@ class RLoop:
         for k in range(self.iterations):
             theta_path = self.iteration(k, theta_path)
         if is_main_process():
-            from rloop_lightning.loop.report import write_report
+            from rloop_lightning.loop.report import write_final, write_report
+
+            write_final(self.layout.root, self.output)
 
             log.info("RLoop finished: report at %s", write_report(self.layout.root))
         return self.results()
@@ -271,6 +287,7 @@ class RLoop:
         parse_phase(GRPOModule, self.grpo, grpo_overrides)
         grpo = check_phase(GRPOModule, self.grpo, grpo_overrides, "grpo")
         self.base_revision = grpo.model.policy.revision  # the hub revision theta_0 is loaded at
+        check_curve_interval(self.curve_every_n_steps, phase_rl_steps(grpo.config))
         self.processes = processes_of(grpo.config)
         if not self.vanilla:
             rft_overrides = self.rft_overrides(theta, 0, self.layout.root, self.seed)
@@ -327,7 +344,7 @@ class RLoop:
         if self.vanilla:
             self.phase(layout.phase("eval", k), lambda d: self.evaluate_held_out(rl_end, layout.phase("eval", k)))
             return rl_end
-        if self.evaluate_rl_end:
+        if self.evaluate_rl_end or self.curve_every_n_steps is not None or self.output != "theta_K":
             self.phase(layout.phase("eval_rl_end", k), lambda d: self.evaluate_held_out(rl_end, layout.phase("eval_rl_end", k)))
         self.phase(layout.phase("expert_set", k), lambda d: self.build_experts(k), every_rank=False)
         if self.manifest.info(layout.phase("expert_set", k))["size"] == 0:
@@ -422,9 +439,10 @@ class RLoop:
                 "trainer.default_root_dir": str(directory), "data.init_args.paths": [str(self.layout.expert_set(k))],
                 "seed_everything": seed}
 
-    def _fit(self, cli: PhaseCLI, directory: Path) -> None:
+    def _fit(self, cli: PhaseCLI, directory: Path, curve: Optional[PassAtKEvaluation] = None) -> None:
         trainer = cli.trainer
-        trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, PassAtKEvaluation)]
+        trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, PassAtKEvaluation)] + (
+            [curve] if curve else [])
         ensure_callback(trainer, ExportPolicy, ExportPolicy)
         trainer.callbacks.append(MetricsRecorder(str(directory / "metrics.jsonl")))
         checkpoints = self.layout.checkpoints(directory.relative_to(self.layout.root).as_posix())
@@ -437,11 +455,15 @@ class RLoop:
     def run_grpo(self, theta_path: str, directory: Path, seed: int) -> dict:
         cli = build_phase(GRPOModule, self.grpo, self.grpo_overrides(theta_path, directory, seed))
         ensure_callback(cli.trainer, ExpertHarvester, ExpertHarvester)
+        curve = None if self.curve_every_n_steps is None else PassAtKEvaluation(
+            self.evaluators, self.curve_every_n_steps, engine=self.eval_engine, seed=self.seed,
+            path=str(self.layout.curve(directory.relative_to(self.layout.root).as_posix())), at_end=False)
         try:
-            self._fit(cli, directory)
+            self._fit(cli, directory, curve)
         finally:
             cli.model.engine.close()  # a vLLM engine's model and KV cache go before the RFT phase starts
-        return {"policy": str(directory / "policy"), "steps": cli.model.rollout_step}
+        info = {"policy": str(directory / "policy"), "steps": cli.model.rollout_step}
+        return info if curve is None else {**info, "training_seconds": round(curve.state_dict()["training_seconds"], 2)}
 
     def build_experts(self, k: int) -> dict:
         stats = PromptStats()
@@ -484,7 +506,8 @@ class RLoop:
     def describe(self) -> dict:
         return {"run_dir": str(self.layout.root), "base": asdict(self.base), "grpo": asdict(self.grpo),
                 "rft": asdict(self.rft), "iterations": self.iterations, "expert_set": asdict(self.expert_set),
-                "vanilla": self.vanilla, "rft_from": self.rft_from, "seed": self.seed, "trainer": self.trainer}
+                "vanilla": self.vanilla, "rft_from": self.rft_from, "seed": self.seed, "trainer": self.trainer,
+                "curve_every_n_steps": self.curve_every_n_steps, "output": self.output}
 
     def results(self) -> dict:
         return dict(self.manifest.data["completed"])

@@ -4,11 +4,13 @@
       manifest.json                   the configuration and the completed phases (resume state)
       eval/theta_0/eval.json          held-out evaluation of theta_0
       iter_KK/grpo/                   GRPO phase: metrics.jsonl, policy/, experts/ (harvest shards,
-                                      per-rank prompt statistics), checkpoints/ (while it runs)
+                                      per-rank prompt statistics), checkpoints/ (while it runs),
+                                      curve.jsonl (with curve_every_n_steps: held-out metrics every N steps)
       iter_KK/eval_rl_end/eval.json   (optional) evaluation of the GRPO end point
       iter_KK/expert_set/             experts.jsonl, summary.json
       iter_KK/rft/                    RFT phase: metrics.jsonl, policy/
       iter_KK/eval/eval.json          evaluation of theta_{KK+1} (plain-RL runs: of the GRPO end point)
+      final.json                      the policy the loop hands over (``output``) and its metrics
       report.md, report.png
 
 A *phase* is named by its directory relative to the run directory (``iter_00/grpo``); the manifest
@@ -90,6 +92,15 @@ class RunLayout:
     def metrics(self, phase: str) -> Path:
         """The per-step metrics of a training phase."""
         return self.directory(phase) / "metrics.jsonl"
+
+    def curve(self, phase: str) -> Path:
+        """The held-out evaluations every N RL steps of a GRPO phase (``curve_every_n_steps``)."""
+        return self.directory(phase) / "curve.jsonl"
+
+    @property
+    def final(self) -> Path:
+        """The policy the loop hands over (its ``output`` setting) and that policy's held-out metrics."""
+        return self.root / "final.json"
 
     def checkpoints(self, phase: str) -> Path:
         """The mid-phase checkpoints of a training phase (resume state; deleted when the phase completes)."""

@@ -7,10 +7,11 @@ Resume continues a run directory only under the configuration that computed its 
 A few keys change nothing those phases computed and may change on resume (``MAY_CHANGE_ON_RESUME``):
 where the run directory is (a copied or moved one resumes), where and how the run is logged, how
 many processes verify held-out answers, how often phases checkpoint, how long ranks wait for each
-other, and the number of iterations (not below an iteration that has a finished phase). Every other key is refused: the phase YAMLs' contents and paths, the
+other, the number of iterations (not below an iteration that has a finished phase), and which policy
+the loop hands over (``output``). Every other key is refused: the phase YAMLs' contents and paths, the
 overrides, ``seed``, ``base``, ``expert_set``, ``evaluators`` (but their ``reward_workers``),
 ``eval_engine`` (another engine samples other completions under one seed), ``trainer``, ``vanilla``,
-``rft_from``, ``evaluate_rl_end``. The manifest then records the configuration in use.
+``rft_from``, ``evaluate_rl_end``, ``curve_every_n_steps``. The manifest then records the configuration in use.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ MAY_CHANGE_ON_RESUME: dict[str, str] = {
     "evaluators.*.init_args.reward_workers": "processes that verify held-out answers (the scores do not depend on them)",
     "iterations": "how many iterations to run, not below an iteration that has a finished phase",
     "distributed_timeout": "how long a rank waits for the others (several processes)",
+    "output": "which policy the loop hands over (final.json): chosen from finished phases, none depends on it",
     **{key: "how often phases save a mid-phase checkpoint, and whether the last is kept (a resumed phase "
             "computes what an uninterrupted one does)"
        for key in ("checkpoint_every_n_steps", "checkpoint_every_seconds", "keep_checkpoints")},

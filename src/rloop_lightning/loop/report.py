@@ -3,7 +3,9 @@
     rloop report RUN_DIR [--baseline VANILLA_RUN_DIR]
 
 Plots: training reward per RL step across iterations; held-out avg@n and pass@k per iteration;
-forgetting rate and solution diversity per step; expert-set size per iteration.
+forgetting rate and solution diversity per step; expert-set size per iteration; with a learning curve
+(``curve_every_n_steps``, ``loop.curves``) held-out avg@n per split over cumulative RL steps, RFT
+outputs marked. The markdown adds the curve's table and its candidate answers at equal RL steps.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from rloop_lightning.loop.curves import CurvePoint, average_accuracy, choose, compare, load_curve
 from rloop_lightning.loop.layout import BASE_EVALUATION, RunLayout
+from rloop_lightning.records import write_json_atomic
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -22,7 +26,7 @@ def read_jsonl(path: Path) -> list[dict]:
 def load_run(run_dir: Path) -> dict:
     """Everything the report needs from a run directory, in iteration order."""
     layout = RunLayout(run_dir)
-    run = {"name": layout.root.name, "evals": [], "steps": [], "experts": []}
+    run = {"name": layout.root.name, "evals": [], "steps": [], "experts": [], "curve": load_curve(layout.root)}
     if layout.evaluation(BASE_EVALUATION).exists():
         run["evals"].append(("theta_0", json.loads(layout.evaluation(BASE_EVALUATION).read_text())["metrics"]))
     offset = 0
@@ -153,6 +157,38 @@ def _plot_evals(axis, runs: list[dict], prefix: str, title: str, splits: list[st
     axis.legend(fontsize=6)
 
 
+def has_curve(run: dict) -> bool:
+    """Whether the run evaluated points inside its GRPO phases (``curve_every_n_steps``)."""
+    return any(point.kind == "rl" for point in run.get("curve", []))
+
+
+def curve_segments(points: list[CurvePoint]) -> list[list[CurvePoint]]:
+    """The curve as drawn: one line from each policy RL starts from (theta_0, an RFT output) through its
+    phase's points; a plain-RL run is one line."""
+    segments: list[list[CurvePoint]] = []
+    for point in points:
+        if point.kind in ("theta_0", "rft") or not segments:
+            segments.append([])
+        segments[-1].append(point)
+    return segments
+
+
+def _plot_curve(axis, runs: list[dict], split: str) -> None:
+    """avg@n of ``split`` over cumulative RL steps, per run; RFT outputs as stars."""
+    for index, run in enumerate(runs):
+        colour = f"C{index % 10}"
+        for number, segment in enumerate(curve_segments(run["curve"])):
+            xs = [p.rl_step for p in segment if split in p.metrics]
+            ys = [average_accuracy(p.metrics[split]) for p in segment if split in p.metrics]
+            axis.plot(xs, ys, "-o", color=colour, markersize=3, label=run["name"] if number == 0 else None)
+        rft = [p for p in run["curve"] if p.kind == "rft" and split in p.metrics]
+        axis.scatter([p.rl_step for p in rft], [average_accuracy(p.metrics[split]) for p in rft], marker="*",
+                     s=80, color=colour, label=f"{run['name']} RFT output" if rft else None, zorder=3)
+    axis.set_title(f"held-out avg@n: {split}")
+    axis.set_xlabel("cumulative RL steps (stars: RFT outputs)")
+    axis.legend(fontsize=6)
+
+
 def plot(runs: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -161,7 +197,13 @@ def plot(runs: list[dict], path: Path) -> None:
 
     splits = _splits(runs)
     columns = 2 + max(len(splits), 1)
-    figure, axes = plt.subplots(2, columns, figsize=(5 * columns, 8), squeeze=False)
+    curves = any(has_curve(run) for run in runs)
+    figure, axes = plt.subplots(2 + curves, columns, figsize=(5 * columns, 4 * (2 + curves)), squeeze=False)
+    if curves:
+        for column, split in enumerate(splits):
+            _plot_curve(axes[2][column], runs, split)
+        for axis in axes[2][len(splits):]:
+            axis.axis("off")
     _plot_steps(axes[0][0], runs, "train/reward_mean", "training reward")
     _plot_evals(axes[0][1], runs, "avg@", "held-out avg@n", splits)
     for column, split in enumerate(splits, start=2):
@@ -184,6 +226,28 @@ def plot(runs: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+def curve_lines(run: dict) -> list[str]:
+    """The learning curve's table (every point: RL step, training time, avg@n per split) and the run's
+    candidate answers at its total RL steps (``curves.compare``)."""
+    points = run["curve"]
+    splits = sorted({split for p in points for split in p.metrics}, key=split_order)
+    header = "| {} | RL step | training s | " + " | ".join(f"{split} avg@n" for split in splits) + " |"
+    rule = "|---|---|---|" + "---|" * len(splits)
+
+    def row(name: str, point: CurvePoint) -> str:
+        seconds = "" if point.seconds is None else f"{point.seconds:.0f}"
+        cells = [f"{average_accuracy(point.metrics[s]):.3f}" if s in point.metrics else "" for s in splits]
+        return f"| {name} | {point.rl_step} | {seconds} | " + " | ".join(cells) + " |"
+
+    lines = [f"### {run['name']}: learning curve", "", header.format("point"), rule]
+    lines += [row(point.label, point) for point in points]
+    candidates = compare(points)
+    lines += ["", f"Candidate answers at {max(p.rl_step for p in points)} RL steps (best: highest validation "
+                  "avg@n; mid-phase points are not saved):", "", header.format("candidate"), rule]
+    lines += [row(f"{name}: {point.label}", point) for name, point in candidates.items()]
+    return lines + [""]
+
+
 def markdown(runs: list[dict], image: str) -> str:
     lines = ["# RLoop report", "", f"![dynamics]({image})", ""]
     for run in runs:
@@ -196,6 +260,8 @@ def markdown(runs: list[dict], image: str) -> str:
                       "|---|---|---|---|---|---|"]
             lines += [f"| {k} | {s['harvested']} | {s['prompts_solved']} | {s['prompts_kept']} | "
                       f"{s['hard_share']:.2f} | {s['size']} |" for k, s in run["experts"]]
+        if has_curve(run):
+            lines += [""] + curve_lines(run)
         rewards = [s["train/reward_mean"] for s in run["steps"] if "train/reward_mean" in s]
         if rewards:
             head, tail = rewards[: max(1, len(rewards) // 10)], rewards[-max(1, len(rewards) // 10):]
@@ -213,6 +279,20 @@ def check_run_directory(path: str | Path, role: str = "run_dir") -> None:
     if not RunLayout(path).manifest.is_file():
         raise ValueError(f"{role} {str(path)!r} is not an RLoop run directory (it has no manifest.json); "
                          "point it at the run_dir of an rloop fit")
+
+
+def write_final(run_dir: str | Path, output: str) -> Optional[Path]:
+    """Write ``final.json``: the policy the loop hands over (``curves.choose`` by ``output``), its point on
+    the curve and its held-out metrics. None (nothing written) when the run has no such point."""
+    layout = RunLayout(run_dir)
+    point = choose(load_curve(layout.root), output)
+    if point is None:
+        return None
+    final = {"output": output, "point": point.label, "rl_step": point.rl_step, "policy": point.policy,
+             "metrics": point.metrics}
+    if not layout.final.exists() or json.loads(layout.final.read_text()) != final:  # a rerun changes no file
+        write_json_atomic(layout.final, final)
+    return layout.final
 
 
 def write_report(run_dir: str | Path, baseline: Optional[str | Path] = None) -> Path:

@@ -2,7 +2,7 @@
 
 Phases log their own step metrics through their trainers' loggers (``configs/loggers/wandb.yaml``);
 this run holds what only the loop knows: held-out metrics per iteration and expert-set sizes, with
-the final theta's metrics as ``final/...`` (what ``configs/sweeps/rloop_expert_set.yaml`` optimises).
+the metrics of the policy the loop hands over (``final.json``, its ``output``) as ``final/...`` (what ``configs/sweeps/rloop_expert_set.yaml`` optimises).
 The API key is read by wandb from the environment or its netrc; it is never written to a config.
 
 In a sweep each run gets its own directory, ``run_dir/<W&B run id>``, with W&B's own files inside
@@ -13,6 +13,7 @@ Only the main process tracks; ``loop.controller`` shares the directory with the 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -62,10 +63,11 @@ class WandbTracker:
             flat = {f"eval/{split}/{metric}": value for split, metrics in info["metrics"].items()
                     for metric, value in metrics.items()}
             self.run.log({"theta": theta, **flat})
-        if evaluations:
-            self.run.summary.update({key.replace("eval/", "final/", 1): value for key, value in
-                                     {f"eval/{s}/{m}": v for s, ms in evaluations[-1][1]["metrics"].items()
-                                      for m, v in ms.items()}.items()})
+        final = RunLayout(self.run_dir).final  # the policy the loop hands over (its ``output``)
+        metrics = json.loads(final.read_text())["metrics"] if final.exists() else (
+            evaluations[-1][1]["metrics"] if evaluations else None)
+        if metrics:
+            self.run.summary.update({f"final/{s}/{m}": v for s, ms in metrics.items() for m, v in ms.items()})
 
     def finish(self) -> None:
         self.run.finish()

@@ -7,7 +7,8 @@ and ends with ``#### answer``: ``4*2=8 3+8=11 11-5=6 #### 6``.
 
 The verifier reads the integer after the last ``####`` (else the last integer of the completion)
 and compares it with the gold answer. As in Countdown, the test and OOD splits are drawn first
-(distinct expressions) and the train split is an i.i.d. sample that excludes their expressions.
+(distinct expressions), the train split is an i.i.d. sample that excludes their expressions, and the
+validation split is drawn last, excluding every other split's expressions.
 """
 
 from __future__ import annotations
@@ -115,6 +116,9 @@ class MultiStepArithmetic(GeneratedTask):
         num_train: Problems in the train split (i.i.d.; may repeat, never a test/OOD expression).
         num_test: Problems in the test split (distinct, same difficulty as train).
         num_ood: Problems in the OOD split (distinct, ``ood_num_operations`` operators).
+        num_validation: Problems in the validation split (distinct, same difficulty as train, none of
+            them a train, test or OOD expression; drawn only when asked for). The default 20000-problem
+            train split leaves about 260 of the 6,561 two-operator expressions over 1..9.
         num_operations: Operators per train/test expression (the difficulty knob).
         ood_num_operations: Operators per OOD expression.
         max_operand: Operands are drawn from ``1..max_operand``.
@@ -129,6 +133,7 @@ class MultiStepArithmetic(GeneratedTask):
         num_train: int = 20000,
         num_test: int = 200,
         num_ood: int = 200,
+        num_validation: int = 200,
         num_operations: int = 2,
         ood_num_operations: int = 3,
         max_operand: int = 9,
@@ -138,7 +143,8 @@ class MultiStepArithmetic(GeneratedTask):
             raise ValueError("arithmetic needs at least 1 operation per expression")
         if max_operand < 1:
             raise ValueError(f"max_operand must be >= 1, got {max_operand}")
-        super().__init__(seed, {"train": num_train, "test": num_test, "ood": num_ood})
+        super().__init__(seed, {"train": num_train, "test": num_test, "ood": num_ood,
+                                "validation": num_validation})
         self.num_operations, self.ood_num_operations = num_operations, ood_num_operations
         self.max_operand = max_operand
         self.template = template

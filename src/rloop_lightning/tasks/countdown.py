@@ -4,7 +4,8 @@ Problems are generated from a seed (no download). Each target comes from a rando
 the drawn numbers, so every problem is solvable. The held-out splits are drawn first and the train
 split is drawn excluding their ``(sorted numbers, target)`` keys, so train never contains a test or
 OOD problem. With 3 numbers in 1..9 there are only ~2,200 distinct keys, so train is an i.i.d.
-sample that repeats keys (like any RL prompt distribution); test and OOD keys are distinct.
+sample that repeats keys (like any RL prompt distribution); test and OOD keys are distinct. The
+validation split is drawn last, excluding the keys of every other split (``GeneratedTask``).
 
 The OOD split asks for the same skill on targets beyond the training range: 3 numbers in 1..9 and a
 target in 101..999 (which needs multiplication; about 110 such keys exist), so no OOD problem is an
@@ -213,6 +214,11 @@ class Countdown(GeneratedTask):
         num_test: Problems in the test split (distinct keys, same difficulty as train).
         num_ood: Problems in the OOD split (distinct keys; with 3 numbers there are only about 110
             keys with a target above 100).
+        num_validation: Problems in the validation split (distinct keys, same difficulty as train,
+            none of them a train, test or OOD key; drawn only when asked for). With 3 numbers in
+            1..9 the default 20000-problem train split covers all but about 40 of the ~2,240 keys,
+            so a validation split needs a smaller ``num_train`` (the first N train problems are the
+            same for every ``num_train`` >= N): ``num_train: 512`` leaves about 1,600 keys.
         num_numbers: How many numbers each train/test problem gives (the difficulty knob).
         ood_num_numbers: How many numbers each OOD problem gives (harder when larger).
         max_number: Numbers are drawn from ``1..max_number``.
@@ -231,6 +237,7 @@ class Countdown(GeneratedTask):
         num_train: int = 20000,
         num_test: int = 200,
         num_ood: int = 100,
+        num_validation: int = 200,
         num_numbers: int = 3,
         ood_num_numbers: int = 3,
         max_number: int = 9,
@@ -242,7 +249,8 @@ class Countdown(GeneratedTask):
             raise ValueError("countdown needs at least 2 numbers per problem")
         if max_number < 1:
             raise ValueError(f"max_number must be >= 1, got {max_number}")
-        super().__init__(seed, {"train": num_train, "test": num_test, "ood": num_ood})
+        super().__init__(seed, {"train": num_train, "test": num_test, "ood": num_ood,
+                                "validation": num_validation})
         self.num_numbers, self.ood_num_numbers = num_numbers, ood_num_numbers
         self.max_number = max_number
         self.max_target, self.ood_max_target = max_target, ood_max_target
