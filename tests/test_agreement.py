@@ -11,6 +11,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,79 @@ def test_every_rank_gets_the_same_answer_on_two_processes(tmp_path):
     assert results[0] == results[1]
     assert results[0] == {"shared": "runs/sweep/0", "rank_one": [1], "both": [0, 1], "none": [], "any_rank_one": True, "any_none": False,
                           "values": [0.5, 2.5], "infinite": [4.0, float("inf")]}
+
+
+# --------------------------------------------------------------------------- a failure on the main process only
+
+MAIN_ONLY_TIMEOUT_S = 30  # the group's timeout in the test: a rank left at a barrier fails after it
+
+
+class FullDisk:
+    """A checkpoint writer (``CheckpointIO``) or policy whose write fails on the main process only."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if dist.get_rank() == 0:
+            raise OSError(28, "No space left on device", str(path))
+
+    def save(self, dirpath, merged=False, state_dict=None):
+        self.save_checkpoint({}, dirpath)
+        return dirpath
+
+
+def failure_of(step) -> str:
+    started = time.monotonic()
+    try:
+        step()
+    except Exception as error:  # noqa: BLE001 -- recorded for the test
+        return f"{type(error).__name__}: {error} [{time.monotonic() - started:.0f} s]"
+    return "no error"
+
+
+def main_only_failure_worker(rank: int, port: int, output: str) -> None:
+    """Three steps only the main process does, each failing there: the expert set of iteration 1 with
+    ``replay`` and iteration 0's set missing (its designed error), the policy export, the checkpoint write."""
+    from types import SimpleNamespace
+
+    from rloop_lightning.callbacks import ExportPolicy, PhaseCheckpoint
+    from rloop_lightning.loop.controller import BasePolicySettings, RLoop
+    from rloop_lightning.loop.expert_set import ExpertSetSettings
+    from rloop_lightning.loop.phases import PhaseSettings
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=MAIN_ONLY_TIMEOUT_S))
+    loop = RLoop(str(Path(output, "run")), BasePolicySettings("rloop/micro-llama"), PhaseSettings("grpo.yaml"),
+                 PhaseSettings("rft.yaml"), evaluators=[], expert_set=ExpertSetSettings(replay=True))
+    disk = FullDisk()
+
+    def write_checkpoint(path, weights_only=False) -> None:  # Trainer.save_checkpoint under DDP: rank 0 writes
+        if dist.get_rank() == 0:
+            trainer.strategy.checkpoint_io.save_checkpoint({}, path)
+        dist.barrier()
+
+    trainer = SimpleNamespace(global_step=1, is_global_zero=rank == 0, default_root_dir=output,
+                              strategy=SimpleNamespace(checkpoint_io=disk, barrier=lambda name=None: dist.barrier()),
+                              save_checkpoint=write_checkpoint)
+    result = {
+        "expert_set": failure_of(lambda: loop.phase("iter_01/expert_set", lambda d: loop.build_experts(1),
+                                                     every_rank=False)),
+        "export": failure_of(lambda: ExportPolicy().on_fit_end(trainer, SimpleNamespace(policy=disk))),
+        "checkpoint": failure_of(lambda: PhaseCheckpoint(str(Path(output, "checkpoints"))).save(trainer)),
+    }
+    Path(output, f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+@pytest.mark.timeout(4 * MAIN_ONLY_TIMEOUT_S)
+def test_a_failure_in_a_main_process_step_stops_every_rank_at_once_with_its_error(tmp_path):
+    """Without agreement, rank 1 would wait at the barrier after each step until the group's timeout."""
+    torch.multiprocessing.spawn(main_only_failure_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    missing = tmp_path / "run" / "iter_00" / "expert_set" / "experts.jsonl"
+    expected = {"expert_set": f"FileNotFoundError: replay: the expert set of iteration 0, {missing}, is missing [0 s]",
+                "export": f"OSError: [Errno 28] No space left on device: '{tmp_path / 'policy'}' [0 s]",
+                "checkpoint": f"OSError: [Errno 28] No space left on device: "
+                              f"'{tmp_path / 'checkpoints' / '.step0000001.ckpt.tmp-save'}' [0 s]"}
+    assert results == [expected, expected]
 
 
 # --------------------------------------------------------------------------- faults on one rank of a phase
@@ -288,6 +363,29 @@ def test_the_loop_refuses_a_rank_count_the_data_cannot_serve_before_any_model_lo
     monkeypatch.setattr(Policy, "load_model", lambda self: pytest.fail("a model loaded before the check"))
     with pytest.raises(ValueError, match=message):
         cli_main(["fit", "--config", str(config), "--trainer", json.dumps(TWO_PROCESSES)])
+    assert not (tmp_path / "run").exists()
+
+
+def test_async_rollouts_on_several_ranks_are_refused_by_rloop_fit_before_any_rank_or_model_starts(tmp_path, monkeypatch):
+    """``rloop fit --config LOOP --config configs/loop/ddp_cpu.yaml`` with ``model.rollout.mode: async``: the
+    loop's validation refuses it, before the ranks start, theta_0 loads or is evaluated."""
+    import yaml
+
+    from rloop_lightning.cli import cli_main
+    from rloop_lightning.loop import controller
+    from rloop_lightning.policy import Policy
+    from test_loop import write_loop_config
+
+    config = write_loop_config(tmp_path / "configs", tmp_path / "run")
+    loop = yaml.safe_load(config.read_text())
+    loop["grpo"]["overrides"]["model.rollout.mode"] = "async"
+    config.write_text(yaml.safe_dump(loop))
+    monkeypatch.setattr(Policy, "load_model", lambda self: pytest.fail("a model loaded before the check"))
+    monkeypatch.setattr(controller, "start_ranks", lambda **_: pytest.fail("the ranks started before the check"))
+    monkeypatch.setattr(controller, "evaluate_policy", lambda *_, **__: pytest.fail("theta_0 evaluated before the check"))
+    with pytest.raises(ValueError, match=r"rollout.mode=async runs one sampler process beside one training process; "
+                                         r"this phase has 2 ranks \(DDPStrategy\): use rollout.mode=sync"):
+        cli_main(["fit", "--config", str(config), "--config", str(ROOT / "configs" / "loop" / "ddp_cpu.yaml")])
     assert not (tmp_path / "run").exists()
 
 
