@@ -3,7 +3,7 @@
 The probes are the fault tests themselves (tests/test_reward_faults.py, tests/test_faults.py, the
 crash/resume test of tests/test_loop.py, and the second round's tests/test_preemption.py,
 tests/test_checks.py, tests/test_data_errors.py, tests/test_resume_verify.py and
-tests/test_command_inputs.py): each asserts one fault's intended outcome, so a passing test means
+tests/test_command_inputs.py, and the third round's 2-rank cases of tests/test_agreement.py): each asserts one fault's intended outcome, so a passing test means
 that outcome, a failing one a regression, and one that runs past its time limit a hang.
 They run in one pytest process under pytest-timeout, the whole run under a wall-clock limit too.
 
@@ -164,6 +164,16 @@ PROBES = [
     *(Probe(f"run_dir with {kind} characters", "handled: paths reach the phases as written",
             COMMANDS + f"test_a_run_directory_with_non_ascii_characters_reaches_the_phases_as_written[{kind}]")
       for kind in ("latin", "cjk", "emoji")),
+    Probe("FSDP2, HF engine: ranks refill different amounts (2 ranks)", "handled: as many generate calls on every rank",
+          "tests/test_agreement.py::test_dynamic_sampling_runs_as_many_rounds_on_every_rank_under_fsdp2", slow=True),
+    Probe("a main-process step fails: expert set, export, checkpoint (2 ranks)", "clear error on every rank at once",
+          "tests/test_agreement.py::test_a_failure_in_a_main_process_step_stops_every_rank_at_once_with_its_error"),
+    Probe("rloop fit with async rollouts on 2 ranks", "clear error before any rank or model starts",
+          "tests/test_agreement.py::test_async_rollouts_on_several_ranks_are_refused_by_rloop_fit_before_any_rank_or_"
+          "model_starts"),
+    Probe("a reward exits on rank 1 of 2", "clear error: RewardFunctionExit on every rank",
+          "tests/test_agreement.py::test_a_reward_that_exits_on_one_rank_stops_every_rank_with_its_named_error",
+          slow=True),
 ]
 
 

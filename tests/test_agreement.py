@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -19,7 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from rloop_lightning.agreement import any_rank, ranks_with, values_of_ranks
+from rloop_lightning.agreement import any_rank, on_main_process, raise_together, ranks_with, values_of_ranks
 from test_strategies import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +34,10 @@ def test_without_a_process_group_the_answers_are_local():
     assert ranks_with(True) == [0] and ranks_with(False) == []
     assert any_rank(True) and not any_rank(False)
     assert values_of_ranks(3) == [3.0]
+    raise_together(None, "a step")
+    with pytest.raises(KeyError, match="gold"):
+        raise_together(KeyError("gold"), "a step")
+    assert on_main_process("a step", lambda: 7) == 7
     from rloop_lightning.loop.distributed import share_from_main
 
     assert share_from_main("runs/x") == "runs/x"
@@ -44,7 +50,13 @@ def agreement_worker(rank: int, port: int, output: str) -> None:
 
     result = {"shared": share_from_main(f"runs/sweep/{rank}"), "rank_one": ranks_with(rank == 1), "both": ranks_with(True), "none": ranks_with(False),
               "any_rank_one": any_rank(rank == 1), "any_none": any_rank(False),
-              "values": values_of_ranks(2 * rank + 0.5), "infinite": values_of_ranks(float("inf") if rank else 4)}
+              "values": values_of_ranks(2 * rank + 0.5), "infinite": values_of_ranks(float("inf") if rank else 4),
+              "no_failure": failure_of(lambda: raise_together(None, "a step")),
+              "main_result": on_main_process("a step", lambda: "written")}
+    unpicklable = ValueError("bad lock") if rank == 1 else None
+    if unpicklable is not None:
+        unpicklable.lock = threading.Lock()  # cannot travel: its text does
+    result["uncopyable"] = failure_of(lambda: raise_together(unpicklable, "a step"))
     Path(output, f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
@@ -53,9 +65,13 @@ def agreement_worker(rank: int, port: int, output: str) -> None:
 def test_every_rank_gets_the_same_answer_on_two_processes(tmp_path):
     torch.multiprocessing.spawn(agreement_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert results[0] == results[1]
-    assert results[0] == {"shared": "runs/sweep/0", "rank_one": [1], "both": [0, 1], "none": [], "any_rank_one": True, "any_none": False,
-                          "values": [0.5, 2.5], "infinite": [4.0, float("inf")]}
+    common = [{key: value for key, value in r.items() if key not in ("main_result", "uncopyable")} for r in results]
+    assert common[0] == common[1]
+    assert common[0] == {"shared": "runs/sweep/0", "rank_one": [1], "both": [0, 1], "none": [], "any_rank_one": True, "any_none": False,
+                          "values": [0.5, 2.5], "infinite": [4.0, float("inf")], "no_failure": "no error"}
+    assert results[0]["main_result"] == "written" and results[1]["main_result"] is None
+    assert results[0]["uncopyable"] == "PeerFailure: ValueError: bad lock (raised on rank 1 in a step; rank 0 stops with it) [0 s]"
+    assert results[1]["uncopyable"] == "ValueError: bad lock [0 s]"
 
 
 # --------------------------------------------------------------------------- a failure on the main process only
@@ -236,15 +252,39 @@ def test_failed_rewards_on_one_rank_stop_every_rank_with_a_clear_error(tmp_path)
 
 
 @pytest.mark.slow
+def test_a_reward_that_exits_on_one_rank_stops_every_rank_with_its_named_error(tmp_path):
+    """Rank 1's reward calls ``sys.exit``: rank 0 raises the same ``RewardFunctionExit`` (noted as rank 1's),
+    not gloo's "Connection closed by peer" at its next collective; the log ends with the named error."""
+    code, output, records = run_phase(tmp_path, "grpo", grpo_config(
+        tmp_path, [], max_steps=1, model_extra="  reward_functions: [rank_faults.exits_on_rank_one]"))
+    assert code != 0
+    for record in records:
+        assert record.get("error", "").startswith(
+            "RewardFunctionExit: reward function 'exits_on_rank_one' raised SystemExit(3): a reward function must "
+            "return scores"), output[-3000:]
+    assert "Connection closed by peer" not in output
+    last = [re.sub(r"^\[rank\d\]: ", "", line) for line in output.splitlines() if line.strip()][-3:]  # torch's prefix
+    assert any(line.startswith("rloop_lightning.rewards.calls.RewardFunctionExit: reward function 'exits_on_rank_one'")
+               for line in last), output[-3000:]
+    assert "raised on rank 1 in the rewards of step 0; rank 0 stops with it" in output
+
+
+@pytest.mark.slow
 def test_dynamic_sampling_runs_as_many_rounds_on_every_rank_under_fsdp2(tmp_path):
     """Rank 0's groups are all informative (one round would do), rank 1's never are (3 rounds): under
-    FSDP2 every ``generate`` all-gathers, so both ranks must sample 3 rounds."""
+    FSDP2 every ``generate`` all-gathers, so both ranks must sample 3 rounds. Within a round the ranks
+    refill different amounts (rank 0 one prompt, rank 1 two), which the engine's 2 completions per
+    ``model.generate`` call split into 1 and 2 calls: rank 0 makes one more, discarded, so that every
+    rank makes 2 + 2 + 2 calls per step."""
     code, output, records = run_phase(tmp_path, "grpo", grpo_config(
         tmp_path, [], max_steps=2, model_extra="  reward_functions: [rank_faults.informative_on_rank_zero_only]\n"
-                                                "  dynamic_sampling: true\n  max_sampling_rounds: 3"),
+                                                "  dynamic_sampling: true\n  max_sampling_rounds: 3\n"
+                                                "  engine: {class_path: rloop_lightning.rollout.hf.HFGenerateEngine, "
+                                                "init_args: {batch_size: 2}}"),
         strategy="fsdp2_cpu")
     assert code == 0, output[-3000:]
     assert records[0]["generate_calls"] == records[1]["generate_calls"] == [3, 3]
+    assert records[0]["generate_chunks"] == records[1]["generate_chunks"] == [6, 6]
 
 
 @pytest.mark.slow
