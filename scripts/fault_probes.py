@@ -167,7 +167,7 @@ PROBES = [
     Probe("FSDP2, HF engine: ranks refill different amounts (2 ranks)", "handled: as many generate calls on every rank",
           "tests/test_agreement.py::test_dynamic_sampling_runs_as_many_rounds_on_every_rank_under_fsdp2", slow=True),
     Probe("a main-process step fails: expert set, export, checkpoint (2 ranks)", "clear error on every rank at once",
-          "tests/test_agreement.py::test_a_failure_in_a_main_process_step_stops_every_rank_at_once_with_its_error"),
+          "tests/test_agreement.py::test_every_rank_gets_the_same_answers_and_errors_on_two_processes"),
     Probe("rloop fit with async rollouts on 2 ranks", "clear error before any rank or model starts",
           "tests/test_agreement.py::test_async_rollouts_on_several_ranks_are_refused_by_rloop_fit_before_any_rank_or_"
           "model_starts"),

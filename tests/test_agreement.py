@@ -43,40 +43,7 @@ def test_without_a_process_group_the_answers_are_local():
     assert share_from_main("runs/x") == "runs/x"
 
 
-def agreement_worker(rank: int, port: int, output: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    from rloop_lightning.loop.distributed import share_from_main
-
-    result = {"shared": share_from_main(f"runs/sweep/{rank}"), "rank_one": ranks_with(rank == 1), "both": ranks_with(True), "none": ranks_with(False),
-              "any_rank_one": any_rank(rank == 1), "any_none": any_rank(False),
-              "values": values_of_ranks(2 * rank + 0.5), "infinite": values_of_ranks(float("inf") if rank else 4),
-              "no_failure": failure_of(lambda: raise_together(None, "a step")),
-              "main_result": on_main_process("a step", lambda: "written")}
-    unpicklable = ValueError("bad lock") if rank == 1 else None
-    if unpicklable is not None:
-        unpicklable.lock = threading.Lock()  # cannot travel: its text does
-    result["uncopyable"] = failure_of(lambda: raise_together(unpicklable, "a step"))
-    Path(output, f"rank{rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
-
-
-@pytest.mark.timeout(120)
-def test_every_rank_gets_the_same_answer_on_two_processes(tmp_path):
-    torch.multiprocessing.spawn(agreement_worker, args=(free_port(), str(tmp_path)), nprocs=2)
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    common = [{key: value for key, value in r.items() if key not in ("main_result", "uncopyable")} for r in results]
-    assert common[0] == common[1]
-    assert common[0] == {"shared": "runs/sweep/0", "rank_one": [1], "both": [0, 1], "none": [], "any_rank_one": True, "any_none": False,
-                          "values": [0.5, 2.5], "infinite": [4.0, float("inf")], "no_failure": "no error"}
-    assert results[0]["main_result"] == "written" and results[1]["main_result"] is None
-    assert results[0]["uncopyable"] == "PeerFailure: ValueError: bad lock (raised on rank 1 in a step; rank 0 stops with it) [0 s]"
-    assert results[1]["uncopyable"] == "ValueError: bad lock [0 s]"
-
-
-# --------------------------------------------------------------------------- a failure on the main process only
-
-MAIN_ONLY_TIMEOUT_S = 30  # the group's timeout in the test: a rank left at a barrier fails after it
+GROUP_TIMEOUT_S = 30  # the group's timeout in these tests: a rank left at a barrier fails after it
 
 
 class FullDisk:
@@ -100,9 +67,10 @@ def failure_of(step) -> str:
     return "no error"
 
 
-def main_only_failure_worker(rank: int, port: int, output: str) -> None:
+def main_process_failures(rank: int, output: str) -> dict:
     """Three steps only the main process does, each failing there: the expert set of iteration 1 with
-    ``replay`` and iteration 0's set missing (its designed error), the policy export, the checkpoint write."""
+    ``replay`` and iteration 0's set missing (its designed error), the policy export, the checkpoint write
+    (``Trainer.save_checkpoint`` under DDP: rank 0 writes, then every rank passes a barrier)."""
     from types import SimpleNamespace
 
     from rloop_lightning.callbacks import ExportPolicy, PhaseCheckpoint
@@ -110,13 +78,11 @@ def main_only_failure_worker(rank: int, port: int, output: str) -> None:
     from rloop_lightning.loop.expert_set import ExpertSetSettings
     from rloop_lightning.loop.phases import PhaseSettings
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=MAIN_ONLY_TIMEOUT_S))
     loop = RLoop(str(Path(output, "run")), BasePolicySettings("rloop/micro-llama"), PhaseSettings("grpo.yaml"),
                  PhaseSettings("rft.yaml"), evaluators=[], expert_set=ExpertSetSettings(replay=True))
     disk = FullDisk()
 
-    def write_checkpoint(path, weights_only=False) -> None:  # Trainer.save_checkpoint under DDP: rank 0 writes
+    def write_checkpoint(path, weights_only=False) -> None:
         if dist.get_rank() == 0:
             trainer.strategy.checkpoint_io.save_checkpoint({}, path)
         dist.barrier()
@@ -124,27 +90,54 @@ def main_only_failure_worker(rank: int, port: int, output: str) -> None:
     trainer = SimpleNamespace(global_step=1, is_global_zero=rank == 0, default_root_dir=output,
                               strategy=SimpleNamespace(checkpoint_io=disk, barrier=lambda name=None: dist.barrier()),
                               save_checkpoint=write_checkpoint)
-    result = {
+    return {
         "expert_set": failure_of(lambda: loop.phase("iter_01/expert_set", lambda d: loop.build_experts(1),
                                                      every_rank=False)),
         "export": failure_of(lambda: ExportPolicy().on_fit_end(trainer, SimpleNamespace(policy=disk))),
         "checkpoint": failure_of(lambda: PhaseCheckpoint(str(Path(output, "checkpoints"))).save(trainer)),
     }
+
+
+def agreement_worker(rank: int, port: int, output: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=GROUP_TIMEOUT_S))
+    from rloop_lightning.loop.distributed import share_from_main
+
+    result = {"shared": share_from_main(f"runs/sweep/{rank}"), "rank_one": ranks_with(rank == 1), "both": ranks_with(True), "none": ranks_with(False),
+              "any_rank_one": any_rank(rank == 1), "any_none": any_rank(False),
+              "values": values_of_ranks(2 * rank + 0.5), "infinite": values_of_ranks(float("inf") if rank else 4),
+              "no_failure": failure_of(lambda: raise_together(None, "a step")),
+              "main_result": on_main_process("a step", lambda: "written")}
+    unpicklable = ValueError("bad lock") if rank == 1 else None
+    if unpicklable is not None:
+        unpicklable.lock = threading.Lock()  # cannot travel: its text does
+    result["uncopyable"] = failure_of(lambda: raise_together(unpicklable, "a step"))
+    result["main_process_failures"] = main_process_failures(rank, output)
     Path(output, f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
 
-@pytest.mark.timeout(4 * MAIN_ONLY_TIMEOUT_S)
-def test_a_failure_in_a_main_process_step_stops_every_rank_at_once_with_its_error(tmp_path):
-    """Without agreement, rank 1 would wait at the barrier after each step until the group's timeout."""
-    torch.multiprocessing.spawn(main_only_failure_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+@pytest.mark.timeout(4 * GROUP_TIMEOUT_S)
+def test_every_rank_gets_the_same_answers_and_errors_on_two_processes(tmp_path):
+    """Decisions, and failures: a step only the main process does fails there (``main_process_failures``),
+    and every rank raises its error at once; with a barrier after the step, rank 1 would wait there until
+    the group's timeout, or fail on rank 0's closed connection."""
+    torch.multiprocessing.spawn(agreement_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    mine = ("main_result", "uncopyable")
+    common = [{key: value for key, value in r.items() if key not in mine} for r in results]
     missing = tmp_path / "run" / "iter_00" / "expert_set" / "experts.jsonl"
-    expected = {"expert_set": f"FileNotFoundError: replay: the expert set of iteration 0, {missing}, is missing [0 s]",
+    failures = {"expert_set": f"FileNotFoundError: replay: the expert set of iteration 0, {missing}, is missing [0 s]",
                 "export": f"OSError: [Errno 28] No space left on device: '{tmp_path / 'policy'}' [0 s]",
                 "checkpoint": f"OSError: [Errno 28] No space left on device: "
                               f"'{tmp_path / 'checkpoints' / '.step0000001.ckpt.tmp-save'}' [0 s]"}
-    assert results == [expected, expected]
+    assert common[0] == common[1]
+    assert common[0] == {"shared": "runs/sweep/0", "rank_one": [1], "both": [0, 1], "none": [], "any_rank_one": True,
+                         "any_none": False, "values": [0.5, 2.5], "infinite": [4.0, float("inf")],
+                         "no_failure": "no error", "main_process_failures": failures}
+    assert results[0]["main_result"] == "written" and results[1]["main_result"] is None
+    assert results[0]["uncopyable"] == "PeerFailure: ValueError: bad lock (raised on rank 1 in a step; rank 0 stops with it) [0 s]"
+    assert results[1]["uncopyable"] == "ValueError: bad lock [0 s]"
 
 
 # --------------------------------------------------------------------------- faults on one rank of a phase
