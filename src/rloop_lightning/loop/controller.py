@@ -473,6 +473,7 @@ class RLoop:
         finally:
             if self.eval_engine is not None:  # its memory goes back to training until the next evaluation
                 self.eval_engine.release()
+
         def write() -> None:
             write_json_atomic(self.layout.evaluation(phase), {"policy": policy_path, "metrics": metrics})
             log.info("evaluation of %s: %s", policy_path, metrics)
