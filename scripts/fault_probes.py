@@ -4,8 +4,8 @@ The probes are the fault tests themselves (tests/test_reward_faults.py, tests/te
 crash/resume test of tests/test_loop.py, and the second round's tests/test_preemption.py,
 tests/test_checks.py, tests/test_data_errors.py, tests/test_resume_verify.py and
 tests/test_command_inputs.py; from the third, tests/test_base_identity.py, tests/test_grpo.py,
-tests/test_truncation.py and tests/test_reproduce_tiny.py too): each asserts one fault's intended
-outcome, so a passing test means
+tests/test_truncation.py, tests/test_reproduce_tiny.py and tests/test_agreement.py too): each asserts
+one fault's intended outcome, so a passing test means
 that outcome, a failing one a regression, and one that runs past its time limit a hang.
 They run in one pytest process under pytest-timeout, the whole run under a wall-clock limit too.
 
@@ -222,6 +222,16 @@ PROBES = [
           CHECKS + "test_an_evaluator_value_fails_before_anything_is_written[validation_split_without_room]"),
     Probe("study search choosing on the test or OOD split", "clear error naming --select-split, before any run",
           "tests/test_reproduce_tiny.py::test_a_search_that_would_read_the_test_split_is_refused_before_anything_runs"),
+    Probe("FSDP2, HF engine: ranks refill different amounts (2 ranks)", "handled: as many generate calls on every rank",
+          "tests/test_agreement.py::test_dynamic_sampling_runs_as_many_rounds_on_every_rank_under_fsdp2", slow=True),
+    Probe("a main-process step fails: expert set, export, checkpoint (2 ranks)", "clear error on every rank at once",
+          "tests/test_agreement.py::test_every_rank_gets_the_same_answers_and_errors_on_two_processes"),
+    Probe("rloop fit with async rollouts on 2 ranks", "clear error before any rank or model starts",
+          "tests/test_agreement.py::test_async_rollouts_on_several_ranks_are_refused_by_rloop_fit_before_any_rank_or_"
+          "model_starts"),
+    Probe("a reward exits on rank 1 of 2", "clear error: RewardFunctionExit on every rank",
+          "tests/test_agreement.py::test_a_reward_that_exits_on_one_rank_stops_every_rank_with_its_named_error",
+          slow=True),
 ]
 
 

@@ -58,11 +58,13 @@ class RankFault(L.Callback):
 
 class RankRecord(L.Callback):
     """Writes ``rank{r}.json`` into ``directory``: at the end of fit the rank's optimizer steps, batches,
-    generate calls per batch and weight checksum; on an exception, its message."""
+    generate calls per batch (engine calls, and the Hugging Face engine's ``model.generate`` calls) and
+    weight checksum; on an exception, its message."""
 
     def __init__(self, directory: str):
         self.directory = Path(directory)
         self.generate_calls: list[int] = []
+        self.generate_chunks: list[int] = []
 
     def _write(self, trainer, **fields) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -78,15 +80,23 @@ class RankRecord(L.Callback):
                 return generate(*args, **kwargs)
 
             engine.generate = counted
+        chunk = getattr(engine, "_generate_chunk", None)
+        if chunk is not None:
+            def counted_chunk(*args, **kwargs):
+                self.generate_chunks[-1] += 1
+                return chunk(*args, **kwargs)
+
+            engine._generate_chunk = counted_chunk
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.generate_calls.append(0)
+        self.generate_chunks.append(0)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         checksum = sum(float(p.detach().double().sum()) for p in pl_module.policy.parameters()
                        if not hasattr(p, "full_tensor"))
         self._write(trainer, global_step=trainer.global_step, batches=len(self.generate_calls),
-                    generate_calls=self.generate_calls, checksum=checksum,
+                    generate_calls=self.generate_calls, generate_chunks=self.generate_chunks, checksum=checksum,
                     bad_steps_in_a_row=getattr(pl_module, "bad_steps_in_a_row", None))
 
     def on_exception(self, trainer, pl_module, exception) -> None:
@@ -107,6 +117,13 @@ def fails_on_rank_one(completions, completion_ids, **columns) -> list[float]:
     """Raises on rank 1 for sampled completions (the set-up check's empty probes pass)."""
     if this_rank() == 1 and any(completion_ids):
         raise KeyError("gold")
+    return alternating_reward(completions)
+
+
+def exits_on_rank_one(completions, completion_ids, **columns) -> list[float]:
+    """Calls ``sys.exit(3)`` on rank 1 for sampled completions (the set-up check's empty probes pass)."""
+    if this_rank() == 1 and any(completion_ids):
+        raise SystemExit(3)
     return alternating_reward(completions)
 
 

@@ -36,6 +36,8 @@ import re
 import shutil
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -44,7 +46,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Checkpoint
 
-from rloop_lightning.agreement import values_of_ranks
+from rloop_lightning.agreement import on_main_process, raise_together, values_of_ranks
 from rloop_lightning.callbacks.preemption import Preempted, StopSignals, first_signal
 from rloop_lightning.data.resumable import ResumableDataLoader
 
@@ -212,19 +214,26 @@ class PhaseCheckpoint(Checkpoint):
         path = root / f"step{trainer.global_step:07d}.ckpt"
         # one name on every rank: sharded strategies write one directory together (one run per directory)
         temporary = root / f".{path.name}.tmp-save"
-        if trainer.is_global_zero:
+
+        def prepare() -> None:
             root.mkdir(parents=True, exist_ok=True)
             if temporary.exists():  # left by a crash mid-save
                 remove(temporary)
-        trainer.strategy.barrier("PhaseCheckpoint.prepare")
-        started = time.perf_counter()
-        trainer.save_checkpoint(temporary)  # every rank dumps its state; ends with a barrier
-        if trainer.is_global_zero:
+
+        def publish() -> None:
             os.replace(temporary, path)
             for older in self.checkpoints(root):
                 if older != path:
                     remove(older)
-        trainer.strategy.barrier("PhaseCheckpoint.save")
+
+        # the main process's file steps end in on_main_process, not a barrier: a failure (a full disk)
+        # stops every rank at once, with the main process's error
+        on_main_process(f"the checkpoint of step {trainer.global_step}", prepare)
+        started = time.perf_counter()
+        with deferred_write_error(trainer.strategy) as failure:
+            trainer.save_checkpoint(temporary)  # every rank dumps its state; ends with a barrier
+        raise_together(failure.error, f"the checkpoint of step {trainer.global_step}")
+        on_main_process(f"the checkpoint of step {trainer.global_step}", publish)
         self._last_saved_step = trainer.global_step
         self._last_saved_time = time.monotonic()
         log.info("checkpoint %s (%.2f s)", path, time.perf_counter() - started)
@@ -265,7 +274,10 @@ class PhaseCheckpoint(Checkpoint):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The phase is complete: its checkpoints go, but the newest with ``keep_last``."""
         root = self.root(trainer)
-        if trainer.is_global_zero and root.exists():
+
+        def clean() -> None:
+            if not root.exists():
+                return
             found = self.checkpoints(root)
             for path in found[:-1] if self.keep_last else found:
                 remove(path)
@@ -273,7 +285,44 @@ class PhaseCheckpoint(Checkpoint):
                 remove(temporary)
             if not any(root.iterdir()):
                 root.rmdir()
-        trainer.strategy.barrier("PhaseCheckpoint.on_fit_end")
+
+        on_main_process("PhaseCheckpoint (deleting the phase's checkpoints)", clean)
+
+
+class WriteError:
+    """What ``deferred_write_error`` caught: the main process's checkpoint write error, or None."""
+
+    error: Optional[Exception] = None
+
+
+@contextmanager
+def deferred_write_error(strategy) -> Iterator[WriteError]:
+    """Catch an error of the strategy's checkpoint writer (``checkpoint_io.save_checkpoint``: the main
+    process's file write under DDP) instead of raising it, so that the main process still reaches the
+    barrier that ends ``Trainer.save_checkpoint``; the caller then raises it on every rank
+    (``raise_together``). Sharded strategies write with ``torch.distributed.checkpoint``, whose ranks
+    share a failure themselves."""
+    failure = WriteError()
+    io = getattr(strategy, "checkpoint_io", None)
+    if io is None:
+        yield failure
+        return
+    own, write = vars(io).get("save_checkpoint"), io.save_checkpoint
+
+    def guarded(*args, **kwargs):
+        try:
+            return write(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 -- raised on every rank after the barrier
+            failure.error = error
+
+    io.save_checkpoint = guarded
+    try:
+        yield failure
+    finally:
+        if own is None:
+            del io.save_checkpoint  # the class's method again
+        else:
+            io.save_checkpoint = own
 
 
 def remove(path: Path) -> None:

@@ -9,6 +9,8 @@ import lightning as L
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
+from rloop_lightning.agreement import on_main_process
+
 SHARDED_STRATEGIES = (FSDPStrategy, ModelParallelStrategy)  # parameters are shards: gather before saving
 
 
@@ -31,8 +33,10 @@ class ExportPolicy(L.Callback):
             prefix = "policy.model."
             gathered = trainer.strategy.lightning_module_state_dict()
             state_dict = {key[len(prefix):]: value for key, value in gathered.items() if key.startswith(prefix)}
-        if trainer.is_global_zero:
+
+        def save() -> None:
             dirpath = self.dirpath or Path(trainer.default_root_dir) / "policy"
             path = pl_module.policy.save(dirpath, merged=self.merged, state_dict=state_dict)
             rank_zero_info(f"policy saved to {path}")
-        trainer.strategy.barrier("export_policy")
+
+        on_main_process("ExportPolicy (saving the policy)", save)  # a failed save stops every rank at once

@@ -27,6 +27,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from rloop_lightning.agreement import raise_together
 from rloop_lightning.algorithms import (
     DynamicSamplingBuffer, DynamicSamplingSignal, clipped_policy_loss, dynamic_sampling_signal, group_advantages,
     kl_penalty, micro_batch_weight, overlong_mask, soft_overlong_penalty,
@@ -259,9 +260,15 @@ class GRPOModule(PolicyModule):
     def _sample(self, problems: list[dict], sampling_round: int = 0) -> list[Group]:
         rollouts, version = self._rollouts(problems, sampling_round)
         check_admissible(self.rollout_step, version, self.rollout.max_staleness if self.sampler else 0)
-        groups = score_groups(problems, rollouts, self.num_generations, self.runner, self.correctness_function,
-                              self.correct_threshold, self.scoring_stats, chat_format(self.policy),
-                              trainer_state(self.trainer))
+        groups, error = [], None
+        try:  # no collective inside: a rank's error (a reward that exits) can wait here for the others
+            groups = score_groups(problems, rollouts, self.num_generations, self.runner, self.correctness_function,
+                                  self.correct_threshold, self.scoring_stats, chat_format(self.policy),
+                                  trainer_state(self.trainer))
+        except Exception as caught:  # noqa: BLE001 -- raised below, on every rank
+            error = caught
+        # every rank raises the failed rank's named error, not the others' "Connection closed by peer" next
+        raise_together(error, f"the rewards of step {self.rollout_step}")
         if self.overlong.mode == "soft_penalty":
             for group in groups:
                 lengths = torch.tensor([len(ids) for ids in group.completion_ids])

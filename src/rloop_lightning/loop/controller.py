@@ -33,6 +33,7 @@ from typing import Literal, Optional
 import lightning as L
 
 from rloop_lightning import tiny
+from rloop_lightning.agreement import on_main_process
 from rloop_lightning.callbacks import (
     ExpertHarvester, ExportPolicy, MetricsRecorder, PassAtKEvaluation, PhaseCheckpoint,
 )
@@ -58,6 +59,7 @@ from rloop_lightning.loop.phases import (
 from rloop_lightning.prompt_stats import PromptStats
 from rloop_lightning.rft import RFTModule
 from rloop_lightning.rollout.base import RolloutEngine
+from rloop_lightning.rollout.staleness import check_rollout_mode
 
 log = logging.getLogger(__name__)
 BUILD_RECORD = "rloop_base_build.json"  # in a built base's policy directory: which config built it
@@ -289,6 +291,8 @@ class RLoop:
         self.base_revision = grpo.model.policy.revision  # the hub revision theta_0 is loaded at
         check_curve_interval(self.curve_every_n_steps, phase_rl_steps(grpo.config))
         self.processes = processes_of(grpo.config)
+        # async rollouts on several ranks: refused here, not in the GRPO phase's setup after theta_0's evaluation
+        check_rollout_mode(grpo.model.rollout, rank_count(self.processes) or 1, type(grpo.trainer.strategy).__name__)
         if not self.vanilla:
             rft_overrides = self.rft_overrides(theta, 0, self.layout.root, self.seed)
             parse_phase(RFTModule, self.rft, rft_overrides)
@@ -367,19 +371,25 @@ class RLoop:
         """
         if self.manifest.done(name):
             return
-        main = is_main_process()
-        directory = self.prepare_directory(name) if main else self.layout.directory(name)
-        barrier()  # the directory is ready
+        # the main process's own steps end in on_main_process, not a barrier: when one fails, every rank
+        # raises its error at once instead of waiting out distributed_timeout
+        on_main_process(f"{name} (preparing its directory)", lambda: self.prepare_directory(name))
+        directory = self.layout.directory(name)
         started = time.perf_counter()
-        info = work(directory) if every_rank or main else None
-        barrier()  # every rank's outputs are written
-        if main:
+        if every_rank:
+            info = work(directory)
+            barrier()  # every rank's outputs are written
+        else:
+            info = on_main_process(name, lambda: work(directory))
+
+        def mark_done() -> None:
             digests = output_digests(directory, self.layout.read_later(name))
             expected = self.redone.pop(name, None)
             if expected is None or not name.endswith("expert_set") or digests == expected:
                 self.manifest.mark_done(name, {**(info or {}), "seconds": round(time.perf_counter() - started, 2),
                                                DIGESTS: digests})
-        barrier()
+
+        on_main_process(f"{name} (recording it done)", mark_done)
         self.manifest.reload()
         if not self.manifest.done(name):  # every rank reads the main process's verdict from the manifest
             raise ChangedOutputError(f"{name} was rebuilt from its harvest, but its files differ from those the "
@@ -497,9 +507,12 @@ class RLoop:
         finally:
             if self.eval_engine is not None:  # its memory goes back to training until the next evaluation
                 self.eval_engine.release()
-        if is_main_process():
+
+        def write() -> None:
             write_json_atomic(self.layout.evaluation(phase), {"policy": policy_path, "metrics": metrics})
             log.info("evaluation of %s: %s", policy_path, metrics)
+
+        on_main_process(f"{phase} (writing its evaluation)", write)
         return {"metrics": metrics}
 
     # ------------------------------------------------------------------ results

@@ -16,7 +16,8 @@ rank themselves). Everything after that happens inside the group, on every rank:
 - the run directory's bookkeeping (manifest, phase directories, expert sets, held-out evaluations,
   report, lock, W&B run) is done by the main process (global rank 0) alone; around each phase every
   rank passes the same barriers and re-reads the manifest, so all ranks agree on what is complete
-  (e.g. whether an expert set is empty and RFT skipped).
+  (e.g. whether an expert set is empty and RFT skipped). The main process's own steps end in
+  ``agreement.on_main_process``: when one fails, every rank raises its error at once.
 
 How long a rank waits for the others is one setting, the loop's ``distributed_timeout``: the group
 is initialised with it, so it bounds the rendezvous and every later collective and barrier. Under

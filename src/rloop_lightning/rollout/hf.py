@@ -9,6 +9,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from rloop_lightning.agreement import values_of_ranks
 from rloop_lightning.forwards import cache_argument, pad, shared_prefix_cache
 from rloop_lightning.policy import Policy
 from rloop_lightning.rollout.base import RolloutEngine, Rollouts, SamplingParams
@@ -149,7 +150,7 @@ class HFGenerateEngine(RolloutEngine):
     def completions_per_call(self, policy: Policy, prompt_ids: list[list[int]], sampling: SamplingParams) -> int:
         """``batch_size``, lowered so that a call's completions x (widest prompt + ``max_new_tokens``) fit
         ``max_batch_tokens``; the widest prompt of all ranks when their forwards run in lockstep (FSDP2),
-        so that every rank makes the same number of calls."""
+        so that every rank's calls hold as many completions (``generate`` also agrees on the number of calls)."""
         if self.max_batch_tokens is None:
             return self.batch_size
         widest = max((len(ids) for ids in prompt_ids), default=0)
@@ -172,10 +173,17 @@ class HFGenerateEngine(RolloutEngine):
         self.check_prompt_lengths(policy, prompt_ids, sampling, policy.context_length)
         requests = [(index, prompt_ids[index]) for index in range(len(prompts)) for _ in range(num_samples)]
         per_call = self.completions_per_call(policy, prompt_ids, sampling)
+        starts = range(0, len(requests), per_call)
+        # FSDP2: every call all-gathers the shards, so every rank makes as many calls as the busiest one
+        # (ranks sample different numbers of prompts: dynamic sampling's refills, evaluation's shares)
+        calls = int(max(values_of_ranks(len(starts)))) if forwards_in_lockstep(policy.model) else len(starts)
         result = Rollouts([], [], [], [], [], [])
         with inference_mode(model), seeded_sampling(model, seed):
-            for start in range(0, len(requests), per_call):
+            for start in starts:
                 self._generate_chunk(policy, requests[start: start + per_call], sampling, result)
+            for _ in range(calls - len(starts)):  # after this rank's own calls: its samples stay as they were
+                self._generate_chunk(policy, requests[:1] or [(0, [policy.tokenizer.pad_token_id] * 2)], sampling,
+                                     Rollouts([], [], [], [], [], []))  # a call for the others' gathers, discarded
         return result
 
     def _generate_chunk(self, policy: Policy, requests, sampling: SamplingParams, result: Rollouts) -> None:
