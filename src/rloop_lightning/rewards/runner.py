@@ -28,13 +28,14 @@ die with the trainer (``child_processes``).
 from __future__ import annotations
 
 import logging
+import atexit
 import math
 import multiprocessing
 import os
 import pickle
 import time
+import weakref
 from collections.abc import Callable, Sequence
-from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
@@ -153,6 +154,7 @@ class RewardRunner:
         self.timeout = timeout
         self.start_method = start_method
         self._workers: Optional[list[tuple]] = None  # (process, connection) per worker while they run
+        self._stop_workers: Optional[weakref.finalize] = None  # stops them: on close, collection or exit
         self._progress = None
         self._warned: set[tuple[str, str]] = set()
         if num_workers > 0:
@@ -272,6 +274,10 @@ class RewardRunner:
                 process.start()
                 child_end.close()  # the worker's death then reads as the end of the pipe
                 self._workers.append((process, connection))
+            # at exit before multiprocessing's own handler (atexit runs the latest first), which would SIGTERM
+            # these workers, which ignore it, and wait for them for ever
+            self._stop_workers = weakref.finalize(self, _stop_workers, self._workers)
+            atexit.register(self._stop_workers)
             deadline = time.monotonic() + _STARTUP_TIMEOUT_S
             if any(_answer(connection, deadline) != "ready" for _, connection in self._workers):
                 self.close()
@@ -342,23 +348,11 @@ class RewardRunner:
         logger.log(level, message, *args)
 
     def close(self) -> None:
-        """Stop the worker processes (a later call starts new ones): ask, then SIGKILL the ones that did not
-        exit within ``_EXIT_S`` (busy or stuck; SIGTERM would not do, they ignore it)."""
-        workers, self._workers = self._workers, None
-        if not workers:
-            return
-        for _, connection in workers:
-            try:
-                connection.send(None)
-            except OSError:
-                pass
-        deadline = time.monotonic() + _EXIT_S
-        for process, connection in workers:
-            process.join(max(deadline - time.monotonic(), 0.0))
-            if process.is_alive():
-                process.kill()
-                process.join()
-            connection.close()
+        """Stop the worker processes (a later call starts new ones)."""
+        stop, self._stop_workers, self._workers = self._stop_workers, None, None
+        if stop is not None:
+            stop()
+            atexit.unregister(stop)
 
     def __enter__(self) -> Self:
         return self
@@ -366,12 +360,25 @@ class RewardRunner:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        with suppress(Exception):  # interpreter shutdown may have torn down multiprocessing already
-            self.close()
-
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_workers": None, "_progress": None}
+        return {**self.__dict__, "_workers": None, "_stop_workers": None, "_progress": None}
+
+
+def _stop_workers(workers: list[tuple]) -> None:
+    """Ask each worker to exit, then SIGKILL the ones that did not within ``_EXIT_S`` (busy or stuck; SIGTERM would
+    not do, they ignore it); reap them."""
+    for _, connection in workers:
+        try:
+            connection.send(None)
+        except OSError:
+            pass
+    deadline = time.monotonic() + _EXIT_S
+    for process, connection in workers:
+        process.join(max(deadline - time.monotonic(), 0.0))
+        if process.is_alive():
+            process.kill()
+            process.join()
+        connection.close()
 
 
 def _answer(connection, deadline: float):

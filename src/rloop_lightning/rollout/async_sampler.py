@@ -32,6 +32,7 @@ starts (``rollout.sampler_process``), so nothing is left behind.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import queue
@@ -135,6 +136,7 @@ class AsyncSampler:
                   self.settings.sampler_device))
         self.process.start()
         self._finalizer = weakref.finalize(self, _stop, self.process, self._requests)
+        atexit.register(self._finalizer)  # before multiprocessing's exit handler, whose SIGTERM the sampler ignores
         if hasattr(os, "sched_setaffinity"):
             self._saved_affinity = os.sched_getaffinity(0)
             os.sched_setaffinity(0, self.trainer_cores)
@@ -164,6 +166,7 @@ class AsyncSampler:
             self._loader = None
         if self._finalizer is not None:
             self._finalizer()
+            atexit.unregister(self._finalizer)
             self._finalizer = None
         if self._saved_affinity is not None:
             os.sched_setaffinity(0, self._saved_affinity)
