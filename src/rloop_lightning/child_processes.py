@@ -24,7 +24,9 @@ PR_SET_PDEATHSIG = 1
 def end_with_parent(parent: int) -> None:
     """Have the kernel SIGKILL this process when ``parent`` dies, however it dies (SIGKILL included), and
     exit at once when ``parent`` is gone already (this process was re-parented before it got here).
-    Linux only (``prctl(PR_SET_PDEATHSIG)``); elsewhere it only checks the parent."""
+    Linux only (``prctl(PR_SET_PDEATHSIG)``); elsewhere it only checks the parent. Linux counts the
+    *thread* that started this process as its parent: start helpers from a thread that lives as long as
+    they should (the main thread)."""
     if sys.platform.startswith("linux"):
         import ctypes
 
