@@ -4,8 +4,8 @@ The probes are the fault tests themselves (tests/test_reward_faults.py, tests/te
 crash/resume test of tests/test_loop.py, and the second round's tests/test_preemption.py,
 tests/test_checks.py, tests/test_data_errors.py, tests/test_resume_verify.py and
 tests/test_command_inputs.py; from the third, tests/test_base_identity.py, tests/test_grpo.py,
-tests/test_truncation.py, tests/test_reproduce_tiny.py and tests/test_agreement.py too): each asserts
-one fault's intended outcome, so a passing test means
+tests/test_truncation.py, tests/test_reproduce_tiny.py, tests/test_agreement.py and
+tests/test_async_rollouts.py too): each asserts one fault's intended outcome, so a passing test means
 that outcome, a failing one a regression, and one that runs past its time limit a hang.
 They run in one pytest process under pytest-timeout, the whole run under a wall-clock limit too.
 
@@ -232,6 +232,16 @@ PROBES = [
     Probe("a reward exits on rank 1 of 2", "clear error: RewardFunctionExit on every rank",
           "tests/test_agreement.py::test_a_reward_that_exits_on_one_rank_stops_every_rank_with_its_named_error",
           slow=True),
+    Probe("SIGTERM to the process group: async sampler mid-batch, 2 reward workers",
+          "handled: the batch is sampled and scored, checkpoint, exit 143",
+          PREEMPT + "test_sigterm_to_the_whole_process_group_with_a_sampler_and_reward_workers_stops_after_the_batch",
+          slow=True),
+    Probe("SIGTERM to the process group with 2 reward workers", "handled: the batch is scored, the exit does not hang",
+          REWARDS + "test_sigterm_to_the_process_group_neither_loses_the_batch_nor_hangs_the_exit"),
+    Probe("trainer SIGKILLed while its sampler starts", "handled: the sampler exits at once",
+          "tests/test_async_rollouts.py::test_a_trainer_sigkilled_while_its_sampler_starts_leaves_no_sampler"),
+    Probe("async sampler alive but stalled", "clear error naming rollout.timeout (default 1800 s), sampler stopped",
+          "tests/test_async_rollouts.py::test_a_stalled_sampler_is_a_named_timeout_by_default_and_close_stops_it_at_once"),
 ]
 
 

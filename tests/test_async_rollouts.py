@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 
 import lightning as L
 import psutil
@@ -24,7 +25,7 @@ from rloop_lightning.rollout.async_sampler import AsyncSampler
 from rloop_lightning.rollout.base import SamplingParams, sampling_seed
 from rloop_lightning.rollout.hf import HFGenerateEngine
 from rloop_lightning.rollout.staleness import (
-    RolloutSettings, check_admissible, check_rollout_mode, may_submit, split_cores, staleness,
+    DEFAULT_TIMEOUT_SECONDS, RolloutSettings, check_admissible, check_rollout_mode, may_submit, split_cores, staleness,
 )
 from rloop_lightning.tasks import Countdown
 
@@ -322,3 +323,89 @@ def test_async_on_several_ranks_is_refused_before_the_model_loads():
         check_rollout_mode(module.rollout, 2, "SimpleNamespace")  # what setup() checks
     check_rollout_mode(module.rollout, 1, "SimpleNamespace")  # one rank, two cores: accepted
     assert module.policy.model is None
+
+
+class StallingEngine(HFGenerateEngine):
+    """Alive, never done: a generation stuck in a collective or a driver call, which no exit code reveals."""
+
+    def generate(self, policy, prompts, num_samples, sampling, seed=None):
+        time.sleep(3600)
+
+
+@pytest.mark.slow
+def test_a_stalled_sampler_is_a_named_timeout_by_default_and_close_stops_it_at_once():
+    """No wait is unbounded by default (``rollout.timeout``: 1800 s, shortened here; the sampler's start counts
+    toward the first batch), and ``close`` waits neither for the batch in flight nor for the queued ones: it stops
+    the sampler at once, which closes its engine and exits 0 (it used to wait up to 30 s for the queue first)."""
+    assert RolloutSettings().timeout == DEFAULT_TIMEOUT_SECONDS == 1800
+    policy = Policy("rloop/micro-llama")
+    policy.load_model()
+    sampler = AsyncSampler(RolloutSettings(mode="async", max_staleness=0, timeout=2), StallingEngine(),
+                           SamplingParams(max_new_tokens=4), 2, lambda step, sampling_round: step)
+    sampler.start(policy, 0)
+    try:
+        for step in (1, 2):  # two batches queued ahead of step 0's
+            sampler._submit(step, [{"id": str(step), "prompt": "1 1 -> 2"}], step)
+        with pytest.raises(TimeoutError, match=r"sampler process \(pid \d+\) is alive but gave no batch for step 0 "
+                                               r"within rollout.timeout = 2 s; raise rollout.timeout"):
+            sampler.take(0, [{"id": "a", "prompt": "1 2 -> 3"}])
+        assert sampler.process.is_alive()
+        started = time.monotonic()
+        sampler.close()
+        closing = time.monotonic() - started
+    finally:
+        sampler.close()
+    assert closing < 5 and sampler.process.exitcode == 0, (closing, sampler.process.exitcode)
+    assert not sampler_children()
+
+
+KILLED_IN_START_UP_SCRIPT = """
+if __name__ == "__main__":  # the sampler process is spawned and imports this file: nothing heavy above this line
+    import time
+    from rloop_lightning.policy import Policy
+    from rloop_lightning.rollout.async_sampler import AsyncSampler
+    from rloop_lightning.rollout.base import SamplingParams
+    from rloop_lightning.rollout.hf import HFGenerateEngine
+    from rloop_lightning.rollout.staleness import RolloutSettings
+
+    policy = Policy("rloop/micro-llama")
+    policy.load_model()
+    sampler = AsyncSampler(RolloutSettings(mode="async"), HFGenerateEngine(), SamplingParams(max_new_tokens=4), 2,
+                           lambda step, sampling_round: step)
+    sampler.start(policy, 0)
+    print(sampler.process.pid, flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_a_trainer_sigkilled_while_its_sampler_starts_leaves_no_sampler(tmp_path):
+    """SIGKILL of the trainer right after it starts the sampler: the sampler, still starting, binds to the trainer
+    before any heavy import and, finding it gone, exits. (It used to ask to die with its parent only after
+    importing torch, by then for its new parent, and wait on its queue for ever, holding its memory.)"""
+    import subprocess
+    import sys
+
+    script = tmp_path / "trainer.py"
+    script.write_text(KILLED_IN_START_UP_SCRIPT)
+    trainer = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    sampler_pid = None
+    try:
+        sampler_pid = int(trainer.stdout.readline())
+        trainer.kill()
+        trainer.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and sampler_is_running(sampler_pid):
+            time.sleep(0.1)
+        assert not sampler_is_running(sampler_pid), f"sampler {sampler_pid} outlived its trainer by 20 s"
+    finally:
+        trainer.kill()
+        if sampler_pid is not None and sampler_is_running(sampler_pid):
+            os.kill(sampler_pid, 9)
+
+
+def sampler_is_running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -9,6 +9,7 @@ Before ``callbacks.preemption``, Lightning's SIGTERM handling ended ``rloop fit`
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import signal
 import time
 
@@ -194,3 +195,70 @@ def test_sigterm_to_the_main_process_of_two_ranks_stops_both_after_the_same_batc
     assert len(stops) == 2 and stops[0] == stops[1], stops  # one line per rank, the same step and checkpoint
     assert PhaseCheckpoint.latest(grpo / "checkpoints") is not None
     assert "iter_00/grpo" not in manifest(run_dir)["completed"]
+
+
+GROUP_SIGTERM_SCRIPT = """
+import sys
+
+if __name__ == "__main__":  # the sampler and the reward workers are spawned and import this file: nothing heavy above
+    import os
+    import signal
+    from pathlib import Path
+
+    import lightning as L
+    import test_resume
+    from rloop_lightning.grpo import GRPOModule
+
+    class SignalTheGroupAt(L.Callback):
+        seen = 0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if self.seen == 2:
+                os.killpg(0, signal.SIGTERM)  # as Slurm or systemd: every process of the job, helpers too
+            self.seen += 1
+
+    build_phase = test_resume.build_phase
+
+    def with_signal(*args, **kwargs):
+        cli = build_phase(*args, **kwargs)
+        cli.trainer.callbacks.append(SignalTheGroupAt())
+        return cli
+
+    test_resume.build_phase = with_signal
+    test_resume.run_phase(GRPOModule, Path(sys.argv[1]), Path(sys.argv[2]), every_n_steps=2)
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_with_a_sampler_and_reward_workers_stops_after_the_batch(tmp_path):
+    """SIGTERM to every process of the job (Slurm's preemption, systemd's stop) while an asynchronous GRPO phase
+    runs with 2 reward workers: the sampler and the workers ignore it, the batch is sampled and scored, the
+    trainer checkpoints and exits 143 in bounded time. (The sampler used to die at once, and the trainer with it:
+    exit 1, "died with exit code -15"; the reward workers died too, the batch scored 0 after its time limit, and
+    the interpreter then hung in ``multiprocessing.Pool``'s exit for 880 s.)"""
+    import subprocess
+    import sys
+
+    config_path = grpo_config(tmp_path)
+    config = yaml.safe_load(config_path.read_text())
+    # max_staleness 0: batch 2 is sent to the sampler only after the signal, so the trainer needs the sampler then
+    config["model"].update(reward_workers=2,
+                           rollout={"mode": "async", "max_staleness": 0, "sampler_cores": [1], "trainer_cores": [0]})
+    config_path.write_text(yaml.safe_dump(config))
+    script = tmp_path / "phase.py"
+    script.write_text(GROUP_SIGTERM_SCRIPT)
+    tests = str(Path(__file__).parent)
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, str(script), str(config_path), str(run_dir)], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 143, output[-3000:]
+    assert "SIGTERM: phase stopped after step 6" in output, output[-3000:]  # batch 2 (2 steps each) finished
+    assert "did not return within the batch limit" not in output  # its rewards were scored, not lost
+    assert PhaseCheckpoint.latest(run_dir / "checkpoints").name == "step0000006.ckpt"

@@ -197,3 +197,52 @@ def test_rloop_fit_probes_the_rewards_before_any_evaluation(case, tmp_path, monk
     with pytest.raises(kind, match=f"grpo phase .*grpo.yaml.*reward function '{function.__name__}' {message}"):
         cli_main(["fit", "--config", str(config), "--vanilla", "true", "--grpo.overrides", json.dumps(overrides)])
     assert not (tmp_path / "run").exists()
+
+
+GROUP_SIGTERM_SCRIPT = """
+import sys
+
+if __name__ == "__main__":  # the reward workers are spawned and import this file: nothing above this line
+    import os
+    import signal
+    import time
+
+    from faulty_rewards import digit_share
+    from rloop_lightning.rewards import RewardRunner
+
+    received = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))  # as a phase's StopSignals
+    runner = RewardRunner([digit_share], num_workers=2, timeout=1.0)
+    completions = ["1", "ab", "12", "b"]
+    print(runner(["p"] * 4, completions).rewards.tolist(), flush=True)
+    os.killpg(0, signal.SIGTERM)  # as Slurm or systemd: every process of the job, the reward workers too
+    time.sleep(0.5)
+    print(received, runner(["p"] * 4, completions).rewards.tolist(), flush=True)
+    # and exit with the workers running, as a phase stopped by the signal does
+"""
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_to_the_process_group_neither_loses_the_batch_nor_hangs_the_exit(tmp_path):
+    """The workers ignore a job-wide SIGTERM (the trainer finishes its batch: it is scored), and the exit with
+    workers running ends them. (They used to die, the batch waited out its limit and scored 0, and
+    ``multiprocessing.Pool``, whose shared queue lock a killed worker held, hung the exit for 880 s.)"""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "score.py"
+    script.write_text(GROUP_SIGTERM_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                                    os.environ.get("PYTHONPATH")])))
+    started = time.monotonic()
+    process = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, output
+    assert output.splitlines()[-2:] == ["[1.0, 0.0, 1.0, 0.0]", f"[{int(signal.SIGTERM)}] [1.0, 0.0, 1.0, 0.0]"], output
+    assert time.monotonic() - started < 60

@@ -225,7 +225,7 @@ def test_deaf_or_crashed_workers_hit_the_deadline_name_the_function_and_are_repl
         assert result.failures == {"signal_blocking_reward": "never returned within the batch limit of 3.0 s"}
         assert runner.batch_time_limit == 3.0 and elapsed < runner.batch_time_limit + 1.0
         assert any("['signal_blocking_reward'] did not return" in r.getMessage() for r in caplog.records)
-        assert runner._pool is None  # terminated; the next call starts a fresh one
+        assert runner._workers is None  # stopped; the next call starts fresh ones
         assert runner(["p"] * 2, ["ok", "ok"], {}).rewards.tolist() == [3.0, 3.0]
         assert runner(["p"] * 2, ["crash", "ok"], {}).num_timeouts == 2
 
@@ -350,7 +350,7 @@ def test_in_process_runner_accepts_lambdas_and_duplicate_names_and_pickles():
     assert result.per_function == {"length_reward": [3.0], "length_reward_1": [3.0], "<lambda>": [2.0]}
     assert runner([], [], {}).rewards.shape == (0,)
     pooled = RewardRunner([length_reward], num_workers=1)
-    assert pickle.loads(pickle.dumps(pooled))._pool is None
+    assert pickle.loads(pickle.dumps(pooled))._workers is None
     assert not math.isnan(result.rewards.item())
 
 

@@ -17,24 +17,31 @@ period; a worker still busy then is stuck where signals cannot reach it (C code,
 its chunk scores 0 as timeouts, the function it was running is named, and the workers are restarted.
 
 Workers are started with ``spawn`` by default (safe next to CUDA and threads), so reward functions
-must be picklable by reference: module-level functions or instances of module-level classes.
+must be picklable by reference: module-level functions or instances of module-level classes. Each
+worker has a pipe of its own to the parent and shares no lock with anything: a worker that dies
+(OOM-killed, a job-wide SIGTERM) is noticed at once and cannot leave a lock held, which would hang
+the next batch or the interpreter's exit as ``multiprocessing.Pool`` does. Workers ignore SIGTERM and
+SIGINT, so the batch in flight is scored while the trainer finishes it on a preemption signal, and
+die with the trainer (``child_processes``).
 """
 
 from __future__ import annotations
 
 import logging
+import atexit
 import math
 import multiprocessing
+import os
 import pickle
-import signal
 import time
+import weakref
 from collections.abc import Callable, Sequence
-from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
+from rloop_lightning.child_processes import end_with_parent, leave_stop_signals_to_parent
 from rloop_lightning.rewards.calls import (
-    ERROR, OK, TIMEOUT, FunctionScores, RewardTimeout, Score, check_reward_output, function_name, is_async,
+    ERROR, OK, TIMEOUT, RewardTimeout, Score, check_reward_output, function_name, is_async,
     score_chunk,
 )
 from rloop_lightning.rewards.inputs import ChatFormat, RewardBatch, TrainerState
@@ -51,6 +58,7 @@ __all__ = ["RewardFunction", "RewardFunctionError", "RewardResult", "RewardRunne
 
 _STARTUP_TIMEOUT_S = 60.0  # spawned workers import the reward functions' modules (torch, sympy...)
 _GRACE_S = 1.0  # on top of the batch's time budget, for IPC and a loaded machine
+_EXIT_S = 1.0  # what an idle worker gets to exit on its own when the runner closes, before SIGKILL
 
 
 class RewardFunctionError(ValueError):
@@ -81,23 +89,33 @@ class RewardResult:
 
 # ---- worker process side --------------------------------------------------------------------------
 
-_worker_functions: list[Callable] = []
-_worker_timeout: float = 0.0
-_worker_progress = None  # shared array: index of the function each chunk slot is running
 
+def _worker_main(parent: int, connection, functions: list[Callable], timeout: float, progress, slot: int) -> None:
+    """One reward worker: score each chunk the parent sends on ``connection`` until ``None`` or the pipe closes.
+    ``progress[slot]`` is the index of the function running (for the parent's message about a stuck chunk)."""
+    end_with_parent(parent)
+    leave_stop_signals_to_parent()
 
-def _init_worker(functions: list[Callable], timeout: float, progress, ready) -> None:
-    global _worker_functions, _worker_timeout, _worker_progress
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    _worker_functions, _worker_timeout, _worker_progress = functions, timeout, progress
-    ready.release()
-
-
-def _score_chunk_in_worker(slot: int, batch: RewardBatch, state: TrainerState) -> list[FunctionScores]:
     def running(index: int) -> None:
-        _worker_progress[slot] = index
+        progress[slot] = index
 
-    return score_chunk(_worker_functions, batch, state, _worker_timeout, running)
+    connection.send("ready")
+    while True:
+        try:
+            message = connection.recv()
+        except EOFError:
+            return
+        if message is None:
+            return
+        batch, state = message
+        try:
+            answer = ("ok", score_chunk(functions, batch, state, timeout, running))
+        except Exception as error:  # noqa: BLE001 - a bad output shape, a RewardFunctionExit: the parent raises it
+            answer = ("error", error)
+        try:
+            connection.send(answer)
+        except (pickle.PicklingError, TypeError, AttributeError) as error:
+            connection.send(("error", RuntimeError(f"a reward worker could not send its answer back: {error}")))
 
 
 # ---- parent side ----------------------------------------------------------------------------------
@@ -135,7 +153,8 @@ class RewardRunner:
         self.num_workers = num_workers
         self.timeout = timeout
         self.start_method = start_method
-        self._pool = None
+        self._workers: Optional[list[tuple]] = None  # (process, connection) per worker while they run
+        self._stop_workers: Optional[weakref.finalize] = None  # stops them: on close, collection or exit
         self._progress = None
         self._warned: set[tuple[str, str]] = set()
         if num_workers > 0:
@@ -208,21 +227,31 @@ class RewardRunner:
     # ------------------------------------------------------------------ pool
     def _score_in_pool(self, batch: RewardBatch, state: TrainerState):
         """((start, scores) per chunk that answered, (start, stop, stuck function index) per chunk that did not)."""
-        pool = self._ensure_pool()
+        workers = self._ensure_workers()
         size = math.ceil(len(batch) / self.num_workers)
         starts = list(range(0, len(batch), size))
-        for slot in range(len(starts)):
+        sent = []
+        for slot, start in enumerate(starts):
             self._progress[slot] = -1
-        pending = [pool.apply_async(_score_chunk_in_worker, (slot, batch.rows(start, start + size), state))
-                   for slot, start in enumerate(starts)]
+            try:
+                workers[slot][1].send((batch.rows(start, start + size), state))
+                sent.append(True)
+            except OSError:  # the worker is gone
+                sent.append(False)
         deadline = time.monotonic() + self.batch_time_limit
-        chunks, lost = [], []
-        for slot, (start, result) in enumerate(zip(starts, pending)):
-            result.wait(max(deadline - time.monotonic(), 0.0))
-            if result.ready():
-                chunks.append((start, result.get()))  # re-raises a worker's ValueError (bad output shape)
-            else:
+        chunks, lost, error = [], [], None
+        for slot, start in enumerate(starts):
+            answer = _answer(workers[slot][1], deadline) if sent[slot] else None
+            if answer is None:  # stuck where signals cannot reach, or dead
                 lost.append((start, min(start + size, len(batch)), self._progress[slot]))
+                workers[slot][0].kill()  # no use asking it to exit
+            elif answer[0] == "error":
+                error = error or answer[1]
+            else:
+                chunks.append((start, answer[1]))
+        if error is not None:  # a worker's ValueError (bad output shape), a RewardFunctionExit
+            self.close()
+            raise error
         if lost:
             stuck = sorted({self.names[index] if index >= 0 else "?" for _, _, index in lost})
             logger.warning("reward function(s) %s did not return within the batch limit of %.1f s (stuck where "
@@ -232,21 +261,31 @@ class RewardRunner:
             self.close()
         return chunks, lost
 
-    def _ensure_pool(self):
-        if self._pool is None:
+    def _ensure_workers(self) -> list[tuple]:
+        if self._workers is None:
             context = multiprocessing.get_context(self.start_method)
-            ready = context.Semaphore(0)
-            self._progress = context.Array("i", [-1] * self.num_workers)
-            self._pool = context.Pool(self.num_workers, initializer=_init_worker,
-                                      initargs=(self.functions, self.timeout, self._progress, ready))
-            for _ in range(self.num_workers):
-                if not ready.acquire(timeout=_STARTUP_TIMEOUT_S):
-                    self.close()
-                    raise RuntimeError(
-                        f"reward workers did not start within {_STARTUP_TIMEOUT_S:.0f} s; can the reward "
-                        "functions be imported in a fresh process (module-level, not from __main__)?"
-                    )
-        return self._pool
+            self._progress = context.RawArray("i", [-1] * self.num_workers)  # no lock a dying worker could hold
+            self._workers = []
+            for slot in range(self.num_workers):
+                connection, child_end = context.Pipe()
+                process = context.Process(target=_worker_main, name=f"rloop-reward-{slot}", daemon=True,
+                                          args=(os.getpid(), child_end, self.functions, self.timeout, self._progress,
+                                                slot))
+                process.start()
+                child_end.close()  # the worker's death then reads as the end of the pipe
+                self._workers.append((process, connection))
+            # at exit before multiprocessing's own handler (atexit runs the latest first), which would SIGTERM
+            # these workers, which ignore it, and wait for them for ever
+            self._stop_workers = weakref.finalize(self, _stop_workers, self._workers)
+            atexit.register(self._stop_workers)
+            deadline = time.monotonic() + _STARTUP_TIMEOUT_S
+            if any(_answer(connection, deadline) != "ready" for _, connection in self._workers):
+                self.close()
+                raise RuntimeError(
+                    f"reward workers did not start within {_STARTUP_TIMEOUT_S:.0f} s; can the reward "
+                    "functions be imported in a fresh process (module-level, not from __main__)?"
+                )
+        return self._workers
 
     # ------------------------------------------------------------------ results
     def _collect(self, batch: RewardBatch, chunks: list, lost: list) -> RewardResult:
@@ -310,10 +349,10 @@ class RewardRunner:
 
     def close(self) -> None:
         """Stop the worker processes (a later call starts new ones)."""
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        stop, self._stop_workers, self._workers = self._stop_workers, None, None
+        if stop is not None:
+            stop()
+            atexit.unregister(stop)
 
     def __enter__(self) -> Self:
         return self
@@ -321,12 +360,35 @@ class RewardRunner:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        with suppress(Exception):  # interpreter shutdown may have torn down multiprocessing already
-            self.close()
-
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_pool": None, "_progress": None}
+        return {**self.__dict__, "_workers": None, "_stop_workers": None, "_progress": None}
+
+
+def _stop_workers(workers: list[tuple]) -> None:
+    """Ask each worker to exit, then SIGKILL the ones that did not within ``_EXIT_S`` (busy or stuck; SIGTERM would
+    not do, they ignore it); reap them."""
+    for _, connection in workers:
+        try:
+            connection.send(None)
+        except OSError:
+            pass
+    deadline = time.monotonic() + _EXIT_S
+    for process, connection in workers:
+        process.join(max(deadline - time.monotonic(), 0.0))
+        if process.is_alive():
+            process.kill()
+            process.join()
+        connection.close()
+
+
+def _answer(connection, deadline: float):
+    """The worker's next message, or None when none came by ``deadline`` or the worker is gone."""
+    try:
+        if connection.poll(max(deadline - time.monotonic(), 0.0)):
+            return connection.recv()
+    except (EOFError, OSError):
+        pass
+    return None
 
 
 def _unique_names(functions: Sequence[Callable]) -> list[str]:

@@ -21,20 +21,22 @@ than the bound allows. With ``max_staleness: 0`` the trainer submits batch k aft
 k and waits: the synchronous phase, sample for sample (the same seeds, the same weights).
 
 Failure and shutdown: a sampler that raises sends its traceback, a sampler that dies is noticed
-within half a second (exit code in the error), and neither hangs the trainer; ``close`` (normal end
-or exception) stops the process, and the process kills itself when its parent dies (SIGKILL on
-parent death, e.g. after a SIGTERM), so nothing is left behind.
+within half a second (exit code in the error), a sampler that is alive but gives no batch within
+``rollout.timeout`` is a ``TimeoutError``, and none of them hangs the trainer. ``close`` (normal end,
+exception or preemption) stops the process at once, without waiting for batches in flight or queued
+(nothing needs them: a resumed phase re-creates them from their seeds). The process ignores SIGTERM
+and SIGINT (a job-wide preemption signal is the trainer's, which finishes its batch with the
+sampler's help) and is killed by the kernel when the trainer dies, however it dies, even while it
+starts (``rollout.sampler_process``), so nothing is left behind.
 """
 
 from __future__ import annotations
 
-import ctypes
+import atexit
 import logging
 import os
 import queue
-import signal
 import time
-import traceback
 import weakref
 from collections import deque
 from dataclasses import dataclass
@@ -45,11 +47,14 @@ import torch.multiprocessing as mp
 
 from rloop_lightning.policy import Policy
 from rloop_lightning.rollout.base import RolloutEngine, Rollouts, SamplingParams
+from rloop_lightning.rollout.sampler_process import STOP_SIGNAL, sampler_main
 from rloop_lightning.rollout.staleness import RolloutSettings, available_cores, may_submit, split_cores
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5
+STOP_GRACE_SECONDS = 10.0
+"""How long ``close`` lets a stopped sampler close its engine (vLLM) before it kills it."""
 
 
 @dataclass
@@ -77,59 +82,6 @@ def pushed_parameters(policy: Policy) -> list[tuple[str, torch.Tensor]]:
     """The parameters the trainer changes: all under full fine-tuning, only the adapter's under LoRA."""
     return [(name, parameter) for name, parameter in policy.require_model().named_parameters()
             if parameter.requires_grad]
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (however it dies)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def _load_newest(policy: Policy, weights: dict, lock, version, loaded: int) -> int:
-    with lock:
-        newest = version.value
-        if newest != loaded:
-            parameters = dict(policy.require_model().named_parameters())
-            with torch.no_grad():
-                for name, tensor in weights.items():
-                    parameters[name].copy_(tensor)
-    return newest
-
-
-def sampler_main(arguments: dict, engine: RolloutEngine, sampling: SamplingParams, weights: dict, lock, version,
-                 requests, results, cores: list[int], device: str = "cpu") -> None:
-    """The sampler process: load the policy, then sample each request with the newest weights."""
-    _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the trainer, which closes this process
-    try:
-        os.sched_setaffinity(0, cores)
-        torch.set_num_threads(len(cores))
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
-        if device.startswith("cuda:"):  # this process sees that GPU alone (CUDA is not initialised yet here)
-            os.environ["CUDA_VISIBLE_DEVICES"] = device[5:]
-        policy = Policy(**arguments)
-        policy.load_model()
-        if device != "cpu":
-            policy.model.to("cuda:0")
-        loaded = -1
-        while True:
-            request = requests.get()
-            if request is None:  # stop; results nobody will read (batches beyond the last step) must not
-                results.cancel_join_thread()  # hold the exit until the trainer reads them
-                break
-            newest = _load_newest(policy, weights, lock, version, loaded)
-            if newest != loaded:
-                engine.sync_weights(policy)  # vLLM: reload (or the adapter); Hugging Face: its model is the policy's
-                loaded = newest
-            started = time.perf_counter()
-            rollouts = engine.generate(policy, request.prompts, request.num_samples, sampling, seed=request.seed)
-            results.put(("done", request.id, loaded, rollouts, time.perf_counter() - started))
-    except BaseException:  # noqa: BLE001 - the trainer raises it with this traceback
-        results.put(("error", None, traceback.format_exc()))
-    finally:
-        engine.close()
 
 
 class AsyncSampler:
@@ -175,14 +127,16 @@ class AsyncSampler:
         self._version = context.Value("q", -1, lock=False)
         self._requests = context.Queue()
         self._results = context.Queue()
+        self._requests.put((policy_arguments(policy), self.engine, self.sampling, self._weights))  # its set-up, first
         self.push(policy, step)
         self.next_step = step
-        self.process = context.Process(
+        self.process = context.Process(  # light arguments only: the process binds to this one before heavy imports
             target=sampler_main, name="rloop-sampler", daemon=True,
-            args=(policy_arguments(policy), self.engine, self.sampling, self._weights, self._lock, self._version,
-                  self._requests, self._results, self.sampler_cores, self.settings.sampler_device))
+            args=(os.getpid(), self._lock, self._version, self._requests, self._results, self.sampler_cores,
+                  self.settings.sampler_device))
         self.process.start()
         self._finalizer = weakref.finalize(self, _stop, self.process, self._requests)
+        atexit.register(self._finalizer)  # before multiprocessing's exit handler, whose SIGTERM the sampler ignores
         if hasattr(os, "sched_setaffinity"):
             self._saved_affinity = os.sched_getaffinity(0)
             os.sched_setaffinity(0, self.trainer_cores)
@@ -212,6 +166,7 @@ class AsyncSampler:
             self._loader = None
         if self._finalizer is not None:
             self._finalizer()
+            atexit.unregister(self._finalizer)
             self._finalizer = None
         if self._saved_affinity is not None:
             os.sched_setaffinity(0, self._saved_affinity)
@@ -279,8 +234,10 @@ class AsyncSampler:
                                        f"{self.process.exitcode} while the trainer waited for the batch of step "
                                        f"{request.step}; its own output above says why") from None
                 if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"the rollout sampler gave no batch for step {request.step} within "
-                                       f"rollout.timeout={self.settings.timeout} s")
+                    raise TimeoutError(f"the rollout sampler process (pid {self.process.pid}) is alive but gave no "
+                                       f"batch for step {request.step} within rollout.timeout = "
+                                       f"{self.settings.timeout:g} s; raise rollout.timeout if its batches (or its "
+                                       "engine's start) really take that long")
                 continue
             if message[0] == "error":
                 raise RuntimeError(f"the rollout sampler process failed:\n{message[2]}")
@@ -296,16 +253,14 @@ def _ids(problems: list[dict]) -> list:
 
 
 def _stop(process, requests) -> None:
-    """End the sampler process: ask, then terminate, then kill; reap it."""
+    """End the sampler process at once, even mid-batch: ``STOP_SIGNAL`` (it closes its engine), then SIGKILL
+    after ``STOP_GRACE_SECONDS``; reap it. (SIGTERM would not do: the sampler ignores it.)"""
     if process.is_alive():
         try:
-            requests.put(None)
-        except (OSError, ValueError):
+            os.kill(process.pid, STOP_SIGNAL)
+        except ProcessLookupError:
             pass
-        process.join(timeout=30)
-    if process.is_alive():
-        process.terminate()
-        process.join(timeout=10)
+        process.join(timeout=STOP_GRACE_SECONDS)
     if process.is_alive():
         process.kill()
         process.join()

@@ -17,6 +17,9 @@ import os
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+DEFAULT_TIMEOUT_SECONDS = 1800.0
+"""``rollout.timeout``'s default: 30 minutes, ``torch.distributed``'s default timeout (``timedelta(minutes=30)``)."""
+
 
 @dataclass
 class RolloutSettings:
@@ -43,9 +46,12 @@ class RolloutSettings:
     """Async: the device of the sampler's policy and engine: ``cpu``, or ``cuda:N`` (the sampler process
     then sees GPU N alone, as its ``cuda:0``; give the trainer other GPUs with CUDA_VISIBLE_DEVICES /
     ``trainer.devices`` for a disaggregated set-up, or the same GPU to share it)."""
-    timeout: Optional[float] = None
-    """Async: seconds the trainer waits for one batch (vLLM's start included) before it gives up
-    with an error; ``None`` waits as long as the sampler process lives."""
+    timeout: Optional[float] = DEFAULT_TIMEOUT_SECONDS
+    """Async: seconds the trainer waits for one batch (the sampler's start, vLLM's included, counts
+    toward the first) before it stops with a ``TimeoutError`` naming this setting. Default 1800:
+    ``torch.distributed``'s own default for one process waiting on another, so that a sampler that is
+    alive but stuck ends the phase in bounded time; raise it for batches that really take longer.
+    ``null`` waits as long as the sampler process lives (a dead one is noticed within half a second)."""
 
     def __post_init__(self):
         if self.mode not in ("sync", "async"):
