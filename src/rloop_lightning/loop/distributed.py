@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
+
+from rloop_lightning.child_processes import end_with_parent
 
 log = logging.getLogger(__name__)
 MAIN_PID_ENV = "RLOOP_MAIN_PID"  # set by the main process for the ranks Lightning's launcher starts
@@ -128,19 +129,3 @@ def rendezvous_timeout_message(rank: int, world_size: int, waited: float, timeou
             f"within distributed_timeout = {timeout_seconds:g} s. Raise distributed_timeout (e.g. "
             f"--distributed_timeout {max(2 * timeout_seconds, DEFAULT_TIMEOUT_SECONDS):g}) if the main process needs "
             "longer, or see the main process's log for why it did not join.")
-
-
-def end_with_parent(parent: int) -> None:
-    """Have the kernel SIGKILL this process when ``parent`` (the main process that launched it) dies,
-    however it dies (SIGKILL included): a rank left running would hold its GPU and wait in collectives,
-    outside the run lock. Exits at once when ``parent`` is gone already. Linux only
-    (``prctl(PR_SET_PDEATHSIG)``); a no-op elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before the request took effect
-        log.error("the main process %d is gone: rank exits", parent)
-        os._exit(1)
