@@ -40,6 +40,27 @@ class PolicyBatch:
         return PolicyBatch(self.input_ids.to(device), self.attention_mask.to(device),
                            self.completion_mask.to(device), self.prompt_length)
 
+    def lengths(self) -> tuple[list[int], list[int]]:
+        """(prompt tokens, completion tokens) of each row."""
+        prompt, completion = self.attention_mask[:, :self.prompt_length], self.attention_mask[:, self.prompt_length:]
+        return prompt.sum(1).tolist(), completion.sum(1).tolist()
+
+    def trimmed(self) -> "PolicyBatch":
+        """The same rows without the columns that are padding in every row (the prompt's left, the
+        completion's right); positions count from each row's first real token, so they are unchanged."""
+        prompt_lengths, completion_lengths = self.lengths()
+        cut = self.prompt_length - max(prompt_lengths, default=0)
+        keep = self.prompt_length + max(completion_lengths, default=0)
+        return PolicyBatch(self.input_ids[:, cut:keep], self.attention_mask[:, cut:keep],
+                           self.completion_mask[:, :keep - self.prompt_length], self.prompt_length - cut)
+
+
+def widen(values: Optional[Tensor], width: int) -> Optional[Tensor]:
+    """Per-completion-token ``values`` [N, C'] padded with zeros on the right to [N, width]."""
+    if values is None or values.shape[-1] == width:
+        return values
+    return torch.nn.functional.pad(values, (0, width - values.shape[-1]))
+
 
 def pad(rows: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tuple[Tensor, Tensor]:
     """Token rows padded to one width on ``side`` (``left`` or ``right``): (ids, attention mask)."""
