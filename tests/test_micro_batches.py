@@ -3,12 +3,15 @@ equal to the fixed-count path's for every loss type."""
 
 from __future__ import annotations
 
+import os
+import socket
+from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from rloop_lightning import micro_batches
+from rloop_lightning import micro_batches, tiny
 from rloop_lightning.forwards import PolicyBatch
 from rloop_lightning.grpo import GRPOModule, ImportanceSettings, LossSettings, OverlongSettings
 from rloop_lightning.grpo.groups import Group
@@ -74,11 +77,14 @@ class CapturingSGD(torch.optim.SGD):
         return super().step(closure)
 
 
-def hand_groups(policy: Policy) -> list[Group]:
+LONG_TAILED = (("1 2 -> 3", [12, 2, 1, 3]), ("a longer prompt 7 8", [4, 2, 9, 1]))
+
+
+def hand_groups(policy: Policy, layout=LONG_TAILED) -> list[Group]:
     """Two prompts of different lengths, 4 completions each, long-tailed lengths (1 to 12, one truncated)."""
     generator = torch.Generator().manual_seed(0)
     groups = []
-    for prompt, lengths in (("1 2 -> 3", [12, 2, 1, 3]), ("a longer prompt 7 8", [4, 2, 9, 1])):
+    for prompt, lengths in layout:
         completions = [torch.randint(5, 60, (n,), generator=generator).tolist() for n in lengths]
         groups.append(Group(
             problem={"id": prompt, "prompt": prompt}, prompt_ids=policy.encode_prompts([prompt])[0],
@@ -102,12 +108,19 @@ CASES = {  # every loss type; shared prompts, LoRA, chunks, top-k/top-p truncati
 }
 
 
-def update(case: dict, micro_batch_tokens):
-    """Gradients of each optimizer step, the old-policy and reference log-probs of one GRPO update."""
+def update(case: dict, micro_batch_tokens, world_size: int = 1, layout=LONG_TAILED):
+    """Gradients of each optimizer step, the old-policy and reference log-probs of one GRPO update
+    (``world_size`` 2: the model sharded with FSDP2 over the process group)."""
     case = dict(case)
     lora = LoraSettings(r=4, alpha=8) if case.pop("lora", False) else None
     policy = Policy("rloop/micro-llama", logprob_chunk_size=case.pop("logprob_chunk_size", 512), lora=lora)
     policy.load_model()
+    if world_size > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from rloop_lightning.strategies import shard_with_fsdp2
+
+        shard_with_fsdp2(policy.model, init_device_mesh("cpu", (world_size,)))
     if lora is not None:  # zero-initialised B would give A no gradient
         torch.manual_seed(1)
         for name, parameter in policy.named_parameters():
@@ -117,10 +130,10 @@ def update(case: dict, micro_batch_tokens):
     module = GRPOModule(policy, num_generations=4, micro_batch_size=2, micro_batch_tokens=micro_batch_tokens,
                         max_grad_norm=0.0, reward_functions=[len], **case)
     optimizer = CapturingSGD([p for p in policy.parameters() if p.requires_grad])
-    module.trainer = SimpleNamespace(world_size=1)  # what the update reads of its Trainer
+    module.trainer = SimpleNamespace(world_size=world_size)  # what the update reads of its Trainer
     module.optimizers, module.lr_schedulers = lambda: optimizer, lambda: None
     module.manual_backward = lambda loss: loss.backward()
-    groups = hand_groups(policy)
+    groups = hand_groups(policy, layout)
     batch = policy.make_batch([g.prompt_ids for g in groups for _ in g.completion_ids],
                               [ids for g in groups for ids in g.completion_ids])
     old = module._logprobs_without_grad(batch)
@@ -157,3 +170,56 @@ def test_a_budget_below_the_longest_prompt_and_completion_is_refused_before_the_
         fit(module, make_data(), steps=1)
     with pytest.raises(ValueError, match="micro_batch_tokens must be >= 1, got 0"):
         make_module(micro_batch_tokens=0)
+
+
+# --------------------------------------------------------------------------- 2 ranks (FSDP2, gloo)
+
+EVEN = (("1 2 -> 3", [2, 2, 2, 2]), ("a longer prompt 7 8", [2, 2, 2, 2]))
+
+
+def two_rank_worker(rank: int, port: int, output: str) -> None:
+    """Rank 0 holds even short completions, rank 1 long-tailed ones: under a token budget they cut different
+    numbers of micro-batches, and FSDP2 all-gathers in every forward, so the ranks must agree on a count."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=30))  # a hang fails
+    try:
+        torch.set_num_threads(1)
+        case = dict(loss=LossSettings(aggregation="token_mean"), num_iterations=2)
+        layout = EVEN if rank == 0 else LONG_TAILED
+        results = {}
+        for budget in (None, 40):
+            gradients, old, _, mask = update(case, budget, world_size=2, layout=layout)
+            local = [[g.to_local() for g in step] for step in gradients]  # this rank's shards, plain tensors
+            results[budget] = (local, old, None, mask)
+        policy = Policy("rloop/micro-llama")
+        batch = policy.make_batch([g.prompt_ids for g in hand_groups(policy, layout) for _ in range(4)],
+                                  [ids for g in hand_groups(policy, layout) for ids in g.completion_ids])
+        results["micro_batches"] = len(micro_batches.by_tokens(*batch.lengths(), 40))
+        torch.save(results, f"{output}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ranks_with_unequal_lengths_run_as_many_micro_batches_and_keep_the_gradients(tmp_path):
+    tiny.materialize("rloop/micro-llama")  # once, before two processes would build it at the same time
+    torch.multiprocessing.spawn(two_rank_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    assert ranks[0]["micro_batches"] < ranks[1]["micro_batches"]  # rank 0 pads with filler micro-batches
+    for results in ranks:
+        fixed, by_tokens = results[None], results[40]
+        mask = fixed[3]
+        torch.testing.assert_close(by_tokens[1][mask], fixed[1][mask], atol=1e-5, rtol=0)
+        assert len(fixed[0]) == len(by_tokens[0]) == 2
+        for step_fixed, step_tokens in zip(fixed[0], by_tokens[0]):
+            assert any(g.abs().max() > 1e-4 for g in step_fixed)
+            for expected, actual in zip(step_fixed, step_tokens):
+                torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-4)
