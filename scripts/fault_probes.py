@@ -4,7 +4,8 @@ The probes are the fault tests themselves (tests/test_reward_faults.py, tests/te
 crash/resume test of tests/test_loop.py, and the second round's tests/test_preemption.py,
 tests/test_checks.py, tests/test_data_errors.py, tests/test_resume_verify.py and
 tests/test_command_inputs.py; from the third, tests/test_base_identity.py, tests/test_grpo.py,
-tests/test_truncation.py, tests/test_reproduce_tiny.py and tests/test_agreement.py too): each asserts
+tests/test_truncation.py, tests/test_reproduce_tiny.py and tests/test_agreement.py too; from the
+fourth, tests/test_micro_batches.py): each asserts
 one fault's intended outcome, so a passing test means
 that outcome, a failing one a regression, and one that runs past its time limit a hang.
 They run in one pytest process under pytest-timeout, the whole run under a wall-clock limit too.
@@ -232,6 +233,14 @@ PROBES = [
     Probe("a reward exits on rank 1 of 2", "clear error: RewardFunctionExit on every rank",
           "tests/test_agreement.py::test_a_reward_that_exits_on_one_rank_stops_every_rank_with_its_named_error",
           slow=True),
+    Probe("micro_batch_tokens below the longest prompt + max_new_tokens", "clear error naming micro_batch_tokens, "
+          "before the model loads",
+          "tests/test_micro_batches.py::test_a_budget_below_the_longest_prompt_and_completion_is_refused_before_the_"
+          "model_loads"),
+    Probe("FSDP2, token budget: ranks cut different numbers of micro-batches (2 ranks)",
+          "handled: as many micro-batches on every rank, the same gradients",
+          "tests/test_micro_batches.py::test_ranks_with_unequal_lengths_run_as_many_micro_batches_and_keep_the_"
+          "gradients"),
 ]
 
 

@@ -34,6 +34,21 @@ def test_rows_are_taken_longest_first_while_the_padded_size_fits():
     assert micro_batches.padding_fraction(prompts, completions, [[0], [2, 3], [4, 1]]) == pytest.approx(1 - 36 / 40)
 
 
+def test_packed_micro_batches_count_real_tokens():
+    prompts, completions = [3, 3, 2, 3, 2], [9, 1, 6, 5, 2]  # totals 12, 4, 8, 8, 4; order 0, 2, 3, 4, 1
+    # [0] 12; + 2: 20; + 3: 28 > 20, new. [3] 8; + 4: 12; + 1: 16.
+    assert micro_batches.by_tokens(prompts, completions, 20, packed=True) == [[0, 2], [3, 4, 1]]
+
+
+def test_packing_with_an_attention_that_cannot_keep_sequences_apart_is_refused_naming_the_setting():
+    with pytest.raises(ValueError, match=r"policy.packing needs an attention implementation .* "
+                                         r"policy.attn_implementation='sdpa_paged' cannot"):
+        Policy("rloop/micro-llama", packing=True, attn_implementation="sdpa_paged")
+    with pytest.raises(ValueError, match="policy.packing with policy.trust_remote_code"):
+        Policy("rloop/micro-llama", packing=True, trust_remote_code=True)
+    assert Policy("rloop/micro-llama", attn_implementation="sdpa_paged").model is None  # without packing: fine
+
+
 def test_fixed_counts_and_filler_micro_batches():
     assert micro_batches.by_count(5, 2) == [[0, 1], [2, 3], [4]]
     assert micro_batches.plan([1] * 5, [1] * 5, 2, None) == [[0, 1], [2, 3], [4]]
@@ -103,6 +118,8 @@ CASES = {  # every loss type; shared prompts, LoRA, chunks, top-k/top-p truncati
     "dr_grpo": dict(loss=LossSettings(aggregation="seq_mean_token_sum_norm"), share_prompts=False,
                     logprob_chunk_size=None, num_iterations=2,
                     sampling=SamplingParams(max_new_tokens=12, top_p=0.9, temperature=0.8)),
+    "dapo_packed": dict(loss=LossSettings(aggregation="token_mean", kl_coef=0.1), packing=True, num_iterations=2,
+                        sampling=SamplingParams(max_new_tokens=12, top_k=20)),
     "gspo_importance": dict(loss=LossSettings(ratio_level="sequence", aggregation="seq_mean_token_mean"),
                             importance=ImportanceSettings(enabled=True), num_mini_batches=2),
 }
@@ -113,7 +130,9 @@ def update(case: dict, micro_batch_tokens, world_size: int = 1, layout=LONG_TAIL
     (``world_size`` 2: the model sharded with FSDP2 over the process group)."""
     case = dict(case)
     lora = LoraSettings(r=4, alpha=8) if case.pop("lora", False) else None
-    policy = Policy("rloop/micro-llama", logprob_chunk_size=case.pop("logprob_chunk_size", 512), lora=lora)
+    packing = case.pop("packing", False) and micro_batch_tokens is not None  # the fixed-count arm pads
+    policy = Policy("rloop/micro-llama", logprob_chunk_size=case.pop("logprob_chunk_size", 512), lora=lora,
+                    packing=packing)
     policy.load_model()
     if world_size > 1:
         from torch.distributed.device_mesh import init_device_mesh

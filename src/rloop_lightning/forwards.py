@@ -132,6 +132,42 @@ def shared_prompt_logits(model: nn.Module, batch: PolicyBatch, force: bool = Fal
     return torch.cat([prompt_output.logits[inverse], rest.logits[:, :-1]], dim=1)
 
 
+# attention implementations that build their mask with transformers' masking utilities (or run varlen
+# kernels), which keep sequences apart by position ids restarting at 0 when no attention mask is given
+PACKING_ATTENTION = (None, "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+def check_packing(packing: bool, attn_implementation: Optional[str], trust_remote_code: bool) -> None:
+    """``ValueError`` naming ``policy.packing`` when the attention cannot keep packed sequences apart."""
+    if not packing:
+        return
+    if attn_implementation not in PACKING_ATTENTION:
+        raise ValueError(f"policy.packing needs an attention implementation that keeps packed sequences apart by "
+                         f"their position ids ({', '.join(map(str, PACKING_ATTENTION[1:]))}, or the default); "
+                         f"policy.attn_implementation={attn_implementation!r} cannot. Set policy.packing: false "
+                         "or one of those")
+    if trust_remote_code:
+        raise ValueError("policy.packing with policy.trust_remote_code: a model's own attention code may not keep "
+                         "packed sequences apart (only transformers' masking utilities are known to); set "
+                         "policy.packing: false")
+
+
+def packed_completion_outputs(model: nn.Module, batch: PolicyBatch) -> Tensor:
+    """Completion logits [N, C, V] (hidden states [N, C, H] inside ``head_returns_hidden_states``) from one
+    forward of every row's real tokens packed into one row: positions restart at 0 for each sequence and no
+    attention mask is given, so transformers masks attention to the sequence's own tokens (equal to the
+    padded forward's up to float rounding, at the cost of the real tokens only). Padding columns get the
+    outputs of some real token (masked by the caller)."""
+    real = batch.attention_mask.bool()  # [N, P + C]
+    flat = real.flatten().cumsum(0).view(real.shape) - 1  # [N, P + C] each real cell's place in the packed row
+    outputs = model(input_ids=batch.input_ids[real][None], position_ids=position_ids(batch.attention_mask)[real][None],
+                    attention_mask=None, use_cache=False).logits[0]  # [T, V]
+    # completion column t is predicted by the output at the column before it (the prompt's last for t = 0)
+    width = batch.completion_mask.shape[1]
+    before = flat[:, batch.prompt_length - 1:batch.prompt_length - 1 + width].clamp(min=0)  # [N, C]
+    return outputs[before]
+
+
 @contextmanager
 def head_returns_hidden_states(model: nn.Module) -> Iterator[Optional[nn.Module]]:
     """Within, ``model(...).logits`` are the final hidden states: the LM head is swapped for an identity.

@@ -5,7 +5,8 @@ Two ways to cut a batch of (prompt, completion) rows:
 * a fixed count (``micro_batch_size``): consecutive rows, ``size`` at a time; every micro-batch is as
   wide as the batch's longest row, so compute and memory follow the longest completion;
 * a token budget (``micro_batch_tokens``): rows sorted longest first and taken in that order while the
-  micro-batch's padded size stays within the budget. A micro-batch in generation layout
+  micro-batch's padded size stays within the budget (its real tokens when the policy packs its rows
+  into one row, ``policy.packing``). A micro-batch in generation layout
   (``[left-padded prompt | right-padded completion]``) with its all-padding columns cut runs on
   ``rows x (longest prompt + longest completion)`` positions (``padded_tokens``): that is the number
   the budget bounds, and it bounds the activation memory of a forward. Rows of similar length end up
@@ -49,8 +50,10 @@ def check_budget(max_tokens: int, longest: int, what: str) -> None:
                          f"least {longest}, or set it to null to cut micro-batches by micro_batch_size")
 
 
-def by_tokens(prompt_lengths: Sequence[int], completion_lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Row indices (into the given lengths) of micro-batches whose ``padded_tokens`` are at most ``max_tokens``.
+def by_tokens(prompt_lengths: Sequence[int], completion_lengths: Sequence[int], max_tokens: int,
+              packed: bool = False) -> list[list[int]]:
+    """Row indices (into the given lengths) of micro-batches whose ``padded_tokens`` (``packed``: real tokens, the
+    rows run packed into one row) are at most ``max_tokens``.
 
     Rows are sorted by total length, longest first (ties: longer completion first, then row order),
     and added to the current micro-batch while it stays within the budget; then a new one starts.
@@ -67,15 +70,16 @@ def by_tokens(prompt_lengths: Sequence[int], completion_lengths: Sequence[int], 
     order = sorted(range(len(totals)), key=lambda i: (-totals[i], -completion_lengths[i], i))
     batches: list[list[int]] = []
     current: list[int] = []
-    prompt_width = completion_width = 0
+    prompt_width = completion_width = real = 0
     for row in order:
         wider_prompt = max(prompt_width, prompt_lengths[row])
         wider_completion = max(completion_width, completion_lengths[row])
-        if current and (len(current) + 1) * (wider_prompt + wider_completion) > max_tokens:
+        cost = real + totals[row] if packed else (len(current) + 1) * (wider_prompt + wider_completion)
+        if current and cost > max_tokens:
             batches.append(current)
-            current, wider_prompt, wider_completion = [], prompt_lengths[row], completion_lengths[row]
+            current, wider_prompt, wider_completion, real = [], prompt_lengths[row], completion_lengths[row], 0
         current.append(row)
-        prompt_width, completion_width = wider_prompt, wider_completion
+        prompt_width, completion_width, real = wider_prompt, wider_completion, real + totals[row]
     batches.append(current)
     return batches
 
@@ -86,11 +90,11 @@ def by_count(num_rows: int, size: int) -> list[list[int]]:
 
 
 def plan(prompt_lengths: Sequence[int], completion_lengths: Sequence[int], size: int,
-         max_tokens: Optional[int]) -> list[list[int]]:
+         max_tokens: Optional[int], packed: bool = False) -> list[list[int]]:
     """The micro-batches of rows with these lengths: by ``max_tokens`` when it is set, else ``size`` at a time."""
     if max_tokens is None:
         return by_count(len(prompt_lengths), size)
-    return by_tokens(prompt_lengths, completion_lengths, max_tokens)
+    return by_tokens(prompt_lengths, completion_lengths, max_tokens, packed)
 
 
 def pad_to_count(batches: list[list[int]], count: int) -> list[list[int]]:
@@ -117,6 +121,8 @@ class MicroBatching:
     """Rows per micro-batch when ``max_tokens`` is None (``micro_batch_size``)."""
     max_tokens: Optional[int] = None
     """Token budget of a micro-batch (``micro_batch_tokens``), or None for fixed counts."""
+    packed: bool = False
+    """Whether the rows run packed into one row (``policy.packing``): the budget counts real tokens."""
 
     def split(self, batch: PolicyBatch, rows: Optional[Tensor] = None, agree: bool = False) -> list[Tensor]:
         """Row indices of ``rows``' micro-batches (default: all rows). ``agree`` (several ranks): under a token
@@ -124,7 +130,7 @@ class MicroBatching:
         rows = torch.arange(batch.input_ids.shape[0]) if rows is None else rows
         if self.max_tokens is None:
             return list(rows.split(self.size))
-        parts = plan(*batch.select(rows).lengths(), self.size, self.max_tokens)
+        parts = plan(*batch.select(rows).lengths(), self.size, self.max_tokens, self.packed)
         if agree:
             parts = pad_to_count(parts, int(max(values_of_ranks(len(parts)))))
         return [rows[torch.tensor(part, dtype=torch.long)] for part in parts]

@@ -162,7 +162,7 @@ class GRPOModule(PolicyModule):
         self.num_iterations = num_iterations
         self.num_mini_batches = num_mini_batches
         self.micro_batch_size = micro_batch_size
-        self.micro_batching = micro_batches.MicroBatching(micro_batch_size, micro_batch_tokens)
+        self.micro_batching = micro_batches.MicroBatching(micro_batch_size, micro_batch_tokens, policy.packing)
         self.max_grad_norm = max_grad_norm
         self.share_prompts = share_prompts
         self.reward_functions = reward_functions
