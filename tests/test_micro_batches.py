@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from datetime import timedelta
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
@@ -40,13 +41,16 @@ def test_packed_micro_batches_count_real_tokens():
     assert micro_batches.by_tokens(prompts, completions, 20, packed=True) == [[0, 2], [3, 4, 1]]
 
 
-def test_packing_with_an_attention_that_cannot_keep_sequences_apart_is_refused_naming_the_setting():
+def test_packing_with_an_attention_that_cannot_keep_sequences_apart_is_refused_naming_the_setting(monkeypatch):
     with pytest.raises(ValueError, match=r"policy.packing needs an attention implementation .* "
                                          r"policy.attn_implementation='sdpa_paged' cannot"):
         Policy("rloop/micro-llama", packing=True, attn_implementation="sdpa_paged")
     with pytest.raises(ValueError, match="policy.packing with policy.trust_remote_code"):
         Policy("rloop/micro-llama", packing=True, trust_remote_code=True)
     assert Policy("rloop/micro-llama", attn_implementation="sdpa_paged").model is None  # without packing: fine
+    monkeypatch.setitem(sys.modules, "transformers.masking_utils", ModuleType("masking_utils"))  # transformers < 4.54
+    with pytest.raises(ValueError, match="policy.packing needs transformers' packed-sequence masks"):
+        Policy("rloop/micro-llama", packing=True)
 
 
 def test_fixed_counts_and_filler_micro_batches():
@@ -208,10 +212,10 @@ def two_rank_worker(rank: int, port: int, output: str) -> None:
         case = dict(loss=LossSettings(aggregation="token_mean"), num_iterations=2)
         layout = EVEN if rank == 0 else LONG_TAILED
         results = {}
-        for budget in (None, 40):
-            gradients, old, _, mask = update(case, budget, world_size=2, layout=layout)
+        for arm, budget, packing in ((None, None, False), (40, 40, False), ("packed", 40, True)):
+            gradients, old, _, mask = update({**case, "packing": packing}, budget, world_size=2, layout=layout)
             local = [[g.to_local() for g in step] for step in gradients]  # this rank's shards, plain tensors
-            results[budget] = (local, old, None, mask)
+            results[arm] = (local, old, None, mask)
         policy = Policy("rloop/micro-llama")
         batch = policy.make_batch([g.prompt_ids for g in hand_groups(policy, layout) for _ in range(4)],
                                   [ids for g in hand_groups(policy, layout) for ids in g.completion_ids])
@@ -229,12 +233,13 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_ranks_with_unequal_lengths_run_as_many_micro_batches_and_keep_the_gradients(tmp_path):
+    """Fixed counts vs a token budget vs a packed token budget, on FSDP2 over 2 processes."""
     tiny.materialize("rloop/micro-llama")  # once, before two processes would build it at the same time
     torch.multiprocessing.spawn(two_rank_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
     assert ranks[0]["micro_batches"] < ranks[1]["micro_batches"]  # rank 0 pads with filler micro-batches
-    for results in ranks:
-        fixed, by_tokens = results[None], results[40]
+    for results, arm in ((results, arm) for results in ranks for arm in (40, "packed")):
+        fixed, by_tokens = results[None], results[arm]
         mask = fixed[3]
         torch.testing.assert_close(by_tokens[1][mask], fixed[1][mask], atol=1e-5, rtol=0)
         assert len(fixed[0]) == len(by_tokens[0]) == 2

@@ -146,6 +146,14 @@ def check_packing(packing: bool, attn_implementation: Optional[str], trust_remot
                          f"their position ids ({', '.join(map(str, PACKING_ATTENTION[1:]))}, or the default); "
                          f"policy.attn_implementation={attn_implementation!r} cannot. Set policy.packing: false "
                          "or one of those")
+    import transformers
+
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError:
+        raise ValueError(f"policy.packing needs transformers' packed-sequence masks (transformers >= 4.54); this is "
+                         f"transformers {transformers.__version__}, whose attention would cross the sequences. "
+                         "Upgrade transformers or set policy.packing: false") from None
     if trust_remote_code:
         raise ValueError("policy.packing with policy.trust_remote_code: a model's own attention code may not keep "
                          "packed sequences apart (only transformers' masking utilities are known to); set "
