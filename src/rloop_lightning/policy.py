@@ -30,10 +30,8 @@ from torch import Tensor, nn
 from rloop_lightning import tiny
 from rloop_lightning.algorithms.chunked_logprobs import chosen_token_logprobs, logprobs_from_logits
 from rloop_lightning.algorithms.truncation import TopKTies
-from rloop_lightning.forwards import (
-    PolicyBatch, check_packing, head_returns_hidden_states, pad, packed_completion_outputs, position_ids,
-    shared_prompt_logits,
-)
+from rloop_lightning.forwards import (PolicyBatch, check_packing, head_returns_hidden_states, pad,
+                                     packed_completion_outputs, position_ids, shared_prompt_logits)
 from rloop_lightning.strategies import forwards_in_lockstep
 
 log = logging.getLogger(__name__)
