@@ -382,17 +382,21 @@ class GRPOModule(PolicyModule):
         stats["train/advantage_abs_mean"] = float(advantages.abs().mean())
         return stats
 
+    @property
+    def _several_ranks(self) -> bool:  # the no-grad passes also run outside a Trainer (tests)
+        return self._trainer is not None and self.trainer.world_size > 1
+
     @torch.no_grad()
     def _logprobs_without_grad(self, batch: PolicyBatch) -> torch.Tensor:
         return self.micro_batching.logprobs(batch, lambda micro: self.policy.completion_logprobs(
             micro, temperature=self.sampling.temperature, share_prompts=self.share_prompts,
             top_k=self.sampling.top_k, top_p=self.sampling.top_p, top_k_ties=self.top_k_ties)[0],
-            self.trainer.world_size > 1)
+            self._several_ranks)
 
     @torch.no_grad()
     def _reference_logprobs(self, batch: PolicyBatch) -> torch.Tensor:
         return self.micro_batching.logprobs(batch, lambda micro: self.policy.reference_logprobs(
-            micro, self.sampling.temperature, share_prompts=self.share_prompts), self.trainer.world_size > 1)
+            micro, self.sampling.temperature, share_prompts=self.share_prompts), self._several_ranks)
 
     def _optimize(self, batch, mask, advantages, old_logprobs, ref_logprobs, sampler_logprobs=None) -> dict:
         optimizer = self.optimizers()
@@ -405,7 +409,7 @@ class GRPOModule(PolicyModule):
             for mini in order.chunk(self.num_mini_batches):
                 optimizer.zero_grad(set_to_none=True)
                 finite, nonfinite_ranks = True, []
-                for rows in self.micro_batching.split(batch, mini, self.trainer.world_size > 1):
+                for rows in self.micro_batching.split(batch, mini, self._several_ranks):
                     empty, rows = not len(rows), rows if len(rows) else mini[:1]  # empty: this rank's filler
                     logprobs, entropy = self.policy.completion_logprobs(
                         self.micro_batching.micro(batch, rows), with_entropy=True,
