@@ -70,9 +70,9 @@ def test_a_budget_below_the_longest_sequence_is_refused_naming_the_setting():
 
 
 def test_trimming_cuts_only_the_columns_that_are_padding_in_every_row():
-    # prompts left-padded to 4 columns, completions right-padded to 3; the rows' longest are 2 and 2
+    # prompts left-padded to 4 columns, completions right-padded to 3; the longest prompt and completion: 2 each
     ids = torch.tensor([[0, 0, 7, 8, 1, 2, 0], [0, 0, 0, 9, 3, 0, 0]])
-    attention = (torch.tensor([[0, 0, 1, 1, 1, 1, 0], [0, 0, 0, 1, 1, 0, 0]]))
+    attention = torch.tensor([[0, 0, 1, 1, 1, 1, 0], [0, 0, 0, 1, 1, 0, 0]])
     batch = PolicyBatch(ids, attention, attention[:, 4:], 4)
     trimmed = batch.trimmed()
     assert trimmed.prompt_length == 2 and batch.lengths() == ([2, 1], [2, 1])

@@ -124,6 +124,12 @@ class MicroBatching:
     packed: bool = False
     """Whether the rows run packed into one row (``policy.packing``): the budget counts real tokens."""
 
+    def check_prompts(self, prompt_lengths: Sequence[int], max_new_tokens: int) -> None:
+        """Before any model loads: the budget holds the longest prompt + ``max_new_tokens`` (``check_budget``)."""
+        if self.max_tokens is not None and prompt_lengths:
+            check_budget(self.max_tokens, max(prompt_lengths) + max_new_tokens,
+                         "the longest prompt + sampling.max_new_tokens")
+
     def split(self, batch: PolicyBatch, rows: Optional[Tensor] = None, agree: bool = False) -> list[Tensor]:
         """Row indices of ``rows``' micro-batches (default: all rows). ``agree`` (several ranks): under a token
         budget, as many micro-batches on every rank (one all-reduce), a rank with fewer ending with empty ones."""

@@ -249,9 +249,7 @@ class GRPOModule(PolicyModule):
         prompts = self.policy.encode_prompts([p["prompt"] for p in problems])
         self.engine.check_prompt_lengths(self.policy, prompts, self.sampling, self.policy.context_length,
                                          [p["id"] for p in problems])
-        if self.micro_batching.max_tokens is not None:
-            micro_batches.check_budget(self.micro_batching.max_tokens, max(map(len, prompts)) + self.sampling.max_new_tokens,
-                                       "the longest prompt + sampling.max_new_tokens")
+        self.micro_batching.check_prompts([len(ids) for ids in prompts], self.sampling.max_new_tokens)
         self.runner.check_problems(problems, chat_format(self.policy), trainer_state(self.trainer))
         log.info("GRPO set-up checked: %d prompts, reward functions %s", len(problems),
                  [function_name(f) for f in functions])
