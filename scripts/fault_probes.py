@@ -4,8 +4,9 @@ The probes are the fault tests themselves (tests/test_reward_faults.py, tests/te
 crash/resume test of tests/test_loop.py, and the second round's tests/test_preemption.py,
 tests/test_checks.py, tests/test_data_errors.py, tests/test_resume_verify.py and
 tests/test_command_inputs.py; from the third, tests/test_base_identity.py, tests/test_grpo.py,
-tests/test_truncation.py, tests/test_reproduce_tiny.py, tests/test_agreement.py and
-tests/test_async_rollouts.py too): each asserts one fault's intended outcome, so a passing test means
+tests/test_truncation.py, tests/test_reproduce_tiny.py, tests/test_agreement.py,
+tests/test_async_rollouts.py and tests/test_micro_batches.py too): each asserts one fault's intended
+outcome, so a passing test means
 that outcome, a failing one a regression, and one that runs past its time limit a hang.
 They run in one pytest process under pytest-timeout, the whole run under a wall-clock limit too.
 
@@ -242,6 +243,14 @@ PROBES = [
           "tests/test_async_rollouts.py::test_a_trainer_sigkilled_while_its_sampler_starts_leaves_no_sampler"),
     Probe("async sampler alive but stalled", "clear error naming rollout.timeout (default 1800 s), sampler stopped",
           "tests/test_async_rollouts.py::test_a_stalled_sampler_is_a_named_timeout_by_default_and_close_stops_it_at_once"),
+    Probe("micro_batch_tokens below the longest prompt + max_new_tokens", "clear error naming micro_batch_tokens, "
+          "before the model loads",
+          "tests/test_micro_batches.py::test_a_budget_below_the_longest_prompt_and_completion_is_refused_before_the_"
+          "model_loads"),
+    Probe("FSDP2, token budget: ranks cut different numbers of micro-batches (2 ranks)",
+          "handled: as many micro-batches on every rank, the same gradients",
+          "tests/test_micro_batches.py::test_ranks_with_unequal_lengths_run_as_many_micro_batches_and_keep_the_"
+          "gradients"),
 ]
 
 

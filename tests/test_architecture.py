@@ -17,7 +17,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "rloop_lightning"
 
 # A module may import from its own top-level package/module and from lower layers only.
 LAYERS = [
-    {"algorithms", "agreement", "forwards", "tiny_qwen", "prompt_stats", "records", "child_processes"},
+    {"algorithms", "agreement", "forwards", "micro_batches", "tiny_qwen", "prompt_stats", "records",
+     "child_processes"},
     {"tiny"},
     {"strategies", "rewards"},
     {"policy", "tasks"},

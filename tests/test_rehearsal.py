@@ -30,7 +30,7 @@ ALLOWED = {
     "kv_cache_gib", "enforce_eager", "enable_sleep_mode", "reward_workers",
     # sizes
     "max_steps", "max_epochs", "max_time", "every_n_train_steps", "every_n_steps", "num_samples", "ks", "limit",
-    "max_new_tokens", "num_generations", "batch_size", "micro_batch_size", "num_mini_batches",
+    "max_new_tokens", "num_generations", "batch_size", "micro_batch_size", "micro_batch_tokens", "num_mini_batches",
     "max_sampling_rounds", "buffer_length", "max_length", "iterations", "trainer.max_steps",
     # outputs, and the loop's phase fragments
     "default_root_dir", "run_dir", "output", "extra_configs",

@@ -40,6 +40,27 @@ class PolicyBatch:
         return PolicyBatch(self.input_ids.to(device), self.attention_mask.to(device),
                            self.completion_mask.to(device), self.prompt_length)
 
+    def lengths(self) -> tuple[list[int], list[int]]:
+        """(prompt tokens, completion tokens) of each row."""
+        prompt, completion = self.attention_mask[:, :self.prompt_length], self.attention_mask[:, self.prompt_length:]
+        return prompt.sum(1).tolist(), completion.sum(1).tolist()
+
+    def trimmed(self) -> "PolicyBatch":
+        """The same rows without the columns that are padding in every row (the prompt's left, the
+        completion's right); positions count from each row's first real token, so they are unchanged."""
+        prompt_lengths, completion_lengths = self.lengths()
+        cut = self.prompt_length - max(prompt_lengths, default=0)
+        keep = self.prompt_length + max(completion_lengths, default=0)
+        return PolicyBatch(self.input_ids[:, cut:keep], self.attention_mask[:, cut:keep],
+                           self.completion_mask[:, :keep - self.prompt_length], self.prompt_length - cut)
+
+
+def widen(values: Optional[Tensor], width: int) -> Optional[Tensor]:
+    """Per-completion-token ``values`` [N, C'] padded with zeros on the right to [N, width]."""
+    if values is None or values.shape[-1] == width:
+        return values
+    return torch.nn.functional.pad(values, (0, width - values.shape[-1]))
+
 
 def pad(rows: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tuple[Tensor, Tensor]:
     """Token rows padded to one width on ``side`` (``left`` or ``right``): (ids, attention mask)."""
@@ -109,6 +130,50 @@ def shared_prompt_logits(model: nn.Module, batch: PolicyBatch, force: bool = Fal
                  use_cache=True, logits_to_keep=batch.completion_mask.shape[1], **{cache_argument(model): cache})
     # the prompt's last position predicts the first completion token, completion position t token t + 1
     return torch.cat([prompt_output.logits[inverse], rest.logits[:, :-1]], dim=1)
+
+
+# attention implementations that build their mask with transformers' masking utilities (or run varlen
+# kernels), which keep sequences apart by position ids restarting at 0 when no attention mask is given
+PACKING_ATTENTION = (None, "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+def check_packing(packing: bool, attn_implementation: Optional[str], trust_remote_code: bool) -> None:
+    """``ValueError`` naming ``policy.packing`` when the attention cannot keep packed sequences apart."""
+    if not packing:
+        return
+    if attn_implementation not in PACKING_ATTENTION:
+        raise ValueError(f"policy.packing needs an attention implementation that keeps packed sequences apart by "
+                         f"their position ids ({', '.join(map(str, PACKING_ATTENTION[1:]))}, or the default); "
+                         f"policy.attn_implementation={attn_implementation!r} cannot. Set policy.packing: false "
+                         "or one of those")
+    import transformers
+
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError:
+        raise ValueError(f"policy.packing needs transformers' packed-sequence masks (transformers >= 4.54); this is "
+                         f"transformers {transformers.__version__}, whose attention would cross the sequences. "
+                         "Upgrade transformers or set policy.packing: false") from None
+    if trust_remote_code:
+        raise ValueError("policy.packing with policy.trust_remote_code: a model's own attention code may not keep "
+                         "packed sequences apart (only transformers' masking utilities are known to); set "
+                         "policy.packing: false")
+
+
+def packed_completion_outputs(model: nn.Module, batch: PolicyBatch) -> Tensor:
+    """Completion logits [N, C, V] (hidden states [N, C, H] inside ``head_returns_hidden_states``) from one
+    forward of every row's real tokens packed into one row: positions restart at 0 for each sequence and no
+    attention mask is given, so transformers masks attention to the sequence's own tokens (equal to the
+    padded forward's up to float rounding, at the cost of the real tokens only). Padding columns get the
+    outputs of some real token (masked by the caller)."""
+    real = batch.attention_mask.bool()  # [N, P + C]
+    flat = real.flatten().cumsum(0).view(real.shape) - 1  # [N, P + C] each real cell's place in the packed row
+    outputs = model(input_ids=batch.input_ids[real][None], position_ids=position_ids(batch.attention_mask)[real][None],
+                    attention_mask=None, use_cache=False).logits[0]  # [T, V]
+    # completion column t is predicted by the output at the column before it (the prompt's last for t = 0)
+    width = batch.completion_mask.shape[1]
+    before = flat[:, batch.prompt_length - 1:batch.prompt_length - 1 + width].clamp(min=0)  # [N, C]
+    return outputs[before]
 
 
 @contextmanager

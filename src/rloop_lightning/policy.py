@@ -30,9 +30,8 @@ from torch import Tensor, nn
 from rloop_lightning import tiny
 from rloop_lightning.algorithms.chunked_logprobs import chosen_token_logprobs, logprobs_from_logits
 from rloop_lightning.algorithms.truncation import TopKTies
-from rloop_lightning.forwards import (
-    PolicyBatch, head_returns_hidden_states, pad, position_ids, shared_prompt_logits,
-)
+from rloop_lightning.forwards import (PolicyBatch, check_packing, head_returns_hidden_states, pad,
+                                     packed_completion_outputs, position_ids, shared_prompt_logits)
 from rloop_lightning.strategies import forwards_in_lockstep
 
 log = logging.getLogger(__name__)
@@ -149,6 +148,8 @@ class Policy(nn.Module):
             152k vocabulary, ``benchmarks.update_memory``), not with batch x completion length x
             vocabulary (18 B each). ``None`` computes the full logits at once (the same numbers, up
             to float rounding).
+        packing: run a batch's sequences packed into one row, no padding (``forwards.packed_completion_outputs``;
+            instead of prompt sharing). Refused with an attention implementation not known to keep them apart.
     """
 
     def __init__(
@@ -165,11 +166,13 @@ class Policy(nn.Module):
         system_prompt: Optional[str] = None,
         attn_implementation: Optional[str] = None,
         logprob_chunk_size: Optional[int] = 512,
+        packing: bool = False,
     ):
         super().__init__()
         if logprob_chunk_size is not None and logprob_chunk_size <= 0:
             raise ValueError(f"policy.logprob_chunk_size must be a positive number of tokens (or null for the full "
                              f"logits at once), got {logprob_chunk_size}")
+        check_packing(packing, attn_implementation, trust_remote_code)
         if load_in_4bit and lora is None:
             raise ValueError("load_in_4bit=True (QLoRA) needs `lora` settings: 4-bit weights cannot be trained")
         if "{prompt}" not in prompt_template:
@@ -185,6 +188,7 @@ class Policy(nn.Module):
         self.system_prompt = system_prompt
         self.attn_implementation = attn_implementation
         self.logprob_chunk_size = logprob_chunk_size
+        self.packing = packing
         self.source = self._resolve_source(model_name_or_path)
         self.tokenizer = self._load_tokenizer()
         has_template = bool(getattr(self.tokenizer, "chat_template", None))
@@ -416,7 +420,9 @@ class Policy(nn.Module):
         share_prompts = share_prompts and not (self.gradient_checkpointing and model.training)
         chunked = head_returns_hidden_states(model) if self.logprob_chunk_size is not None else nullcontext()
         with chunked as head:
-            outputs = shared_prompt_logits(model, batch, force=forwards_in_lockstep(model)) if share_prompts else None
+            outputs = packed_completion_outputs(model, batch) if self.packing else None
+            if outputs is None and share_prompts:
+                outputs = shared_prompt_logits(model, batch, force=forwards_in_lockstep(model))
             if outputs is None:
                 outputs = model(
                     input_ids=batch.input_ids, attention_mask=batch.attention_mask,

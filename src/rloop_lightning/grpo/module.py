@@ -3,7 +3,8 @@
 One training step: sample G completions for each of the batch's prompts with the rollout engine,
 score them, keep informative groups (dynamic sampling, optional), compute group advantages, then
 ``num_iterations`` passes over the rollout batch, each split into ``num_mini_batches`` optimizer
-steps with gradient accumulation over ``micro_batch_size`` completions:
+steps with gradient accumulation over micro-batches of ``micro_batch_size`` completions, or of at
+most ``micro_batch_tokens`` padded tokens (``rloop_lightning.micro_batches``):
 
     loss = aggregate_t,i( -min(rho_it A_i, clip(rho_it, 1-eps_low, 1+eps_high) A_i) + beta KL_it )
 
@@ -27,6 +28,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from rloop_lightning import micro_batches
 from rloop_lightning.agreement import raise_together
 from rloop_lightning.algorithms import (
     DynamicSamplingBuffer, DynamicSamplingSignal, clipped_policy_loss, dynamic_sampling_signal, group_advantages,
@@ -38,7 +40,7 @@ from rloop_lightning.grpo.settings import (  # noqa: F401 - LossSettings & co. a
 )
 from rloop_lightning.grpo.groups import Group, ScoringStats, flatten_groups, score_groups, trainer_state, trajectories
 from rloop_lightning.grpo.step_metrics import step_metrics, step_sums
-from rloop_lightning.forwards import PolicyBatch
+from rloop_lightning.forwards import PolicyBatch, widen
 from rloop_lightning.policy import Policy, disable_dropout
 from rloop_lightning.policy_module import PolicyModule
 from rloop_lightning.prompt_stats import PromptStats
@@ -79,6 +81,10 @@ class GRPOModule(PolicyModule):
         num_iterations: mu, passes over each rollout batch.
         num_mini_batches: optimizer steps per pass.
         micro_batch_size: completions per forward/backward (gradient accumulation).
+        micro_batch_tokens: instead of ``micro_batch_size``, cut each mini-batch into micro-batches of at
+            most this many tokens (rows x the longest prompt + completion among them), rows sorted by length;
+            the same for the old-policy and reference passes. ``None``: fixed counts. At least the longest
+            prompt + ``max_new_tokens`` (checked before the model loads).
         max_grad_norm: gradient clipping; 0 disables it.
         share_prompts: run each distinct prompt of a micro-batch through the model once and the G
             completions on top of its KV cache (same log-probs and gradients, prompt cost / G).
@@ -112,6 +118,7 @@ class GRPOModule(PolicyModule):
         num_iterations: int = 1,
         num_mini_batches: int = 1,
         micro_batch_size: int = 64,
+        micro_batch_tokens: Optional[int] = None,
         max_grad_norm: float = 1.0,
         share_prompts: bool = True,
         reward_functions: Optional[list[Callable]] = None,
@@ -129,7 +136,8 @@ class GRPOModule(PolicyModule):
             raise ValueError(f"num_generations must be >= 2 (advantages are relative within a group), "
                              f"got {num_generations}")
         for name, value in (("num_iterations", num_iterations), ("num_mini_batches", num_mini_batches),
-                            ("micro_batch_size", micro_batch_size), ("max_sampling_rounds", max_sampling_rounds)):
+                            ("micro_batch_size", micro_batch_size), ("max_sampling_rounds", max_sampling_rounds),
+                            ("micro_batch_tokens", 1 if micro_batch_tokens is None else micro_batch_tokens)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         check_reward_settings(reward_workers, reward_timeout, max_bad_steps)
@@ -154,6 +162,7 @@ class GRPOModule(PolicyModule):
         self.num_iterations = num_iterations
         self.num_mini_batches = num_mini_batches
         self.micro_batch_size = micro_batch_size
+        self.micro_batching = micro_batches.MicroBatching(micro_batch_size, micro_batch_tokens, policy.packing)
         self.max_grad_norm = max_grad_norm
         self.share_prompts = share_prompts
         self.reward_functions = reward_functions
@@ -237,8 +246,10 @@ class GRPOModule(PolicyModule):
             raise ValueError(f"{datamodule.batch_size} prompts x {self.num_generations} generations = "
                              f"{completions} completions do not split into {self.num_mini_batches} mini-batches")
         problems = datamodule.problems
-        self.engine.check_prompt_lengths(self.policy, self.policy.encode_prompts([p["prompt"] for p in problems]),
-                                         self.sampling, self.policy.context_length, [p["id"] for p in problems])
+        prompts = self.policy.encode_prompts([p["prompt"] for p in problems])
+        self.engine.check_prompt_lengths(self.policy, prompts, self.sampling, self.policy.context_length,
+                                         [p["id"] for p in problems])
+        self.micro_batching.check_prompts([len(ids) for ids in prompts], self.sampling.max_new_tokens)
         self.runner.check_problems(problems, chat_format(self.policy), trainer_state(self.trainer))
         log.info("GRPO set-up checked: %d prompts, reward functions %s", len(problems),
                  [function_name(f) for f in functions])
@@ -369,23 +380,21 @@ class GRPOModule(PolicyModule):
         stats["train/advantage_abs_mean"] = float(advantages.abs().mean())
         return stats
 
+    @property
+    def _several_ranks(self) -> bool:  # the no-grad passes also run outside a Trainer (tests)
+        return self._trainer is not None and self.trainer.world_size > 1
+
     @torch.no_grad()
     def _logprobs_without_grad(self, batch: PolicyBatch) -> torch.Tensor:
-        chunks = [self.policy.completion_logprobs(batch.select(rows), temperature=self.sampling.temperature,
-                                                  share_prompts=self.share_prompts, top_k=self.sampling.top_k,
-                                                  top_p=self.sampling.top_p, top_k_ties=self.top_k_ties)[0]
-                  for rows in self._chunks(batch)]
-        return torch.cat(chunks)
+        return self.micro_batching.logprobs(batch, lambda micro: self.policy.completion_logprobs(
+            micro, temperature=self.sampling.temperature, share_prompts=self.share_prompts,
+            top_k=self.sampling.top_k, top_p=self.sampling.top_p, top_k_ties=self.top_k_ties)[0],
+            self._several_ranks)
 
     @torch.no_grad()
     def _reference_logprobs(self, batch: PolicyBatch) -> torch.Tensor:
-        return torch.cat([self.policy.reference_logprobs(batch.select(rows), self.sampling.temperature,
-                                                         share_prompts=self.share_prompts)
-                          for rows in self._chunks(batch)])
-
-    def _chunks(self, batch: PolicyBatch, rows: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
-        rows = torch.arange(batch.input_ids.shape[0]) if rows is None else rows
-        return list(rows.split(self.micro_batch_size))
+        return self.micro_batching.logprobs(batch, lambda micro: self.policy.reference_logprobs(
+            micro, self.sampling.temperature, share_prompts=self.share_prompts), self._several_ranks)
 
     def _optimize(self, batch, mask, advantages, old_logprobs, ref_logprobs, sampler_logprobs=None) -> dict:
         optimizer = self.optimizers()
@@ -398,12 +407,13 @@ class GRPOModule(PolicyModule):
             for mini in order.chunk(self.num_mini_batches):
                 optimizer.zero_grad(set_to_none=True)
                 finite, nonfinite_ranks = True, []
-                for rows in self._chunks(batch, mini):
-                    micro = batch.select(rows)
+                for rows in self.micro_batching.split(batch, mini, self._several_ranks):
+                    empty, rows = not len(rows), rows if len(rows) else mini[:1]  # empty: this rank's filler
                     logprobs, entropy = self.policy.completion_logprobs(
-                        micro, with_entropy=True, temperature=self.sampling.temperature,
-                        share_prompts=self.share_prompts, top_k=self.sampling.top_k, top_p=self.sampling.top_p,
-                        top_k_ties=self.top_k_ties)
+                        self.micro_batching.micro(batch, rows), with_entropy=True,
+                        temperature=self.sampling.temperature, share_prompts=self.share_prompts,
+                        top_k=self.sampling.top_k, top_p=self.sampling.top_p, top_k_ties=self.top_k_ties)
+                    logprobs, entropy = widen(logprobs, mask.shape[1]), widen(entropy, mask.shape[1])
                     micro_mask = mask[rows]
                     old = old_logprobs[rows] if old_logprobs is not None else logprobs.detach()
                     kl = (kl_penalty(logprobs, ref_logprobs[rows], settings.kl_estimator)
@@ -420,7 +430,10 @@ class GRPOModule(PolicyModule):
                     if nonfinite_ranks:  # every rank leaves before backward (DDP's backward all-reduces)
                         finite = False
                         break
-                    self.manual_backward(out.loss * micro_batch_weight(settings.aggregation, micro_mask, mask[mini]))
+                    weight = 0.0 if empty else micro_batch_weight(settings.aggregation, micro_mask, mask[mini])
+                    self.manual_backward(out.loss * weight)
+                    if empty:
+                        continue
                     stats = {f"train/{k}": float(v) for k, v in out.stats().items()}
                     stats.update({f"importance/{k}": float(v) for k, v in importance_stats.items()})
                     if sampler_logprobs is not None:  # KL(sampler || trainer), k3 over the sampled tokens
