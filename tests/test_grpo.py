@@ -56,6 +56,29 @@ def fit(module, data, steps: int, callbacks=()):
     return trainer
 
 
+def sgd(params):
+    """SGD for tests that compare weights: Adam scales float-rounding noise in near-zero gradients up to full steps."""
+    return torch.optim.SGD(params, lr=0.5)
+
+
+def assert_same_weights(*variants: dict) -> None:
+    """Two batches of GRPO steps from the same seed for each variant of ``make_module``'s settings (SGD unless
+    a variant says otherwise): the weights moved, and every variant ends where the first does."""
+    weights = []
+    for overrides in variants:
+        module = make_module(**{"optimizer": sgd, **overrides})
+        module.policy.load_model()
+        torch.manual_seed(0)  # after loading: the first load builds the cached model from the global RNG
+        initial = [p.detach().clone() for p in module.policy.parameters()]
+        fit(module, make_data(), steps=2 * module.num_iterations * module.num_mini_batches)
+        weights.append([p.detach().clone() for p in module.policy.parameters()])
+    moved = max(float((after - before).abs().max()) for after, before in zip(weights[0], initial))
+    assert moved > 1e-3
+    for variant in weights[1:]:
+        for reference, other in zip(weights[0], variant):
+            torch.testing.assert_close(other, reference, atol=2e-5, rtol=0)
+
+
 def test_grpo_raises_the_reward():
     torch.manual_seed(0)
     recorder = Recorder()
@@ -77,21 +100,8 @@ def test_one_step_changes_every_trainable_parameter():
 @pytest.mark.parametrize("settings", [{}, {"num_iterations": 2, "num_mini_batches": 2, "micro_batch_size": 8,
                                            "loss": LossSettings(kl_coef=0.1)}])
 def test_shared_prompts_take_the_same_steps_as_the_plain_forward(settings):
-    """Prompt sharing changes the cost, not the update: the same seed gives the same weights.
-    SGD, because Adam scales float-rounding noise in near-zero gradients up to full steps."""
-    weights = []
-    for share_prompts in (False, True):
-        module = make_module(share_prompts=share_prompts, optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
-                             **settings)
-        module.policy.load_model()
-        torch.manual_seed(0)  # after loading: the first load builds the cached model from the global RNG
-        initial = [p.detach().clone() for p in module.policy.parameters()]
-        fit(module, make_data(), steps=2 * module.num_iterations * module.num_mini_batches)
-        weights.append([p.detach().clone() for p in module.policy.parameters()])
-    moved = max(float((after - before).abs().max()) for after, before in zip(weights[0], initial))
-    assert moved > 1e-3
-    for plain, shared in zip(*weights):
-        torch.testing.assert_close(shared, plain, atol=2e-5, rtol=0)
+    """Prompt sharing changes the cost, not the update: the same seed gives the same weights."""
+    assert_same_weights(*({"share_prompts": share_prompts, **settings} for share_prompts in (False, True)))
 
 
 def test_several_iterations_and_mini_batches_take_that_many_optimizer_steps():
