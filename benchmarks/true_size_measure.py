@@ -1,0 +1,281 @@
+"""The measuring half of ``benchmarks.true_size``: runs in the child process, and turns its numbers into tables.
+
+``measure`` loads the policy as the recipe sets it, then measures each phase's peak growth with a
+``Meter`` (peak RSS on the CPU, ``torch.cuda`` peak statistics on CUDA); ``tables`` fits the update's
+line in the micro-batch and the rollout's plane in (batch, new tokens) and prints them next to what
+``docs/scale_out.md`` computes.
+"""
+
+from __future__ import annotations
+
+import time
+
+from benchmarks import harness
+from benchmarks.rollout_memory import reset_peak_rss, rss_kib
+
+FILLER = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+          "How many clips did Natalia sell altogether in April and May? ").split()
+MIB = 2**20
+
+
+class Meter:
+    """Peak memory growth of one phase on the device present: RSS on the CPU, allocated/reserved on CUDA."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.before = 0
+
+    def now(self) -> int:
+        import torch
+
+        return torch.cuda.memory_allocated() if self.cuda else rss_kib("VmRSS") * 1024
+
+    def reset(self) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            reset_peak_rss()
+        self.before = self.now()
+
+    def peak_growth(self) -> dict:
+        """Bytes above the level at ``reset``: peak, and (CUDA) the allocator's reserved peak."""
+        import torch
+
+        if not self.cuda:
+            return {"peak": rss_kib("VmHWM") * 1024 - self.before, "after": self.now() - self.before}
+        torch.cuda.synchronize()
+        return {"peak": torch.cuda.max_memory_allocated() - self.before, "after": self.now() - self.before,
+                "reserved_peak": torch.cuda.max_memory_reserved()}
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def weight_inventory(model) -> dict:
+    """Bytes of the loaded weights by kind: 4-bit linears (with their quantisation constants), the
+    other base weights (embeddings, norms), the adapter."""
+    linears = other = adapter = 0
+    for name, parameter in model.named_parameters():
+        size = tensor_bytes([parameter])
+        state = getattr(parameter, "quant_state", None)
+        if state is not None:
+            nested = getattr(state, "state2", None)
+            size += tensor_bytes([t for t in (state.absmax, state.code, getattr(nested, "absmax", None),
+                                              getattr(nested, "code", None)) if t is not None])
+            linears += size
+        elif "lora_" in name:
+            adapter += size
+        else:
+            other += size
+    return {"linears_4bit" if linears else "linears": linears, "other": other, "adapter": adapter}
+
+
+def prompt_text(policy, tokens: int) -> str:
+    """A GSM8K-like question whose templated prompt has at most ``tokens`` tokens (as close as words allow)."""
+    words: list[str] = []
+    while len(policy.encode_prompts([" ".join([*words, FILLER[len(words) % len(FILLER)]])])[0]) <= tokens:
+        words.append(FILLER[len(words) % len(FILLER)])
+    return " ".join(words)
+
+
+def update(policy, batch, autocast) -> None:
+    """One GRPO micro-batch, as ``benchmarks.update_memory`` runs it, under the recipe's bf16 autocast."""
+    import torch
+
+    from benchmarks.update_memory import update as grpo_update
+
+    with autocast():
+        grpo_update(policy, batch)
+    torch.cuda.synchronize() if torch.cuda.is_available() else None
+
+
+def update_batch(policy, micro_batch: int, prompt_tokens: int, completion_tokens: int, device):
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    vocabulary = len(policy.tokenizer)
+    prompts = torch.randint(3, vocabulary, (micro_batch, prompt_tokens), generator=generator).tolist()
+    completions = torch.randint(3, vocabulary, (micro_batch, completion_tokens), generator=generator).tolist()
+    batch = policy.make_batch(prompts, completions)
+    return type(batch)(batch.input_ids.to(device), batch.attention_mask.to(device), batch.completion_mask.to(device),
+                       batch.prompt_length)
+
+
+def load(sizes, model_dir: str, device, meter: Meter):
+    """The policy as the recipe loads it; the load's growth and the weights' inventory."""
+    from rloop_lightning.policy import LoraSettings, Policy
+
+    policy = Policy(model_dir, dtype=sizes.dtype, load_in_4bit=sizes.load_in_4bit,
+                    lora=LoraSettings(**sizes.lora) if sizes.lora is not None else None,
+                    gradient_checkpointing=sizes.gradient_checkpointing, logprob_chunk_size=sizes.logprob_chunk_size)
+    meter.reset()
+    started = time.perf_counter()
+    model = policy.load_model()
+    if device.type == "cuda":
+        model.to(device)
+    return policy, {"growth": meter.peak_growth(), "inventory": weight_inventory(model),
+                    "seconds": time.perf_counter() - started}
+
+
+def measure_updates(policy, sizes, plan, device, meter: Meter, autocast) -> tuple[dict, list[dict]]:
+    """AdamW's moments after one step, then the update's peak growth at each micro-batch of ``plan``."""
+    import torch
+
+    model = policy.model
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
+    meter.reset()
+    update(policy, update_batch(policy, 1, 8, 8, device), autocast)  # warm-up: kernels, allocator, autograd
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+    moments = tensor_bytes(t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)
+                           and t.dim())
+    optimizer_row = {"moments": moments, "growth": meter.peak_growth()}
+    rows = []
+    for micro_batch in plan["micro_batches"]:
+        harness.log(f"update, micro-batch {micro_batch} ...")
+        completion_tokens = plan["completion_tokens"] or sizes.max_new_tokens + 1
+        batch = update_batch(policy, micro_batch, plan["prompt_tokens"], completion_tokens, device)
+        meter.reset()
+        started = time.perf_counter()
+        update(policy, batch, autocast)
+        seconds = time.perf_counter() - started
+        gradients = tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
+        rows.append({"micro_batch": micro_batch, "growth": meter.peak_growth(), "gradients": gradients,
+                     "tokens": int(batch.input_ids.numel()), "seconds": seconds})
+        model.zero_grad(set_to_none=True)
+        del batch
+    return optimizer_row, rows
+
+
+def measure_rollouts(policy, sizes, plan, meter: Meter, autocast) -> list[dict]:
+    """One ``generate`` call per (completions, new tokens) of ``plan``: peak growth."""
+    import torch
+
+    from rloop_lightning.rollout.base import SamplingParams
+    from rloop_lightning.rollout.hf import HFGenerateEngine
+
+    policy.model.config.use_cache = True
+    text = prompt_text(policy, plan["prompt_tokens"])
+    points = [(b, plan["rollout_tokens"][0]) for b in plan["rollout_batches"]]
+    points.append((plan["rollout_batches"][0], plan["rollout_tokens"][1]))
+    rows = []
+    for batch, new_tokens in points:
+        harness.log(f"rollout, {batch} completions x {new_tokens} tokens ...")
+        prompts = max(1, batch // sizes.num_generations)
+        questions = [f"{i} {text}" for i in range(prompts)]  # distinct prompts, as a step's are
+        engine = HFGenerateEngine(batch_size=batch)
+        sampling = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=new_tokens)
+        with autocast():
+            engine.generate(policy, questions[:1], 1, SamplingParams(max_new_tokens=2), seed=0)  # warm-up
+        meter.reset()
+        started = time.perf_counter()
+        with autocast():
+            rollouts = engine.generate(policy, questions, batch // prompts, sampling, seed=0)
+        rows.append({"batch": batch, "new_tokens": new_tokens, "growth": meter.peak_growth(),
+                     "prompt_tokens": len(rollouts.prompt_ids[0]), "completion_tokens": rollouts.num_completion_tokens,
+                     "seconds": time.perf_counter() - started})
+        del rollouts
+    torch.manual_seed(0)
+    return rows
+
+
+def measure(sizes, plan, model_dir: str) -> dict:
+    """Everything, in this (fresh) process: load, optimiser, updates, rollouts."""
+    from contextlib import nullcontext
+
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    meter = Meter(device)
+    baseline = meter.now()
+    plan = plan if isinstance(plan, dict) else plan.__dict__
+
+    def autocast():
+        if sizes.dtype == "float32":
+            return nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+
+    policy, loaded = load(sizes, model_dir, device, meter)
+    optimizer_row, updates = measure_updates(policy, sizes, plan, device, meter, autocast)
+    resident = meter.now() - baseline
+    rollouts = measure_rollouts(policy, sizes, plan, meter, autocast)
+    return {"device": str(device), "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
+            "baseline": baseline, "resident": resident, "load": loaded, "optimizer": optimizer_row,
+            "updates": updates, "rollouts": rollouts}
+
+
+# --------------------------------------------------------------------------- fits and tables
+
+
+def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares (intercept, slope) of ys against xs (two or more distinct xs)."""
+    n = len(xs)
+    mean_x, mean_y = sum(xs) / n, sum(ys) / n
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
+    return mean_y - slope * mean_x, slope
+
+
+def fit_rollout(points: list[tuple[int, int, float]]) -> tuple[float, float, float]:
+    """(a, s, k) of growth = a + b (s + k T) through (b0, T0), (b1, T0), (b0, T1): ``k`` per new token
+    and sequence (the KV cache), ``s`` per sequence at T = 0 (prompt's KV, a step's logits, pre-fill)."""
+    (b0, t0, g00), (b1, _, g10), (_, t1, g01) = points
+    k = (g01 - g00) / (b0 * (t1 - t0))
+    per_sequence = (g10 - g00) / (b1 - b0)
+    s = per_sequence - k * t0
+    return g00 - b0 * per_sequence, s, k
+
+
+def gb(value: float) -> str:
+    return f"{value / 1e9:.2f}"
+
+
+def tables(sizes, plan, result: dict) -> tuple[str, list[str]]:
+    """The phases measured, then the recipe's terms (measured or read off the fits), for docs/scale_out.md."""
+    plan = plan if isinstance(plan, dict) else plan.__dict__
+    cuda = result["device"].startswith("cuda")
+    inventory, loaded = result["load"]["inventory"], result["load"]["growth"]
+    updates, rollouts = result["updates"], result["rollouts"]
+    intercept, slope = fit_line([u["micro_batch"] for u in updates], [u["growth"]["peak"] for u in updates])
+    a, s, k = fit_rollout([(r["batch"], r["new_tokens"], r["growth"]["peak"]) for r in rollouts])
+    m, b, t = sizes.micro_batch_size, sizes.engine_batch, sizes.max_new_tokens
+    update_peak, rollout_peak = intercept + slope * m, a + b * (s + k * t)
+    measured_m = any(u["micro_batch"] == m for u in updates)
+    how = "measured" if measured_m else f"line through m = {[u['micro_batch'] for u in updates]}"
+    rows = [["load (peak)", "weights as loaded", gb(loaded["peak"]), f"{result['load']['seconds']:.0f}"]]
+    rows.append(["optimiser", "warm-up update + one AdamW step", gb(result["optimizer"]["growth"]["peak"]), ""])
+    rows += [["update", f"m = {u['micro_batch']} x {u['tokens'] // u['micro_batch']} tokens", gb(u["growth"]["peak"]),
+              f"{u['seconds']:.0f}"] for u in updates]
+    rows += [["rollout", f"b = {r['batch']}, {r['prompt_tokens']} + {r['new_tokens']} tokens", gb(r["growth"]["peak"]),
+              f"{r['seconds']:.0f}"] for r in rollouts]
+    phases = harness.markdown_table(["phase", "size", "peak growth (GB)", "s"], rows)
+    source = f"measured ({'CUDA' if cuda else 'CPU'}, {'shrunk' if plan['shape'] else 'true size'})"
+    terms = [
+        ["4-bit decoder linears (+ quantisation constants)" if "linears_4bit" in inventory else "decoder linears",
+         "tensor bytes", gb(inventory.get("linears_4bit", inventory.get("linears", 0)))],
+        ["embeddings (= head) and norms", "tensor bytes", gb(inventory["other"])],
+        ["LoRA weights", "tensor bytes", gb(inventory["adapter"])],
+        ["AdamW moments", "tensor bytes", gb(result["optimizer"]["moments"])],
+        ["resident after load + optimiser step (growth over imports)", source, gb(result["resident"])],
+        ["LoRA gradients", "tensor bytes", gb(updates[-1]["gradients"])],
+        ["update: activations per completion (slope in m)", source, gb(slope)],
+        ["update: what does not grow with m (chunk of logits, head's bf16 copy, gradients)", source, gb(intercept)],
+        [f"**update peak growth at the recipe's m = {m}**", f"{source}, {how}", f"**{gb(update_peak)}**"],
+        ["rollout: KV cache per sequence and new token (k)", source, f"{k / 1e3:.1f} KB"],
+        ["rollout: per sequence at T = 0 (prompt's KV, one step's logits, pre-fill; s)", source, gb(s)],
+        [f"**rollout peak growth at the recipe's b = {b}, T = {t}**", f"{source}, plane through "
+         f"{[(r['batch'], r['new_tokens']) for r in rollouts]}", f"**{gb(rollout_peak)}**"],
+        ["**resident + update peak**", "", f"**{gb(result['resident'] + update_peak)}**"],
+        ["**resident + rollout peak**", "", f"**{gb(result['resident'] + rollout_peak)}**"],
+    ]
+    details = [f"{sizes.recipe}: {sizes.model}, {sizes.dtype}, 4-bit {sizes.load_in_4bit}, LoRA {sizes.lora}, "
+               f"gradient checkpointing {sizes.gradient_checkpointing}, chunk {sizes.logprob_chunk_size}; "
+               f"device {result['device_name']}; GB = 1e9 B",
+               "growth: over the resident size before the phase (" + (
+                   "torch.cuda.max_memory_allocated; reserved peak "
+                   f"{gb(max(u['growth'].get('reserved_peak', 0) for u in updates))} GB"
+                   if cuda else "peak RSS, /proc/self/clear_refs then VmHWM") + ")"]
+    return phases + "\n\n" + harness.markdown_table(["term", "source", "GB"], terms), details
