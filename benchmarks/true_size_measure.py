@@ -115,7 +115,7 @@ def load(sizes, model_dir: str, device, meter: Meter):
     meter.reset()
     started = time.perf_counter()
     model = policy.load_model()
-    if device.type == "cuda":
+    if next(model.parameters()).device.type != device.type:  # bitsandbytes' 4-bit loads straight onto CUDA
         model.to(device)
     return policy, {"growth": meter.peak_growth(), "inventory": weight_inventory(model),
                     "seconds": time.perf_counter() - started}
@@ -202,9 +202,13 @@ def measure(sizes, plan, model_dir: str) -> dict:
     policy, loaded = load(sizes, model_dir, device, meter)
     optimizer_row, updates = measure_updates(policy, sizes, plan, device, meter, autocast)
     resident = meter.now() - baseline
+    in_use = None
+    if device.type == "cuda":  # the whole device as the driver sees it: context, allocator's reserve, tensors
+        free, total = torch.cuda.mem_get_info()
+        in_use = {"in_use": total - free, "reserved": torch.cuda.memory_reserved()}
     rollouts = measure_rollouts(policy, sizes, plan, meter, autocast)
     return {"device": str(device), "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
-            "baseline": baseline, "resident": resident, "load": loaded, "optimizer": optimizer_row,
+            "baseline": baseline, "resident": resident, "device_memory": in_use, "load": loaded, "optimizer": optimizer_row,
             "updates": updates, "rollouts": rollouts}
 
 
