@@ -12,11 +12,12 @@ any size), and measures, in one fresh process on the device present (peak RSS on
   by the growth of the process;
 - **optimiser**: AdamW moments after one step on the adapter (tensor bytes and growth);
 - **update**: one GRPO micro-batch (log-probs and entropy under bf16 autocast, clipped loss, backward)
-  of ``m`` completions of ``prompt + max_new_tokens + 1`` tokens, at two or more ``m``. Its peak
-  growth is linear in ``m`` (checkpointed layer inputs, one recomputed layer): the slope is the
-  activations per completion and the intercept what does not grow with ``m`` (one chunk of logits,
-  the head's bf16 copy, the adapter's gradients). The recipe's ``micro_batch_size`` is read off the
-  line when it was not measured itself;
+  of ``m`` completions of ``prompt + c`` tokens, at two or more (m, c). Its peak growth is linear in
+  the micro-batch's tokens m (prompt + c) (checkpointed layer inputs, one recomputed layer), as long
+  as ``c`` is at least one chunk: the slope is the activations per token and the intercept what does
+  not grow with them (one chunk of logits, the head's bf16 copy, the adapter's gradients). The
+  recipe's micro-batch (``micro_batch_size`` x (prompt + ``max_new_tokens`` + 1)) is read off the line
+  when it was not measured itself;
 - **rollout**: one ``HFGenerateEngine`` call of ``b`` completions (``b / num_generations`` distinct
   prompts) of ``T`` new tokens, at two ``b`` and two ``T``. Growth = a + b (s + k T): ``k`` is the
   KV cache per token of one sequence, ``s`` one decoding step's logits and the pre-fill per
@@ -28,7 +29,8 @@ child process sets glibc's mmap threshold to 64 KiB, so every tensor above it is
 system when freed and the resident size follows the live tensors.
 
     python -m benchmarks.true_size --recipe configs/recipes/qlora_gsm8k_grpo_8gb.yaml
-    python -m benchmarks.true_size --recipe configs/recipes/qlora_gsm8k_grpo.yaml --micro-batches 1 2
+    python -m benchmarks.true_size --recipe configs/recipes/qlora_gsm8k_grpo.yaml --model-dir /tmp/qwen1.5b
+    python -m benchmarks.true_size --update-points 1x513 2x513   # micro-batch x completion columns
     python -m benchmarks.true_size --quick   # the same architecture shrunk (2 layers, width 64): a smoke run
 
 Before anything is allocated the recipe's model config must exist in the repository and the
@@ -40,6 +42,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -86,16 +90,14 @@ class RecipeSizes:
 class Plan:
     """The sizes one run measures at (smaller than the recipe's where CPU time is the limit)."""
 
-    micro_batches: list[int]
-    """Update micro-batches measured (two or more: the line's slope and intercept)."""
+    update_points: list[list[int]]
+    """Update micro-batches measured, as [completions, completion columns] (two or more token counts)."""
     rollout_batches: list[int]
     """Completions per ``generate`` call measured, at ``rollout_tokens[0]``."""
     rollout_tokens: list[int]
     """New tokens per completion measured, at ``rollout_batches[0]``."""
     prompt_tokens: int = PROMPT_TOKENS
     """Prompt tokens of every sequence."""
-    completion_tokens: int | None = None
-    """Completion columns of the update (``None``: the recipe's ``max_new_tokens`` + 1, the end token)."""
     shape: dict = field(default_factory=dict)
     """Config fields overridden (``--quick``: a shrunk model); empty at true size."""
 
@@ -165,7 +167,7 @@ def estimated_peak_bytes(sizes: RecipeSizes, config: dict, plan: Plan) -> int:
     adapter = counts["lora_per_rank"] * (sizes.lora or {}).get("r", 16) if sizes.lora is not None else parameters
     linears = counts["linears"] * (0.53 if sizes.load_in_4bit else 2 if sizes.dtype == "bfloat16" else 4)
     resident = linears + counts["embeddings"] * 4 + adapter * 16
-    tokens = max(plan.micro_batches) * (plan.prompt_tokens + (plan.completion_tokens or sizes.max_new_tokens + 1))
+    tokens = max(m * (plan.prompt_tokens + c) for m, c in plan.update_points)
     layers = 1 if sizes.gradient_checkpointing else config["num_hidden_layers"]
     update = tokens * (config["hidden_size"] * 2 * config["num_hidden_layers"] + config["intermediate_size"] * 6 * layers)
     logits = (sizes.logprob_chunk_size or tokens) * config["vocab_size"] * 18
@@ -184,9 +186,9 @@ def check_memory(sizes: RecipeSizes, config: dict, plan: Plan, limit_bytes: int)
     if need > limit_bytes:
         raise MemoryError(
             f"{sizes.recipe}: {sizes.model} at true size needs ~{need / 2**30:.1f} GiB for this measurement "
-            f"(micro-batches {plan.micro_batches}), more than the {limit_bytes / 2**30:.1f} GiB this machine can "
+            f"(update points {plan.update_points}), more than the {limit_bytes / 2**30:.1f} GiB this machine can "
             f"give (MemAvailable, or --memory-limit-gib); nothing was allocated. Run it on a machine with more "
-            f"memory, or with smaller --micro-batches")
+            f"memory, or with smaller --update-points")
 
 
 def build_model_dir(config: dict, directory: Path) -> Path:
@@ -207,20 +209,40 @@ def build_model_dir(config: dict, directory: Path) -> Path:
     return directory
 
 
+def update_point(text: str) -> list[int]:
+    """``MxC``: M completions of C completion columns."""
+    m, _, c = text.partition("x")
+    if not (m.isdigit() and c.isdigit() and int(m) > 0 and int(c) > 0):
+        raise argparse.ArgumentTypeError(f"an update point is MxC (completions x completion columns), got {text!r}")
+    return [int(m), int(c)]
+
+
+def run_child(arguments: list[str]) -> dict:
+    """``python -m benchmarks.true_size --child ...`` with its progress on this stderr; its last stdout line."""
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", MALLOC_MMAP_THRESHOLD_="65536")  # freed tensors leave RSS
+    result = subprocess.run([sys.executable, "-m", "benchmarks.true_size", *arguments], cwd=harness.ROOT, env=env,
+                            stdout=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"the measuring process failed ({result.returncode}): see its output above")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> str | None:
     parser = harness.argument_parser(__doc__)
     parser.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"a GRPO recipe (default {DEFAULT_RECIPE})")
-    parser.add_argument("--micro-batches", type=int, nargs="+",
-                        help="update micro-batches to measure, two or more (default 1 2)")
+    parser.add_argument("--update-points", type=update_point, nargs="+",
+                        help="update micro-batches MxC, two or more token counts (default 1x257 1x513)")
     parser.add_argument("--rollout-batches", type=int, nargs=2, help="completions per generate call (default 8 16)")
-    parser.add_argument("--rollout-tokens", type=int, nargs=2, help="new tokens per completion (default 8 24)")
+    parser.add_argument("--rollout-tokens", type=int, nargs=2, help="new tokens per completion (default 4 16)")
     parser.add_argument("--memory-limit-gib", type=float, help="refuse above this (default: MemAvailable)")
+    parser.add_argument("--model-dir", help="keep the random model here (built if absent, reused if present)")
     parser.add_argument("--json", help="also write the measurements to this file")
     parser.add_argument("--child", nargs=2, metavar=("PLAN_JSON", "MODEL_DIR"), help=argparse.SUPPRESS)
     args = harness.fill_defaults(parser.parse_args(argv),
-                                 quick={"micro_batches": [1, 2], "rollout_batches": [2, 4], "rollout_tokens": [2, 4]},
-                                 full={"micro_batches": [1, 2], "rollout_batches": [8, 16],
-                                       "rollout_tokens": [8, 24]})
+                                 quick={"update_points": [[1, 33], [2, 33]], "rollout_batches": [2, 4],
+                                        "rollout_tokens": [2, 4]},
+                                 full={"update_points": [[1, 257], [1, 513]], "rollout_batches": [8, 16],
+                                       "rollout_tokens": [4, 16]})
     sizes = read_recipe(args.recipe)
     if args.child:
         from benchmarks import true_size_measure
@@ -229,29 +251,29 @@ def main(argv=None) -> str | None:
         plan = Plan(**json.loads(args.child[0]))
         print(json.dumps(true_size_measure.measure(sizes, plan, args.child[1])))
         return None
-    if len(args.micro_batches) < 2 or len(set(args.micro_batches)) < len(args.micro_batches):
-        parser.error("--micro-batches needs two or more different sizes (the line's slope and intercept)")
-    plan = Plan(sorted(args.micro_batches), args.rollout_batches, args.rollout_tokens,
-                **(dict(prompt_tokens=16, completion_tokens=33, shape=QUICK_SHAPE) if args.quick else {}))
+    plan = Plan(args.update_points, args.rollout_batches, args.rollout_tokens,
+                **(dict(prompt_tokens=16, shape=QUICK_SHAPE) if args.quick else {}))
+    if len({m * (plan.prompt_tokens + c) for m, c in plan.update_points}) < 2:
+        parser.error("--update-points needs two or more different token counts (the line's slope and intercept)")
     config = architecture(sizes, plan.shape)
     limit = args.memory_limit_gib * 2**30 if args.memory_limit_gib else available_bytes()
     check_memory(sizes, config, plan, limit)
     started = harness.setup(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
-        harness.log(f"building {sizes.model} ({'shrunk' if plan.shape else 'true size'}, random weights) ...")
-        model_dir = build_model_dir(config, Path(scratch) / "model")
+        model_dir = Path(args.model_dir or Path(scratch) / "model")
+        if not (model_dir / "config.json").is_file():
+            harness.log(f"building {sizes.model} ({'shrunk' if plan.shape else 'true size'}, random weights) ...")
+            build_model_dir(config, model_dir)
         harness.log("measuring in a fresh process ...")
-        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # freed tensors leave the resident size
-        result = harness.run_child("benchmarks.true_size", [
-            "--child", json.dumps(asdict(plan)), str(model_dir), "--recipe", args.recipe,
-            "--threads", str(args.threads)])
+        result = run_child(["--child", json.dumps(asdict(plan)), str(model_dir), "--recipe", args.recipe,
+                            "--threads", str(args.threads)])
+    if args.json:
+        Path(args.json).write_text(json.dumps({"recipe": asdict(sizes), "plan": asdict(plan), "result": result},
+                                              indent=1))
     from benchmarks import true_size_measure
 
     table, details = true_size_measure.tables(sizes, plan, result)
     text = harness.report(table, started, details)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"recipe": asdict(sizes), "plan": asdict(plan), "result": result},
-                                              indent=1))
     print(text)
     return text
 

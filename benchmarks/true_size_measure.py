@@ -135,9 +135,8 @@ def measure_updates(policy, sizes, plan, device, meter: Meter, autocast) -> tupl
                            and t.dim())
     optimizer_row = {"moments": moments, "growth": meter.peak_growth()}
     rows = []
-    for micro_batch in plan["micro_batches"]:
-        harness.log(f"update, micro-batch {micro_batch} ...")
-        completion_tokens = plan["completion_tokens"] or sizes.max_new_tokens + 1
+    for micro_batch, completion_tokens in plan["update_points"]:
+        harness.log(f"update, {micro_batch} x ({plan['prompt_tokens']} + {completion_tokens}) tokens ...")
         batch = update_batch(policy, micro_batch, plan["prompt_tokens"], completion_tokens, device)
         meter.reset()
         started = time.perf_counter()
@@ -243,12 +242,13 @@ def tables(sizes, plan, result: dict) -> tuple[str, list[str]]:
     cuda = result["device"].startswith("cuda")
     inventory, loaded = result["load"]["inventory"], result["load"]["growth"]
     updates, rollouts = result["updates"], result["rollouts"]
-    intercept, slope = fit_line([u["micro_batch"] for u in updates], [u["growth"]["peak"] for u in updates])
+    intercept, slope = fit_line([u["tokens"] for u in updates], [u["growth"]["peak"] for u in updates])
     a, s, k = fit_rollout([(r["batch"], r["new_tokens"], r["growth"]["peak"]) for r in rollouts])
     m, b, t = sizes.micro_batch_size, sizes.engine_batch, sizes.max_new_tokens
-    update_peak, rollout_peak = intercept + slope * m, a + b * (s + k * t)
-    measured_m = any(u["micro_batch"] == m for u in updates)
-    how = "measured" if measured_m else f"line through m = {[u['micro_batch'] for u in updates]}"
+    recipe_tokens = m * (plan["prompt_tokens"] + t + 1)
+    update_peak, rollout_peak = intercept + slope * recipe_tokens, a + b * (s + k * t)
+    how = ("measured" if any(u["tokens"] == recipe_tokens for u in updates) else
+           f"line through {[u['tokens'] for u in updates]} tokens")
     rows = [["load (peak)", "weights as loaded", gb(loaded["peak"]), f"{result['load']['seconds']:.0f}"]]
     rows.append(["optimiser", "warm-up update + one AdamW step", gb(result["optimizer"]["growth"]["peak"]), ""])
     rows += [["update", f"m = {u['micro_batch']} x {u['tokens'] // u['micro_batch']} tokens", gb(u["growth"]["peak"]),
@@ -265,9 +265,12 @@ def tables(sizes, plan, result: dict) -> tuple[str, list[str]]:
         ["AdamW moments", "tensor bytes", gb(result["optimizer"]["moments"])],
         ["resident after load + optimiser step (growth over imports)", source, gb(result["resident"])],
         ["LoRA gradients", "tensor bytes", gb(updates[-1]["gradients"])],
-        ["update: activations per completion (slope in m)", source, gb(slope)],
-        ["update: what does not grow with m (chunk of logits, head's bf16 copy, gradients)", source, gb(intercept)],
-        [f"**update peak growth at the recipe's m = {m}**", f"{source}, {how}", f"**{gb(update_peak)}**"],
+        ["update: activations per token (slope)", source, f"{slope / 1e3:.1f} KB"],
+        [f"update: activations of the recipe's {recipe_tokens} tokens", source, gb(slope * recipe_tokens)],
+        ["update: what does not grow with the tokens (chunk of logits, head's bf16 copy, gradients)", source,
+         gb(intercept)],
+        [f"**update peak growth at the recipe's m = {m} ({recipe_tokens} tokens)**", f"{source}, {how}",
+         f"**{gb(update_peak)}**"],
         ["rollout: KV cache per sequence and new token (k)", source, f"{k / 1e3:.1f} KB"],
         ["rollout: per sequence at T = 0 (prompt's KV, one step's logits, pre-fill; s)", source, gb(s)],
         [f"**rollout peak growth at the recipe's b = {b}, T = {t}**", f"{source}, plane through "
