@@ -18,10 +18,12 @@ any size), and measures, in one fresh process on the device present (peak RSS on
   not grow with them (one chunk of logits, the head's bf16 copy, the adapter's gradients). The
   recipe's micro-batch (``micro_batch_size`` x (prompt + ``max_new_tokens`` + 1)) is read off the line
   when it was not measured itself;
-- **rollout**: one ``HFGenerateEngine`` call of ``b`` completions (``b / num_generations`` distinct
-  prompts) of ``T`` new tokens, at two ``b`` and two ``T``. Growth = a + b (s + k T): ``k`` is the
-  KV cache per token of one sequence, ``s`` one decoding step's logits and the pre-fill per
-  completion; the recipe's engine batch and ``max_new_tokens`` are read off the plane.
+- **rollout**: one ``HFGenerateEngine`` call of ``b`` completions of one prompt of ``P`` tokens, a few
+  new tokens each, at two ``b`` and two ``P``. The KV cache holds prompt and generated tokens alike,
+  so growth = a + b (s + k L) with L = P + new tokens: ``k`` is the KV cache per token of one
+  sequence, ``s`` one decoding step's logits per sequence; the recipe's engine batch and
+  200 + ``max_new_tokens`` tokens are read off the plane (a prompt's pre-fill runs once per distinct
+  prompt: the recipe's 8 per call are not measured here).
 
 Where CPU time, not memory, is the limit (a 1.5B decode step takes seconds here), the sizes measured
 are smaller than the recipe's and the table says which cells are read off the fitted line. The
@@ -92,10 +94,10 @@ class Plan:
 
     update_points: list[list[int]]
     """Update micro-batches measured, as [completions, completion columns] (two or more token counts)."""
-    rollout_batches: list[int]
-    """Completions per ``generate`` call measured, at ``rollout_tokens[0]``."""
-    rollout_tokens: list[int]
-    """New tokens per completion measured, at ``rollout_batches[0]``."""
+    rollout_points: list[list[int]]
+    """Rollouts measured, as [completions, prompt tokens]: (b0, P0), (b1, P0), (b0, P1)."""
+    rollout_new_tokens: int = 4
+    """New tokens per completion in every rollout measured."""
     prompt_tokens: int = PROMPT_TOKENS
     """Prompt tokens of every sequence."""
     shape: dict = field(default_factory=dict)
@@ -210,10 +212,10 @@ def build_model_dir(config: dict, directory: Path) -> Path:
 
 
 def update_point(text: str) -> list[int]:
-    """``MxC``: M completions of C completion columns."""
+    """``AxB``: A completions of B tokens (completion columns of an update, prompt tokens of a rollout)."""
     m, _, c = text.partition("x")
     if not (m.isdigit() and c.isdigit() and int(m) > 0 and int(c) > 0):
-        raise argparse.ArgumentTypeError(f"an update point is MxC (completions x completion columns), got {text!r}")
+        raise argparse.ArgumentTypeError(f"a point is AxB (completions x tokens), got {text!r}")
     return [int(m), int(c)]
 
 
@@ -231,18 +233,19 @@ def main(argv=None) -> str | None:
     parser = harness.argument_parser(__doc__)
     parser.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"a GRPO recipe (default {DEFAULT_RECIPE})")
     parser.add_argument("--update-points", type=update_point, nargs="+",
-                        help="update micro-batches MxC, two or more token counts (default 1x257 1x513)")
-    parser.add_argument("--rollout-batches", type=int, nargs=2, help="completions per generate call (default 8 16)")
-    parser.add_argument("--rollout-tokens", type=int, nargs=2, help="new tokens per completion (default 4 16)")
+                        help="update micro-batches MxC, two or more token counts (default 1x513 2x513)")
+    parser.add_argument("--rollout-points", type=update_point, nargs=3,
+                        help="rollouts BxP (completions x prompt tokens): B0xP0 B1xP0 B0xP1 (default 32x700 64x700 "
+                             "32x350)")
     parser.add_argument("--memory-limit-gib", type=float, help="refuse above this (default: MemAvailable)")
     parser.add_argument("--model-dir", help="keep the random model here (built if absent, reused if present)")
     parser.add_argument("--json", help="also write the measurements to this file")
     parser.add_argument("--child", nargs=2, metavar=("PLAN_JSON", "MODEL_DIR"), help=argparse.SUPPRESS)
     args = harness.fill_defaults(parser.parse_args(argv),
-                                 quick={"update_points": [[1, 33], [2, 33]], "rollout_batches": [2, 4],
-                                        "rollout_tokens": [2, 4]},
-                                 full={"update_points": [[1, 257], [1, 513]], "rollout_batches": [8, 16],
-                                       "rollout_tokens": [4, 16]})
+                                 quick={"update_points": [[1, 33], [2, 33]], "rollout_points": [[2, 80], [4, 80],
+                                                                                               [2, 120]]},
+                                 full={"update_points": [[1, 513], [2, 513]],
+                                       "rollout_points": [[32, 700], [64, 700], [32, 350]]})
     sizes = read_recipe(args.recipe)
     if args.child:
         from benchmarks import true_size_measure
@@ -251,7 +254,7 @@ def main(argv=None) -> str | None:
         plan = Plan(**json.loads(args.child[0]))
         print(json.dumps(true_size_measure.measure(sizes, plan, args.child[1])))
         return None
-    plan = Plan(args.update_points, args.rollout_batches, args.rollout_tokens,
+    plan = Plan(args.update_points, args.rollout_points,
                 **(dict(prompt_tokens=16, shape=QUICK_SHAPE) if args.quick else {}))
     if len({m * (plan.prompt_tokens + c) for m, c in plan.update_points}) < 2:
         parser.error("--update-points needs two or more different token counts (the line's slope and intercept)")

@@ -151,34 +151,26 @@ def measure_updates(policy, sizes, plan, device, meter: Meter, autocast) -> tupl
 
 
 def measure_rollouts(policy, sizes, plan, meter: Meter, autocast) -> list[dict]:
-    """One ``generate`` call per (completions, new tokens) of ``plan``: peak growth."""
-    import torch
-
+    """One ``generate`` call of b completions of one P-token prompt per [b, P] of ``plan``: peak growth."""
     from rloop_lightning.rollout.base import SamplingParams
     from rloop_lightning.rollout.hf import HFGenerateEngine
 
     policy.model.config.use_cache = True
-    text = prompt_text(policy, plan["prompt_tokens"])
-    points = [(b, plan["rollout_tokens"][0]) for b in plan["rollout_batches"]]
-    points.append((plan["rollout_batches"][0], plan["rollout_tokens"][1]))
+    sampling = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=plan["rollout_new_tokens"])
+    with autocast():  # warm-up: kernels, allocator
+        HFGenerateEngine(batch_size=2).generate(policy, [prompt_text(policy, 8)], 2, sampling, seed=0)
     rows = []
-    for batch, new_tokens in points:
-        harness.log(f"rollout, {batch} completions x {new_tokens} tokens ...")
-        prompts = max(1, batch // sizes.num_generations)
-        questions = [f"{i} {text}" for i in range(prompts)]  # distinct prompts, as a step's are
-        engine = HFGenerateEngine(batch_size=batch)
-        sampling = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=new_tokens)
-        with autocast():
-            engine.generate(policy, questions[:1], 1, SamplingParams(max_new_tokens=2), seed=0)  # warm-up
+    for batch, prompt_tokens in plan["rollout_points"]:
+        harness.log(f"rollout, {batch} completions of a {prompt_tokens}-token prompt ...")
+        text = prompt_text(policy, prompt_tokens)
         meter.reset()
         started = time.perf_counter()
         with autocast():
-            rollouts = engine.generate(policy, questions, batch // prompts, sampling, seed=0)
-        rows.append({"batch": batch, "new_tokens": new_tokens, "growth": meter.peak_growth(),
+            rollouts = HFGenerateEngine(batch_size=batch).generate(policy, [text], batch, sampling, seed=0)
+        rows.append({"batch": batch, "new_tokens": plan["rollout_new_tokens"], "growth": meter.peak_growth(),
                      "prompt_tokens": len(rollouts.prompt_ids[0]), "completion_tokens": rollouts.num_completion_tokens,
                      "seconds": time.perf_counter() - started})
         del rollouts
-    torch.manual_seed(0)
     return rows
 
 
@@ -223,8 +215,8 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 
 def fit_rollout(points: list[tuple[int, int, float]]) -> tuple[float, float, float]:
-    """(a, s, k) of growth = a + b (s + k T) through (b0, T0), (b1, T0), (b0, T1): ``k`` per new token
-    and sequence (the KV cache), ``s`` per sequence at T = 0 (prompt's KV, a step's logits, pre-fill)."""
+    """(a, s, k) of growth = a + b (s + k L) through (b0, L0), (b1, L0), (b0, L1): ``k`` per token of a
+    sequence (prompt or generated: the KV cache), ``s`` per sequence whatever its length (a step's logits)."""
     (b0, t0, g00), (b1, _, g10), (_, t1, g01) = points
     k = (g01 - g00) / (b0 * (t1 - t0))
     per_sequence = (g10 - g00) / (b1 - b0)
@@ -243,10 +235,10 @@ def tables(sizes, plan, result: dict) -> tuple[str, list[str]]:
     inventory, loaded = result["load"]["inventory"], result["load"]["growth"]
     updates, rollouts = result["updates"], result["rollouts"]
     intercept, slope = fit_line([u["tokens"] for u in updates], [u["growth"]["peak"] for u in updates])
-    a, s, k = fit_rollout([(r["batch"], r["new_tokens"], r["growth"]["peak"]) for r in rollouts])
+    a, s, k = fit_rollout([(r["batch"], r["prompt_tokens"] + r["new_tokens"], r["growth"]["peak"]) for r in rollouts])
     m, b, t = sizes.micro_batch_size, sizes.engine_batch, sizes.max_new_tokens
     recipe_tokens = m * (plan["prompt_tokens"] + t + 1)
-    update_peak, rollout_peak = intercept + slope * recipe_tokens, a + b * (s + k * t)
+    update_peak, rollout_peak = intercept + slope * recipe_tokens, a + b * (s + k * (plan["prompt_tokens"] + t))
     how = ("measured" if any(u["tokens"] == recipe_tokens for u in updates) else
            f"line through {[u['tokens'] for u in updates]} tokens")
     rows = [["load (peak)", "weights as loaded", gb(loaded["peak"]), f"{result['load']['seconds']:.0f}"]]
@@ -271,10 +263,12 @@ def tables(sizes, plan, result: dict) -> tuple[str, list[str]]:
          gb(intercept)],
         [f"**update peak growth at the recipe's m = {m} ({recipe_tokens} tokens)**", f"{source}, {how}",
          f"**{gb(update_peak)}**"],
-        ["rollout: KV cache per sequence and new token (k)", source, f"{k / 1e3:.1f} KB"],
-        ["rollout: per sequence at T = 0 (prompt's KV, one step's logits, pre-fill; s)", source, gb(s)],
-        [f"**rollout peak growth at the recipe's b = {b}, T = {t}**", f"{source}, plane through "
-         f"{[(r['batch'], r['new_tokens']) for r in rollouts]}", f"**{gb(rollout_peak)}**"],
+        ["rollout: KV cache per token of a sequence (k)", source, f"{k / 1e3:.1f} KB"],
+        ["rollout: per sequence whatever its length (one step's logits; s)", source, f"{s / 1e6:.1f} MB"],
+        ["rollout: what does not grow with the batch (a)", source, gb(a)],
+        [f"**rollout peak growth at the recipe's b = {b}, {plan['prompt_tokens']} + {t} tokens**",
+         f"{source}, plane through (b, tokens) {[(r['batch'], r['prompt_tokens'] + r['new_tokens']) for r in rollouts]}",
+         f"**{gb(rollout_peak)}**"],
         ["**resident + update peak**", "", f"**{gb(result['resident'] + update_peak)}**"],
         ["**resident + rollout peak**", "", f"**{gb(result['resident'] + rollout_peak)}**"],
     ]

@@ -26,7 +26,7 @@ def test_parameter_counts_of_qwen2_5_1_5b_are_the_docs_numbers():
 
 def test_fits_recover_hand_made_lines():
     assert fit_line([1, 2, 4], [13, 16, 22]) == pytest.approx((10, 3))
-    # growth = 5 + b (2 + 0.5 T): (8, 8) -> 53, (16, 8) -> 101, (8, 24) -> 117
+    # growth = 5 + b (2 + 0.5 L): (8, 8) -> 53, (16, 8) -> 101, (8, 24) -> 117
     assert fit_rollout([(8, 8, 53.0), (16, 8, 101.0), (8, 24, 117.0)]) == pytest.approx((5, 2, 0.5))
 
 
@@ -45,10 +45,14 @@ def test_small_size_mode_measures_the_recipe_set_up_with_the_hand_computed_tenso
     tensors = 7 * config["num_hidden_layers"]
     assert counts["linears"] / 2 < inventory["linears_4bit"] < counts["linears"] * (1 / 2 + 1 / 32) + tensors * 4096
     norms = (2 * config["num_hidden_layers"] + 1) * config["hidden_size"]
-    assert inventory["other"] == (counts["embeddings"] + norms) * 4
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    biases = config["num_hidden_layers"] * (config["num_attention_heads"] + 2 * config["num_key_value_heads"]) * head_dim
+    assert inventory["other"] == (counts["embeddings"] + norms + biases) * 4  # Qwen2: q, k, v biases
     assert [u["micro_batch"] for u in result["updates"]] == [1, 2]
     assert [u["tokens"] for u in result["updates"]] == [1 * (16 + 33), 2 * (16 + 33)]
-    assert [(r["batch"], r["new_tokens"]) for r in result["rollouts"]] == [(2, 2), (4, 2), (2, 4)]
+    assert [r["batch"] for r in result["rollouts"]] == [2, 4, 2]
+    assert [r["completion_tokens"] for r in result["rollouts"]] == [2 * 4, 4 * 4, 2 * 4]  # random weights: no early end
+    assert 70 < result["rollouts"][0]["prompt_tokens"] <= 80 < 110 < result["rollouts"][2]["prompt_tokens"] <= 120
     assert "update peak growth at the recipe's m = 8" in text and "measured (CPU, shrunk)" in text
 
 
@@ -81,4 +85,4 @@ def test_a_size_beyond_the_machines_memory_is_refused_before_allocating(nothing_
     with pytest.raises(MemoryError, match="more than the 2.0 GiB"):
         true_size.main(["--recipe", RECIPE_8GB, "--memory-limit-gib", "2"])
     sizes = true_size.read_recipe(RECIPE_8GB)  # the 8 GB recipe's measurement itself fits 14 GiB
-    true_size.check_memory(sizes, QWEN_15B, true_size.Plan([[1, 257], [1, 513]], [8, 16], [4, 16]), 14 * 2**30)
+    true_size.check_memory(sizes, QWEN_15B, true_size.Plan([[1, 513], [2, 513]], [[32, 700], [64, 700], [32, 350]]), 14 * 2**30)
