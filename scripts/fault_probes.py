@@ -3,8 +3,9 @@
 The probes are the fault tests themselves (tests/test_reward_faults.py, tests/test_faults.py, the
 crash/resume test of tests/test_loop.py, and the second round's tests/test_preemption.py,
 tests/test_checks.py, tests/test_data_errors.py, tests/test_resume_verify.py and
-tests/test_command_inputs.py): each asserts one fault's intended outcome, so a passing test means
-that outcome, a failing one a regression, and one that runs past its time limit a hang.
+tests/test_command_inputs.py; then tests/test_true_size.py's bad inputs): each asserts one fault's
+intended outcome, so a passing test means that outcome, a failing one a regression, and one that
+runs past its time limit a hang.
 They run in one pytest process under pytest-timeout, the whole run under a wall-clock limit too.
 
     python scripts/fault_probes.py            # every probe (about 7 minutes on 2 cores)
@@ -164,6 +165,12 @@ PROBES = [
     *(Probe(f"run_dir with {kind} characters", "handled: paths reach the phases as written",
             COMMANDS + f"test_a_run_directory_with_non_ascii_characters_reaches_the_phases_as_written[{kind}]")
       for kind in ("latin", "cjk", "emoji")),
+    Probe("benchmarks.true_size: recipe's model config not in the repository", "clear error naming recipe, field, file",
+          "tests/test_true_size.py::test_a_recipe_whose_model_config_is_not_in_the_repository_is_refused_naming_it"),
+    Probe("benchmarks.true_size: a recipe that is not GRPO", "clear error naming the fields",
+          "tests/test_true_size.py::test_a_recipe_that_is_not_grpo_is_refused_naming_the_fields"),
+    Probe("benchmarks.true_size: a size beyond the machine's memory", "clear error before allocating",
+          "tests/test_true_size.py::test_a_size_beyond_the_machines_memory_is_refused_before_allocating"),
 ]
 
 
