@@ -236,11 +236,12 @@ def test_fsdp2_on_one_gpu_shards_trains_and_gathers(tmp_path):
 
 @pytest.mark.slow
 def test_true_size_8gb_recipe_fits_8_gb_on_cuda(tmp_path, record_property):
-    """``benchmarks.true_size`` for the 8 GB recipe at true size on CUDA, at the recipe's own micro-batch,
-    engine batch and length (the fitted lines pass through them): the consumer-GPU promise."""
+    """``benchmarks.true_size`` for the 8 GB recipe at true size on CUDA, at the recipe's own micro-batch
+    (8 x 713 tokens) and engine batch (64 sequences of 708 prompt + 4 new tokens: the KV cache of 200 +
+    512), so the fitted lines pass through the recipe's point: the consumer-GPU promise."""
     out = tmp_path / "true_size.json"
     command = [sys.executable, "-m", "benchmarks.true_size", "--recipe", "configs/recipes/qlora_gsm8k_grpo_8gb.yaml",
-               "--micro-batches", "4", "8", "--rollout-batches", "64", "32", "--rollout-tokens", "512", "256",
+               "--update-points", "4x513", "8x513", "--rollout-points", "64x708", "32x708", "64x354",
                "--threads", "8", "--json", str(out)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=420,
                             env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
