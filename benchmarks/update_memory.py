@@ -50,7 +50,7 @@ def update(policy, batch) -> None:
     policy.model.zero_grad(set_to_none=True)
     logprobs, entropy = policy.completion_logprobs(batch, with_entropy=True, temperature=1.0)
     mask = batch.completion_mask.float()
-    advantages = torch.linspace(-1, 1, mask.shape[0])
+    advantages = torch.linspace(-1, 1, mask.shape[0], device=mask.device)
     out = clipped_policy_loss(logprobs, logprobs.detach(), advantages, mask, 0.2, 0.28, "token", "token_mean",
                               mask.shape[1])
     out.loss.backward()

@@ -5,9 +5,9 @@ crash/resume test of tests/test_loop.py, and the second round's tests/test_preem
 tests/test_checks.py, tests/test_data_errors.py, tests/test_resume_verify.py and
 tests/test_command_inputs.py; from the third, tests/test_base_identity.py, tests/test_grpo.py,
 tests/test_truncation.py, tests/test_reproduce_tiny.py, tests/test_agreement.py,
-tests/test_async_rollouts.py and tests/test_micro_batches.py too): each asserts one fault's intended
-outcome, so a passing test means
-that outcome, a failing one a regression, and one that runs past its time limit a hang.
+tests/test_async_rollouts.py, tests/test_micro_batches.py and tests/test_true_size.py too): each
+asserts one fault's intended outcome, so a passing test means that outcome, a failing one a
+regression, and one that runs past its time limit a hang.
 They run in one pytest process under pytest-timeout, the whole run under a wall-clock limit too.
 
     python scripts/fault_probes.py            # every probe (about 7 minutes on 2 cores)
@@ -251,6 +251,12 @@ PROBES = [
           "handled: as many micro-batches on every rank, the same gradients",
           "tests/test_micro_batches.py::test_ranks_with_unequal_lengths_run_as_many_micro_batches_and_keep_the_"
           "gradients"),
+    Probe("benchmarks.true_size: recipe's model config not in the repository", "clear error naming recipe, field, file",
+          "tests/test_true_size.py::test_a_recipe_whose_model_config_is_not_in_the_repository_is_refused_naming_it"),
+    Probe("benchmarks.true_size: a recipe that is not GRPO", "clear error naming the fields",
+          "tests/test_true_size.py::test_a_recipe_that_is_not_grpo_is_refused_naming_the_fields"),
+    Probe("benchmarks.true_size: a size beyond the machine's memory", "clear error before allocating",
+          "tests/test_true_size.py::test_a_size_beyond_the_machines_memory_is_refused_before_allocating"),
 ]
 
 
