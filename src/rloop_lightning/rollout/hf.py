@@ -134,8 +134,9 @@ class HFGenerateEngine(RolloutEngine):
         max_batch_tokens: at most this many KV-cache token slots per ``generate`` call, each
             completion taking (the call's widest prompt + ``max_new_tokens``): the cache is then at
             most this x the model's KV bytes per token (Qwen2.5-1.5B: 28.7 KB in bf16, 57.5 KB under
-            QLoRA, whose cache is float32), whatever the prompt lengths. Calls hold ``min(batch_size, max_batch_tokens // that)`` completions;
-            ``None`` (default) splits by ``batch_size`` alone.
+            QLoRA, whose cache is float32), whatever the prompt lengths. Calls hold
+            ``min(batch_size, max_batch_tokens // that)`` completions; ``None`` (default) splits by
+            ``batch_size`` alone.
     """
 
     def __init__(self, batch_size: int = 256, share_prompts: bool = True, max_batch_tokens: Optional[int] = None):
