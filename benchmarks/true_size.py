@@ -79,7 +79,8 @@ class RecipeSizes:
     logprob_chunk_size: int | None = 512
     """``model.policy.logprob_chunk_size`` (``Policy``'s default when the recipe leaves it out)."""
     micro_batch_size: int = 1
-    """``model.micro_batch_size``: completions per update micro-batch."""
+    """``model.micro_batch_size``: completions per update micro-batch (with ``model.micro_batch_tokens``, the
+    full-length sequences the budget holds)."""
     engine_batch: int = 256
     """``model.engine.init_args.batch_size``: completions per ``generate`` call."""
     num_generations: int = 8
@@ -113,18 +114,20 @@ def read_recipe(path: str | Path) -> RecipeSizes:
         raise FileNotFoundError(f"--recipe {path}: no such file")
     model = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
     policy = model.get("policy") or {}
-    if "model_name_or_path" not in policy or "micro_batch_size" not in model:
+    if "model_name_or_path" not in policy or not {"micro_batch_size", "micro_batch_tokens"} & set(model):
         raise ValueError(f"{path}: not a GRPO recipe (needs model.policy.model_name_or_path and "
-                         f"model.micro_batch_size)")
+                         f"model.micro_batch_size or model.micro_batch_tokens)")
     engine = (model.get("engine") or {}).get("init_args") or {}
     sizes = RecipeSizes(recipe=str(path), model=policy["model_name_or_path"])
     for name in ("dtype", "load_in_4bit", "lora", "gradient_checkpointing", "logprob_chunk_size"):
         if name in policy:
             setattr(sizes, name, policy[name])
-    sizes.micro_batch_size = model["micro_batch_size"]
     sizes.engine_batch = engine.get("batch_size", sizes.engine_batch)
     sizes.num_generations = model.get("num_generations", sizes.num_generations)
     sizes.max_new_tokens = (model.get("sampling") or {}).get("max_new_tokens", sizes.max_new_tokens)
+    # a token budget's worst micro-batch: as many full-length sequences as the budget holds
+    sizes.micro_batch_size = model.get("micro_batch_size") or max(
+        1, model["micro_batch_tokens"] // (PROMPT_TOKENS + sizes.max_new_tokens))
     return sizes
 
 
