@@ -10,7 +10,7 @@ asserts one fault's intended outcome, so a passing test means that outcome, a fa
 regression, and one that runs past its time limit a hang.
 They run in one pytest process under pytest-timeout, the whole run under a wall-clock limit too.
 
-    python scripts/fault_probes.py            # every probe (about 7 minutes on 2 cores)
+    python scripts/fault_probes.py            # every probe (about 6 minutes on 2 cores)
     python scripts/fault_probes.py --fast     # without the end-to-end runs (about 3 minutes)
     python scripts/fault_probes.py --timeout 60
 
