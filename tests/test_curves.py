@@ -55,6 +55,22 @@ def test_seeded_evaluation_keeps_trainings_random_state_and_counts_rl_steps(tmp_
     assert rows[0]["seconds"] < 0.2 and callback.state_dict()["training_seconds"] < 0.2  # evaluations left out
 
 
+def test_the_step_the_loop_evaluates_as_the_end_point_gets_no_curve_point(tmp_path, monkeypatch):
+    """``end_step``: the phase's last RL step is its end point (evaluated from the export): not evaluated twice."""
+    calls = []
+    monkeypatch.setattr(pass_at_k, "evaluate_policy", lambda policy, evaluators, engine, seed: calls.append(seed) or {})
+    path = tmp_path / "curve.jsonl"
+    callback = PassAtKEvaluation([], every_n_steps=2, seed=0, path=str(path), at_end=False, end_step=4)
+    trainer = SimpleNamespace(loggers=[], is_global_zero=True, global_step=0, log_dir=None)
+    module = SimpleNamespace(policy=object(), rollout_step=0)
+    callback.on_train_start(trainer, module)
+    for step in (1, 2, 3, 4):
+        module.rollout_step = trainer.global_step = step
+        callback.on_train_batch_end(trainer, module, None, None, step - 1)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [2]
+    assert phase_rl_steps(SimpleNamespace(trainer={"max_steps": 8}, model={"num_iterations": 2})) == 4
+
+
 # ---------------------------------------------------------------------------- bad settings
 
 

@@ -41,11 +41,13 @@ class PassAtKEvaluation(L.Callback):
             training time so far, this callback's evaluations left out.
         path: the jsonl file of the rows (default: ``evaluations.jsonl`` in the trainer's log directory).
         at_end: also evaluate when fit ends.
+        end_step: a step evaluated elsewhere (the loop's RL end point, which evaluates the same weights with
+            the same seed): the periodic evaluation skips it.
     """
 
     def __init__(self, evaluators: list[Evaluator], every_n_steps: int = 0, at_start: bool = False,
                  engine: Optional[RolloutEngine] = None, seed: Optional[int] = None, path: Optional[str] = None,
-                 at_end: bool = True):
+                 at_end: bool = True, end_step: Optional[int] = None):
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps must be >= 0 (0: at the end only), got {every_n_steps}")
         self.evaluators = evaluators
@@ -55,6 +57,7 @@ class PassAtKEvaluation(L.Callback):
         self.seed = seed
         self.path = path
         self.at_end = at_end
+        self.end_step = end_step
         self.history: list[dict] = []
         self._last_step = -1
         self._training_seconds = 0.0  # of the phase before this process's fit (a resumed phase's earlier part)
@@ -131,7 +134,7 @@ class PassAtKEvaluation(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = self.step(trainer, pl_module)
-        if self.every_n_steps and step % self.every_n_steps == 0 and step > 0:
+        if self.every_n_steps and step % self.every_n_steps == 0 and step > 0 and step != self.end_step:
             self.run(trainer, pl_module)
 
     def on_fit_end(self, trainer, pl_module) -> None:

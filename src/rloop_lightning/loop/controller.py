@@ -467,7 +467,8 @@ class RLoop:
         ensure_callback(cli.trainer, ExpertHarvester, ExpertHarvester)
         curve = None if self.curve_every_n_steps is None else PassAtKEvaluation(
             self.evaluators, self.curve_every_n_steps, engine=self.eval_engine, seed=self.seed,
-            path=str(self.layout.curve(directory.relative_to(self.layout.root).as_posix())), at_end=False)
+            path=str(self.layout.curve(directory.relative_to(self.layout.root).as_posix())), at_end=False,
+            end_step=phase_rl_steps(cli.config))
         try:
             self._fit(cli, directory, curve)
         finally:

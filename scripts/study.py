@@ -1,0 +1,292 @@
+"""The study of docs/results.md: RLoop against plain GRPO where plain GRPO over-specialises, every setting
+chosen on the validation split, the test and OOD splits read only for the final tables.
+
+    python scripts/study.py --task countdown        # the search, then the final comparison
+    python scripts/study.py --task arithmetic
+    python scripts/study.py --task countdown --stage search     # validation only
+    python scripts/study.py --task countdown --stage final      # the search's choice (or --setting NAME)
+    python scripts/study.py --task countdown --report-only      # tabulate finished runs, run nothing
+    python scripts/study.py --quick ...                          # 2 arms, 2 final seeds: the pipeline, cheaply
+
+**Search** (``--search-seeds``, default 100: seeds apart from the final ones, so the choice is not fitted to
+the seeds that report it): every arm of ``SEARCH_ARMS`` is ``rloop fit --config configs/study/<task>.yaml``
+plus its flags, each evaluating only the validation split, theta_0, every ``curve_every_n_steps`` RL steps
+and every phase end. Each RLoop arm offers three answers at the run's total RL steps (``output``: theta_K,
+the last RL phase's end point, the saved policy best on validation); plain GRPO offers its end point and its
+best saved policy on validation (early stopping). The choice: the RLoop (arm, answer) of highest validation
+avg@n among those at or above plain GRPO's answer of the same rule at pass@32, else the highest avg@n. A
+search config with an evaluator of any other split is refused before anything runs.
+
+**Final** (``--seeds``, default 0-4): the chosen arm and plain GRPO per seed; each candidate answer is then
+evaluated on the test and OOD splits (``rloop eval --config configs/study/eval_<task>.yaml --seed S``,
+``<run>/study_eval/<answer>.json``). Tables: mean ± std over seeds, and a paired t-test by seed
+(``rloop_lightning.loop.significance``) of the chosen answer against each plain-GRPO answer.
+
+Everything goes to ``runs/study/<task>/{search,final}/<arm>_seed<S>``; the page's block between
+``<!-- study: <task> -->`` markers is rewritten, and ``docs/results/study_<task>_curves.png`` drawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import reproduce_tiny as tiny  # noqa: E402  (a sibling script: tables, curves, the results page)
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ("countdown", "arithmetic")
+STEPS = 120  # RL steps of every arm: K x steps per iteration
+POOL = 128
+
+
+def k_iterations(k: int, *flags: str) -> list[str]:
+    """Flags for K iterations of STEPS / K RL steps each (the study configs' GRPO overrides restated)."""
+    overrides = {"trainer.max_steps": STEPS // k, "model.optimizer.init_args.lr": 0.0002, "data.init_args.limit": POOL}
+    return ["--iterations", str(k), *flags, "--grpo.overrides", json.dumps(overrides)]
+
+
+PLAIN = "plain_grpo"
+SEARCH_ARMS = {  # name -> `rloop fit` flags on top of configs/study/<task>.yaml (K = 6 x 20 RL steps)
+    PLAIN: ["--vanilla", "true"],
+    "rloop_k6_hard": [],
+    "rloop_k6_all": ["--expert_set.filter", "none"],
+    "rloop_k2_hard": k_iterations(2),
+    "rloop_k2_all": k_iterations(2, "--expert_set.filter", "none"),
+}
+QUICK_ARMS = (PLAIN, "rloop_k6_hard")
+ANSWERS = {"theta_K": "theta_K", "rl_end": "last RL end", "best_validation": "best saved on validation"}
+
+
+def config_of(task: str) -> str:
+    return f"configs/study/{task}.yaml"
+
+
+def check_search_config(config: str) -> None:
+    """Refuse a search config that evaluates anything but a validation split: the search reads validation only."""
+    import yaml
+
+    evaluators = yaml.safe_load((ROOT / config).read_text()).get("evaluators") or []
+    splits = sorted({e.get("split", "test") for e in evaluators} - {"validation"})
+    if splits or not evaluators:
+        raise SystemExit(f"{config}: the search evaluates the validation split only (evaluators with split: "
+                         f"validation); it has {', '.join(splits) or 'no evaluator'}. Test and OOD are read only "
+                         "by the final tables (configs/study/eval_<task>.yaml)")
+
+
+def run(config: str, run_dir: Path, seed: int, flags: list[str], extra: list[str]) -> Path:
+    """``rloop fit`` for one arm and seed (skipped when finished), one core."""
+    if tiny.finished(run_dir):
+        return run_dir
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "rloop_lightning", "fit", "--config", config, "--run_dir", str(run_dir),
+               "--seed", str(seed), *flags, *extra]
+    with open(run_dir.with_suffix(".log"), "w") as log:
+        result = subprocess.run(command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log,
+                                stderr=subprocess.STDOUT, check=False)
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}); see {run_dir.with_suffix('.log')}")
+    print(f"done: {run_dir}", flush=True)
+    return run_dir
+
+
+def run_all(jobs: list[tuple], parallel: int) -> None:
+    started = time.perf_counter()
+    with ThreadPoolExecutor(parallel) as pool:
+        list(pool.map(lambda job: run(*job), jobs))
+    print(f"{len(jobs)} runs in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def answers(run_dir: Path) -> dict:
+    """The run's candidate answers (``loop.curves.choose``) by ``output`` name; plain GRPO has no theta_K of
+    its own (its last end point)."""
+    from rloop_lightning.loop.curves import choose, load_curve
+
+    points = load_curve(run_dir)
+    rloop = any(p.kind == "rft" for p in points)
+    return {output: point for output in ANSWERS if (rloop or output != "theta_K")
+            and (point := choose(points, output)) is not None}
+
+
+def validation_scores(run_dirs: list[Path]) -> dict[str, tuple[float, float]]:
+    """Per answer: (validation avg@n, pass@32), mean over the runs (seeds)."""
+    from rloop_lightning.loop.curves import validation_split
+
+    by_answer: dict[str, list[tuple[float, float]]] = {}
+    for run_dir in run_dirs:
+        found = answers(run_dir)
+        split = validation_split(list(found.values()))
+        for output, point in found.items():
+            values = point.metrics[split]
+            by_answer.setdefault(output, []).append((tiny.metric(values, "avg@n"), values.get("pass@32", float("nan"))))
+    return {output: (statistics.mean(v[0] for v in vs), statistics.mean(v[1] for v in vs))
+            for output, vs in by_answer.items()}
+
+
+def choose_setting(scores: dict[str, dict[str, tuple[float, float]]]) -> tuple[str, str, bool]:
+    """(arm, answer, beats plain GRPO at pass@32): the RLoop (arm, answer) of highest validation avg@n among
+    those at or above plain GRPO's answer of the same rule at pass@32 (theta_K and rl_end against its end point,
+    best_validation against its best saved policy), else of highest avg@n."""
+    plain = scores[PLAIN]
+    candidates = [(avg, pass32 >= plain["best_validation" if answer == "best_validation" else "rl_end"][1], arm, answer)
+                  for arm, by_answer in scores.items() if arm != PLAIN for answer, (avg, pass32) in by_answer.items()]
+    winners = [c for c in candidates if c[1]] or candidates
+    avg, beats, arm, answer = max(winners, key=lambda c: c[0])
+    return arm, answer, beats
+
+
+def search_section(task: str, runs: dict[str, list[Path]]) -> tuple[list[str], tuple[str, str, bool]]:
+    """The search's map (validation avg@n and pass@32 of every arm's answers) and its choice."""
+    scores = {arm: validation_scores(dirs) for arm, dirs in runs.items()}
+    choice = choose_setting(scores)
+    seeds = ", ".join(sorted({d.name.rsplit("_seed", 1)[1] for dirs in runs.values() for d in dirs}))
+    lines = [f"Search: `python scripts/study.py --task {task} --stage search` (seed {seeds}; validation split only). "
+             f"Validation avg@n / pass@32 of each arm's answers after {STEPS} RL steps:", "",
+             "| arm | flags | " + " | ".join(ANSWERS.values()) + " |", "|---|---|" + "---|" * len(ANSWERS)]
+    for arm, by_answer in scores.items():
+        cells = [f"{by_answer[a][0]:.3f} / {by_answer[a][1]:.3f}" if a in by_answer else "(its end point)"
+                 for a in ANSWERS]
+        lines.append(f"| {arm} | `{' '.join(SEARCH_ARMS.get(arm, [])) or '(config)'}` | " + " | ".join(cells) + " |")
+    arm, answer, beats = choice
+    lines += ["", f"Chosen on validation: **{arm}**, answer **{answer}** ({ANSWERS[answer]}), "
+              + ("at or above plain GRPO's answer of the same rule at pass@32, highest avg@n among those."
+                 if beats else "no RLoop answer reaches plain GRPO's pass@32 on validation; highest avg@n."), ""]
+    return lines, choice
+
+
+def evaluate_answers(task: str, run_dir: Path, seed: int) -> dict[str, dict]:
+    """Test and OOD metrics of the run's saved answers (one ``rloop eval`` per distinct policy)."""
+    out, done = {}, {}
+    for output, point in answers(run_dir).items():
+        if point.policy is None:
+            continue
+        path = run_dir / "study_eval" / f"{output}.json"
+        if point.policy in done:
+            out[output] = done[point.policy]
+            continue
+        if not path.exists():
+            command = [sys.executable, "-m", "rloop_lightning", "eval", "--config", f"configs/study/eval_{task}.yaml",
+                       "--policy.model_name_or_path", point.policy, "--seed", str(seed), "--output", str(path)]
+            subprocess.run(command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        out[output] = done[point.policy] = {"rl_step": point.rl_step, "label": point.label,
+                                            "metrics": json.loads(path.read_text())["metrics"]}
+    return out
+
+
+def final_section(task: str, arm: str, answer: str, runs: dict[str, list[Path]], evals: dict) -> list[str]:
+    """Mean ± std over seeds of every answer on test and OOD, and the paired tests of the chosen answer."""
+    from rloop_lightning.loop.significance import paired_t_test
+
+    rows: dict[str, list[dict]] = {}
+    for name in (PLAIN, arm):
+        for run_dir in runs[name]:
+            for output, result in evals[run_dir].items():
+                label = f"{'plain GRPO' if name == PLAIN else name}: {ANSWERS[output]}"
+                if name == PLAIN and output == "rl_end":
+                    label = "plain GRPO: end point"
+                rows.setdefault(label, []).append(result["metrics"])
+    splits = sorted({s for rs in rows.values() for r in rs for s in r}, key=lambda s: (not s.endswith("/test"), s))
+    metrics = ["avg@n", "pass@4", "pass@16", "pass@32"]
+    lines = [f"Final: `python scripts/study.py --task {task} --stage final` (seeds "
+             f"{', '.join(d.name.rsplit('_seed', 1)[1] for d in runs[PLAIN])}), every arm {STEPS} RL steps; "
+             "mean ± std over seeds.", ""] + tiny.split_tables(rows, splits, metrics)
+    chosen = f"{arm}: {ANSWERS[answer]}"
+    lines += [f"Paired t-tests by seed, **{chosen}** minus plain GRPO (df = seeds - 1; * p < 0.05):", "",
+              "| against | split | metric | mean difference | t | p |", "|---|---|---|---|---|---|"]
+    for other in ("plain GRPO: end point", f"plain GRPO: {ANSWERS['best_validation']}"):
+        if other not in rows or chosen not in rows:
+            continue
+        for split in splits:
+            for name in ("avg@n", "pass@32"):
+                test = paired_t_test([tiny.metric(m[split], name) for m in rows[chosen]],
+                                     [tiny.metric(m[split], name) for m in rows[other]])
+                lines.append(f"| {other} | {split} | {name} | {test.mean_difference:+.3f} | {test.t:.2f} | "
+                             f"{test.p:.3f}{' *' if test.significant() else ''} |")
+    return lines + [""]
+
+
+def write_block(doc: Path, task: str, section: str) -> None:
+    """Replace the page's ``<!-- study: task -->`` block (appended when missing); the rest is kept."""
+    begin, end = f"<!-- study: {task} -->", f"<!-- end study: {task} -->"
+    text = doc.read_text() if doc.exists() else "# Results\n"
+    block = f"{begin}\n{section}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    doc.write_text(text)
+
+
+def finished_runs(out: Path, arms, seeds) -> dict[str, list[Path]]:
+    runs = {arm: [out / f"{arm}_seed{s}" for s in seeds if tiny.finished(out / f"{arm}_seed{s}")] for arm in arms}
+    return {arm: dirs for arm, dirs in runs.items() if dirs}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=TASKS, default="countdown")
+    parser.add_argument("--stage", choices=("search", "final", "all"), default="all")
+    parser.add_argument("--setting", default=None, help="final stage: ARM:ANSWER instead of the search's choice")
+    parser.add_argument("--search-seeds", type=int, nargs="+", default=[100])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--quick", action="store_true", help=f"arms {', '.join(QUICK_ARMS)}, 2 final seeds")
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one core each)")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "study")
+    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
+    parser.add_argument("--report-only", action="store_true", help="tabulate finished runs, run nothing")
+    parser.add_argument("--flags", default="", help="extra `rloop fit` flags for every run (e.g. a quick setting)")
+    args = parser.parse_args(argv)
+    config = config_of(args.task)
+    check_search_config(config)  # before anything runs
+    arms = {a: f for a, f in SEARCH_ARMS.items() if not args.quick or a in QUICK_ARMS}
+    seeds = args.seeds[:2] if args.quick else args.seeds
+    extra = args.flags.split()
+    out = args.out / args.task
+    lines: list[str] = []
+    search_out = out / "search"
+    if args.stage in ("search", "all") and not args.report_only:
+        run_all([(config, search_out / f"{a}_seed{s}", s, f, extra) for s in args.search_seeds for a, f in arms.items()],
+                args.jobs)
+    searched = finished_runs(search_out, arms, args.search_seeds)
+    if PLAIN in searched and len(searched) > 1:
+        search_lines, (arm, answer, _) = search_section(args.task, searched)
+        lines += search_lines
+    elif args.setting is None:
+        raise SystemExit(f"no finished search runs under {search_out} (plain GRPO and an RLoop arm); run the search")
+    if args.setting:
+        arm, answer = args.setting.split(":")
+    if args.stage in ("final", "all"):
+        final_out = out / "final"
+        if not args.report_only:
+            run_all([(config, final_out / f"{a}_seed{s}", s, arms[a], extra) for s in seeds for a in (PLAIN, arm)],
+                    args.jobs)
+        runs = finished_runs(final_out, (PLAIN, arm), seeds)
+        if set(runs) == {PLAIN, arm}:
+            with ThreadPoolExecutor(args.jobs) as pool:
+                dirs = [d for ds in runs.values() for d in ds]
+                evals = dict(zip(dirs, pool.map(lambda d: evaluate_answers(args.task, d, int(d.name.rsplit("_seed", 1)[1])),
+                                                dirs)))
+            lines += final_section(args.task, arm, answer, runs, evals)
+            figures = args.doc.parent / "results"
+            figures.mkdir(parents=True, exist_ok=True)
+            named = {"plain GRPO": runs[PLAIN], arm: runs[arm]}
+            from rloop_lightning.loop.curves import load_curve, validation_split
+
+            split = validation_split(load_curve(runs[PLAIN][0]))
+            if tiny.plot_held_out_curves(named, split, figures / f"study_{args.task}_curves.png"):
+                lines += [f"![validation avg@n over RL steps, {split}](results/study_{args.task}_curves.png)", ""]
+    write_block(args.doc, args.task, "\n".join(lines))
+    print(args.doc)
+
+
+if __name__ == "__main__":
+    main()

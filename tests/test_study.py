@@ -1,0 +1,172 @@
+"""scripts/study.py (the search on validation, the final tables, the paired tests) and
+``loop.significance``: pure functions against hand computations, the pipeline on run directories in the
+loop's layout (no run is made here: each piece it calls, the loop with a curve and ``rloop eval``, is
+tested end to end elsewhere)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from rloop_lightning.loop.layout import BASE_EVALUATION, RunLayout
+from rloop_lightning.loop.significance import PairedTest, paired_t_test, regularized_beta, t_two_sided_p
+from rloop_lightning.records import write_json_atomic
+from script_modules import load_script
+
+
+@pytest.fixture(scope="module")
+def study():
+    return load_script("study")
+
+
+# ---------------------------------------------------------------------------- the paired t-test
+
+
+def test_paired_t_test_matches_a_hand_computation():
+    # d = [0.5, 0.1, 1.0, 0.9, 0.4]: mean 0.58, std sqrt(0.548 / 4) = 0.370135, t = 0.58 / (0.370135 / sqrt 5)
+    test = paired_t_test([1, 2, 3, 4, 5], [0.5, 1.9, 2.0, 3.1, 4.6])
+    assert test.n == 5 and test.mean_difference == pytest.approx(0.58)
+    assert test.t == pytest.approx(0.58 / (math.sqrt(0.548 / 4) / math.sqrt(5)), rel=1e-12)
+    assert test.p == pytest.approx(0.024808, abs=1e-6) and test.significant()
+    assert paired_t_test([0.5, 1.9, 2.0, 3.1, 4.6], [1, 2, 3, 4, 5]).t == pytest.approx(-test.t)  # sign follows a - b
+
+
+def test_the_t_distribution_at_its_critical_values():
+    assert t_two_sided_p(2.776445, 4) == pytest.approx(0.05, abs=1e-6)  # 5 seeds: the 0.05 threshold
+    assert t_two_sided_p(2.228139, 10) == pytest.approx(0.05, abs=1e-6)
+    assert t_two_sided_p(1.0, 1) == pytest.approx(0.5, abs=1e-12)  # Cauchy: P(|T| >= 1) = 1/2
+    assert t_two_sided_p(0.0, 4) == 1.0
+    assert regularized_beta(0.3, 1.0, 1.0) == pytest.approx(0.3)  # uniform
+    assert regularized_beta(0.3, 2.0, 3.0) == pytest.approx(0.3483, abs=1e-12)  # 1 - sum_{j<2} C(4,j) 0.3^j 0.7^(4-j)
+    assert not PairedTest(0.1, 2.776445, 0.05, 5).significant() and PairedTest(0.1, 2.8, 0.0499, 5).significant()
+
+
+def test_degenerate_and_bad_pairs():
+    assert paired_t_test([1.0, 1.0], [1.0, 1.0]).p == 1.0
+    constant = paired_t_test([2.0, 3.0], [1.0, 2.0])  # every difference is 1: no spread
+    assert constant.t == math.inf and constant.p == 0.0
+    with pytest.raises(ValueError, match="at least 2 seeds, got 1"):
+        paired_t_test([1.0], [0.0])
+    with pytest.raises(ValueError, match="one value of each arm per seed, got 2 and 3"):
+        paired_t_test([1.0, 2.0], [1.0, 2.0, 3.0])
+
+
+# ---------------------------------------------------------------------------- the search reads validation only
+
+
+def test_a_search_config_with_a_test_or_ood_evaluator_is_refused_before_anything_runs(study, tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "run", lambda *args: pytest.fail("a run started"))
+    config = Path("configs/study/countdown.yaml")
+    for split in ("test", "ood"):
+        text = config.read_text().replace("split: validation", f"split: {split}")
+        bad = tmp_path / f"{split}.yaml"
+        bad.write_text(text)
+        monkeypatch.setattr(study, "config_of", lambda task, bad=bad: str(bad))
+        with pytest.raises(SystemExit, match=f"{bad}: the search evaluates the validation split only .* it has {split}"):
+            study.main(["--out", str(tmp_path / "runs"), "--doc", str(tmp_path / "results.md")])
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results.md").exists()
+
+
+def test_the_shipped_study_configs_evaluate_validation_only_and_run_equal_rl_steps(study):
+    import yaml
+
+    for task in study.TASKS:
+        study.check_search_config(study.config_of(task))
+        loop = yaml.safe_load(Path(study.config_of(task)).read_text())
+        assert loop["iterations"] * loop["grpo"]["overrides"]["trainer.max_steps"] == study.STEPS
+        assert loop["grpo"]["overrides"]["data.init_args.limit"] == study.POOL
+        for arm, flags in study.SEARCH_ARMS.items():
+            if "--grpo.overrides" in flags:  # restated overrides: K x steps is still STEPS, the pool unchanged
+                k = int(flags[flags.index("--iterations") + 1])
+                overrides = json.loads(flags[flags.index("--grpo.overrides") + 1])
+                assert k * overrides["trainer.max_steps"] == study.STEPS, arm
+                assert {key: overrides[key] for key in loop["grpo"]["overrides"] if key != "trainer.max_steps"} == {
+                    key: value for key, value in loop["grpo"]["overrides"].items() if key != "trainer.max_steps"}
+
+
+def test_the_choice_needs_plain_grpos_pass_at_32_of_the_same_rule(study):
+    plain = {"rl_end": (0.30, 0.80), "best_validation": (0.32, 0.85)}
+    scores = {study.PLAIN: plain,
+              "a": {"theta_K": (0.35, 0.79), "rl_end": (0.31, 0.80), "best_validation": (0.40, 0.84)},
+              "b": {"theta_K": (0.33, 0.90)}}
+    # a/theta_K (0.35) misses 0.80; a/best_validation (0.40) misses 0.85; a/rl_end ties 0.80: counts
+    assert study.choose_setting(scores) == ("b", "theta_K", True)
+    scores["b"] = {"theta_K": (0.30, 0.79)}
+    assert study.choose_setting(scores) == ("a", "rl_end", True)  # exactly at plain GRPO's pass@32
+    scores["a"]["rl_end"] = (0.31, 0.7999)
+    assert study.choose_setting(scores) == ("a", "best_validation", False)  # none reaches it: highest avg@n
+
+
+# ---------------------------------------------------------------------------- the pipeline on finished runs
+
+
+def curve_run(run_dir: Path, vanilla: bool, validation: list[float]) -> Path:
+    """A finished 2-iteration run (4 RL steps per phase, a curve point at step 2) whose validation avg@n is
+    ``validation`` at steps 0, 2, 4, 6, 8 (pass@32 = avg@n + 0.5), RFT outputs equal to the RL end points."""
+    layout = RunLayout(run_dir)
+
+    def metrics(step: int) -> dict:
+        value = validation[step // 2]
+        return {"countdown/validation": {"avg@32": value, "pass@32": value + 0.5}}
+
+    write_json_atomic(layout.evaluation(BASE_EVALUATION), {"policy": "base", "metrics": metrics(0)})
+    completed = {}
+    for k in (0, 1):
+        grpo = layout.phase("grpo", k)
+        layout.directory(grpo).mkdir(parents=True)
+        layout.curve(grpo).write_text(json.dumps({"step": 2, "seconds": 1.0, "metrics": metrics(4 * k + 2)}) + "\n")
+        completed[grpo] = {"steps": 4, "seconds": 2.0}
+        end = {"policy": str(layout.policy(grpo)), "metrics": metrics(4 * k + 4)}
+        write_json_atomic(layout.evaluation(layout.phase("eval" if vanilla else "eval_rl_end", k)), end)
+        if not vanilla:
+            write_json_atomic(layout.evaluation(layout.phase("eval", k)),
+                              {"policy": str(layout.policy(layout.phase("rft", k))), "metrics": metrics(4 * k + 4)})
+    layout.manifest.write_text(json.dumps({"config": {"iterations": 2}, "completed": completed}))
+    return run_dir
+
+
+def test_quick_study_searches_on_validation_then_tabulates_test_with_paired_tests(study, tmp_path, monkeypatch):
+    """--quick --report-only on finished runs: the search picks RLoop's best saved policy on validation
+    (0.6 against plain GRPO's 0.5 and pass@32 1.1 against 1.0); the final tables read test only through
+    the answers' evaluations; RLoop is ahead by 0.1 on every seed but one (paired test)."""
+    monkeypatch.setattr(study, "run", lambda *args: pytest.fail("--report-only ran a run"))
+    out = tmp_path / "runs"
+    search = out / "countdown" / "search"
+    curve_run(search / "plain_grpo_seed100", True, [0.1, 0.3, 0.5, 0.4, 0.3])
+    curve_run(search / "rloop_k6_hard_seed100", False, [0.1, 0.2, 0.6, 0.3, 0.2])
+    final = out / "countdown" / "final"
+    evaluated = []
+
+    def evaluate(task, run_dir, seed):  # the answers' test evaluations, as rloop eval writes them
+        evaluated.append((run_dir.name, seed))
+        rloop = "rloop" in run_dir.name
+        lead = 0.1 + 0.01 * seed if rloop else 0.0
+        return {output: {"rl_step": 8, "label": output, "metrics": {
+                    "countdown/test": {"avg@128": 0.3 + lead, "pass@4": 0.5, "pass@16": 0.7, "pass@32": 0.8 + lead}}}
+                for output in (("theta_K", "rl_end", "best_validation") if rloop else ("rl_end", "best_validation"))}
+
+    monkeypatch.setattr(study, "evaluate_answers", evaluate)
+    for seed in (0, 1):
+        curve_run(final / f"plain_grpo_seed{seed}", True, [0.1, 0.3, 0.5, 0.4, 0.3])
+        curve_run(final / f"rloop_k6_hard_seed{seed}", False, [0.1, 0.2, 0.6, 0.3, 0.2])
+    curve_run(final / "rloop_k6_hard_seed2", False, [0.1, 0.2, 0.6, 0.3, 0.2])  # --quick: 2 final seeds only
+    doc = tmp_path / "docs" / "results.md"
+    doc.parent.mkdir()
+    doc.write_text("# Results\n\nProse.\n")
+    study.main(["--quick", "--report-only", "--out", str(out), "--doc", str(doc)])
+    text = doc.read_text()
+    assert text.startswith("# Results\n\nProse.\n\n<!-- study: countdown -->\n") and "<!-- end study: countdown -->" in text
+    assert "| plain_grpo | `--vanilla true` | (its end point) | 0.300 / 0.800 | 0.500 / 1.000 |" in text
+    assert "| rloop_k6_hard | `(config)` | 0.200 / 0.700 | 0.200 / 0.700 | 0.600 / 1.100 |" in text
+    assert "Chosen on validation: **rloop_k6_hard**, answer **best_validation**" in text
+    assert sorted(evaluated) == [("plain_grpo_seed0", 0), ("plain_grpo_seed1", 1),
+                                 ("rloop_k6_hard_seed0", 0), ("rloop_k6_hard_seed1", 1)]
+    assert "| rloop_k6_hard: best saved on validation | 2 | 0.405 ± 0.007 | 0.500 ± 0.000 |" in text
+    assert "| plain GRPO: end point | 2 | 0.300 ± 0.000 |" in text
+    # d = [0.10, 0.11]: mean 0.105, std 0.00707, t = 21.0, df = 1: p = 0.0303
+    assert "| plain GRPO: end point | countdown/test | avg@n | +0.105 | 21.00 | 0.030 * |" in text
+    assert "| plain GRPO: best saved on validation | countdown/test | pass@32 | +0.105 | 21.00 | 0.030 * |" in text
+    assert (tmp_path / "docs" / "results" / "study_countdown_curves.png").stat().st_size > 0
