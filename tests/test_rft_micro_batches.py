@@ -89,6 +89,17 @@ def test_a_step_by_tokens_has_the_uncut_batch_gradient(settings):
     assert_same_gradients(uncut, by_tokens)
 
 
+def test_a_nonfinite_micro_batch_skips_the_step_before_any_backward_and_counts_it():
+    module, optimizer = rft_module(70, kl_coef=0.0)
+    embeddings = module.policy.require_model().get_input_embeddings()
+    embeddings.register_forward_hook(lambda layer, inputs, output: output * float("nan"))
+    records = records_of(LONG_TAILED)
+    batch = module.policy.encode_pairs([r["prompt"] for r in records], [r["completion"] for r in records])
+    loss, _ = module.update_by_tokens(batch)
+    assert not torch.isfinite(loss) and optimizer.gradients == [] and module.bad_steps_in_a_row == 1
+    assert all(p.grad is None for p in module.policy.parameters())  # no backward ran: no rank waits in one
+
+
 def write_records(path, pairs) -> str:
     path.write_text("".join(json.dumps(record) + "\n" for record in records_of(pairs)))
     return str(path)
