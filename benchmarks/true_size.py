@@ -1,4 +1,4 @@
-"""Peak memory of a GRPO recipe at its model's true size: one update micro-batch and one rollout call.
+"""Peak memory of a GRPO or RFT recipe at its model's true size: one update micro-batch and one rollout call.
 
 A recipe's memory terms are tensor sizes, so they need the architecture, not trained weights. This
 builds the recipe's model from the architecture config written in the repository
@@ -16,14 +16,18 @@ any size), and measures, in one fresh process on the device present (peak RSS on
   the micro-batch's tokens m (prompt + c) (checkpointed layer inputs, one recomputed layer), as long
   as ``c`` is at least one chunk: the slope is the activations per token and the intercept what does
   not grow with them (one chunk of logits, the head's bf16 copy, the adapter's gradients). The
-  recipe's micro-batch (``micro_batch_size`` x (prompt + ``max_new_tokens`` + 1)) is read off the line
-  when it was not measured itself;
+  recipe's micro-batch (``micro_batch_size`` x (prompt + ``max_new_tokens`` + 1); under
+  ``micro_batch_tokens``, the full-length sequences the budget holds) is read off the line when it was not
+  measured itself. An RFT recipe (``micro_batch_tokens`` set; no ``sampling``) trains on completions of
+  GRPO's default 512-token budget; its update is measured as the GRPO micro-batch of the same tokens (the
+  same forward, log-probs and backward; the losses differ by per-token terms);
 - **rollout**: one ``HFGenerateEngine`` call of ``b`` completions of one prompt of ``P`` tokens, a few
   new tokens each, at two ``b`` and two ``P``. The KV cache holds prompt and generated tokens alike,
   so growth = a + b (s + k L) with L = P + new tokens: ``k`` is the KV cache per token of one
   sequence, ``s`` one decoding step's logits per sequence; the recipe's engine batch and
   200 + ``max_new_tokens`` tokens are read off the plane (a prompt's pre-fill runs once per distinct
-  prompt: the recipe's 8 per call are not measured here).
+  prompt: the recipe's 8 per call are not measured here). An RFT recipe samples only in its evaluation
+  callback, whose engine batch is read instead of ``model.engine``'s.
 
 Where CPU time, not memory, is the limit (a 1.5B decode step takes seconds here), the sizes measured
 are smaller than the recipe's and the table says which cells are read off the fitted line. The
@@ -62,7 +66,7 @@ QUICK_SHAPE = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, n
 
 @dataclass
 class RecipeSizes:
-    """What one GRPO recipe says about memory: the model and the sizes its update and rollouts run at."""
+    """What one GRPO or RFT recipe says about memory: the model and the sizes its update and rollouts run at."""
 
     recipe: str
     """The recipe file."""
@@ -82,7 +86,8 @@ class RecipeSizes:
     """``model.micro_batch_size``: completions per update micro-batch (with ``model.micro_batch_tokens``, the
     full-length sequences the budget holds)."""
     engine_batch: int = 256
-    """``model.engine.init_args.batch_size``: completions per ``generate`` call."""
+    """``model.engine.init_args.batch_size``: completions per ``generate`` call (an RFT recipe: its evaluation
+    callback's engine)."""
     num_generations: int = 8
     """``model.num_generations``: completions per prompt."""
     max_new_tokens: int = 512
@@ -106,18 +111,23 @@ class Plan:
 
 
 def read_recipe(path: str | Path) -> RecipeSizes:
-    """The sizes a GRPO recipe YAML sets; a clear error for a file that is not one."""
+    """The sizes a GRPO or RFT recipe YAML sets; a clear error for a file that is neither."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--recipe {path}: no such file")
-    model = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
+    recipe = yaml.safe_load(path.read_text()) or {}
+    model = recipe.get("model") or {}
     policy = model.get("policy") or {}
     if "model_name_or_path" not in policy or not {"micro_batch_size", "micro_batch_tokens"} & set(model):
-        raise ValueError(f"{path}: not a GRPO recipe (needs model.policy.model_name_or_path and "
-                         f"model.micro_batch_size or model.micro_batch_tokens)")
+        raise ValueError(f"{path}: not a GRPO recipe, nor an RFT recipe with a token budget (needs "
+                         f"model.policy.model_name_or_path and model.micro_batch_size or model.micro_batch_tokens)")
     engine = (model.get("engine") or {}).get("init_args") or {}
+    if "engine" not in model:  # RFT: the evaluation callback's engine, if it names one
+        callbacks = ((recipe.get("trainer") or {}).get("callbacks") or [])
+        engine = next((((c.get("init_args") or {}).get("engine") or {}).get("init_args") or {} for c in callbacks
+                       if isinstance(c, dict) and (c.get("init_args") or {}).get("engine")), {})
     sizes = RecipeSizes(recipe=str(path), model=policy["model_name_or_path"])
     for name in ("dtype", "load_in_4bit", "lora", "gradient_checkpointing", "logprob_chunk_size"):
         if name in policy:

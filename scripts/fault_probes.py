@@ -5,7 +5,8 @@ crash/resume test of tests/test_loop.py, and the second round's tests/test_preem
 tests/test_checks.py, tests/test_data_errors.py, tests/test_resume_verify.py and
 tests/test_command_inputs.py; from the third, tests/test_base_identity.py, tests/test_grpo.py,
 tests/test_truncation.py, tests/test_reproduce_tiny.py, tests/test_agreement.py,
-tests/test_async_rollouts.py, tests/test_micro_batches.py and tests/test_true_size.py too): each
+tests/test_async_rollouts.py, tests/test_micro_batches.py, tests/test_true_size.py and
+tests/test_rft_micro_batches.py too): each
 asserts one fault's intended outcome, so a passing test means that outcome, a failing one a
 regression, and one that runs past its time limit a hang.
 They run in one pytest process under pytest-timeout, the whole run under a wall-clock limit too.
@@ -257,6 +258,13 @@ PROBES = [
           "tests/test_true_size.py::test_a_recipe_that_is_not_grpo_is_refused_naming_the_fields"),
     Probe("benchmarks.true_size: a size beyond the machine's memory", "clear error before allocating",
           "tests/test_true_size.py::test_a_size_beyond_the_machines_memory_is_refused_before_allocating"),
+    Probe("RFT micro_batch_tokens below the longest record, or with accumulate_grad_batches / gradient_clip_val",
+          "clear error naming micro_batch_tokens (and the Trainer setting) before the model loads; records drawn "
+          "as they load: at the first batch",
+          "tests/test_rft_micro_batches.py::test_a_budget_below_the_longest_record_is_refused_naming_it"),
+    Probe("RFT, FSDP2, token budget: ranks cut different numbers of micro-batches (2 ranks)",
+          "handled: as many micro-batches on every rank, the uncut gradient",
+          "tests/test_rft_micro_batches.py::test_ranks_with_unequal_lengths_agree_on_micro_batches_and_keep_the_gradient"),
 ]
 
 

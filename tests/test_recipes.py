@@ -172,12 +172,18 @@ def test_grpo_refuses_the_fsdp_shorthand_too(monkeypatch):
 
 
 def test_8gb_recipes_hold_the_settings_their_memory_table_adds_up():
-    """docs/scale_out.md's 8 GB column: chunks of 256, engine and evaluation batches of 64, micro-batch 8; the
-    24 GB recipe's update at micro-batch 64 with the default chunk (512)."""
+    """docs/scale_out.md's 8 GB column: chunks of 256, engine and evaluation batches of 64, micro-batches of 8
+    full-length sequences' tokens (GRPO 8 x 712, RFT 8 x 713); the 24 GB recipe's update at 64 x 712 tokens with
+    the default chunk (512), its RFT a step of 16 x 713. RFT steps are 16 records, without accumulation."""
     grpo = parse("grpo", ["--config", str(CONFIGS / "recipes/qlora_gsm8k_grpo_8gb.yaml")]).model
-    assert (grpo.policy.init_args.logprob_chunk_size, grpo.engine.init_args.batch_size, grpo.micro_batch_size) == (256, 64, 8)
+    assert (grpo.policy.init_args.logprob_chunk_size, grpo.engine.init_args.batch_size,
+            grpo.micro_batch_tokens) == (256, 64, 8 * 712)
     rft = parse("rft", ["--config", str(CONFIGS / "recipes/qlora_gsm8k_rft_8gb.yaml")])
-    assert rft.model.policy.init_args.logprob_chunk_size == 256
+    assert (rft.model.policy.init_args.logprob_chunk_size, rft.model.micro_batch_tokens) == (256, 8 * 713)
+    big_rft = parse("rft", ["--config", str(CONFIGS / "recipes/qlora_gsm8k_rft.yaml")])
+    assert big_rft.model.micro_batch_tokens == 16 * 713
+    for phase in (rft, big_rft):
+        assert (phase.data.init_args.batch_size, phase.trainer.accumulate_grad_batches) == (16, 1)
     evaluation = next(c for c in rft.trainer.callbacks if c.class_path.endswith("PassAtKEvaluation"))
     assert evaluation.init_args.engine.init_args.batch_size == 64
     loop = parse("fit", ["--config", str(CONFIGS / "recipes/qlora_gsm8k_rloop_8gb.yaml")])
@@ -185,4 +191,4 @@ def test_8gb_recipes_hold_the_settings_their_memory_table_adds_up():
     assert (loop.grpo.config, loop.rft.config) == ("configs/recipes/qlora_gsm8k_grpo_8gb.yaml",
                                                    "configs/recipes/qlora_gsm8k_rft_8gb.yaml")
     big = parse("grpo", ["--config", str(CONFIGS / "recipes/qlora_gsm8k_grpo.yaml")]).model
-    assert (big.policy.init_args.logprob_chunk_size, big.micro_batch_size) == (512, 64)
+    assert (big.policy.init_args.logprob_chunk_size, big.micro_batch_tokens) == (512, 64 * 712)

@@ -74,8 +74,18 @@ def test_a_recipe_whose_model_config_is_not_in_the_repository_is_refused_naming_
 
 
 def test_a_recipe_that_is_not_grpo_is_refused_naming_the_fields(nothing_built):
-    with pytest.raises(ValueError, match="qlora_gsm8k_rft_8gb.yaml: not a GRPO recipe"):
-        true_size.main(["--recipe", "configs/recipes/qlora_gsm8k_rft_8gb.yaml"])
+    with pytest.raises(ValueError, match=r"dapo_qwen2.5_math_7b_rft.yaml: not a GRPO recipe, nor an RFT recipe with a "
+                                         r"token budget \(needs model.policy.model_name_or_path and "
+                                         r"model.micro_batch_size or model.micro_batch_tokens\)"):
+        true_size.main(["--recipe", "configs/recipes/dapo_qwen2.5_math_7b_rft.yaml"])
+
+
+def test_an_rft_recipe_is_read_with_its_token_budget_and_evaluation_engine():
+    """The 8 GB RFT recipe: 5704 tokens hold 8 sequences of 200 + 512 (+ EOS); its PassAtK engine samples 64."""
+    sizes = true_size.read_recipe("configs/recipes/qlora_gsm8k_rft_8gb.yaml")
+    assert (sizes.micro_batch_size, sizes.engine_batch, sizes.max_new_tokens, sizes.logprob_chunk_size) == (8, 64, 512,
+                                                                                                           256)
+    assert true_size.read_recipe("configs/recipes/qlora_gsm8k_rft.yaml").micro_batch_size == 16
 
 
 def test_a_size_beyond_the_machines_memory_is_refused_before_allocating(nothing_built):

@@ -42,12 +42,14 @@ def padded_tokens(prompt_lengths: Sequence[int], completion_lengths: Sequence[in
     return len(prompt_lengths) * (max(prompt_lengths) + max(completion_lengths))
 
 
-def check_budget(max_tokens: int, longest: int, what: str) -> None:
-    """``ValueError`` naming ``micro_batch_tokens`` when one sequence (``longest`` tokens) exceeds it."""
+def check_budget(max_tokens: int, longest: int, what: str,
+                 without: str = "to cut micro-batches by micro_batch_size") -> None:
+    """``ValueError`` naming ``micro_batch_tokens`` when one sequence (``longest`` tokens) exceeds it (``without``:
+    what null does instead, in the module's words)."""
     if longest > max_tokens:
         raise ValueError(f"{SETTING}={max_tokens} is smaller than the longest single sequence, {longest} tokens "
                          f"({what}): a micro-batch must hold at least one whole sequence. Raise {SETTING} to at "
-                         f"least {longest}, or set it to null to cut micro-batches by micro_batch_size")
+                         f"least {longest}, or set it to null {without}")
 
 
 def by_tokens(prompt_lengths: Sequence[int], completion_lengths: Sequence[int], max_tokens: int,
