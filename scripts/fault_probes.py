@@ -257,6 +257,9 @@ PROBES = [
           "tests/test_true_size.py::test_a_recipe_that_is_not_grpo_is_refused_naming_the_fields"),
     Probe("benchmarks.true_size: a size beyond the machine's memory", "clear error before allocating",
           "tests/test_true_size.py::test_a_size_beyond_the_machines_memory_is_refused_before_allocating"),
+    Probe("balance_ranks without micro_batch_tokens", "clear error naming balance_ranks and micro_batch_tokens, "
+          "before the model loads",
+          "tests/test_micro_batches.py::test_balancing_ranks_without_a_token_budget_is_refused_naming_the_setting"),
 ]
 
 
