@@ -250,7 +250,8 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_ranks_with_unequal_lengths_run_as_many_micro_batches_and_keep_the_gradients(tmp_path):
-    """Fixed counts vs a token budget on FSDP2 over 2 processes (old-policy pass and update, 2 iterations)."""
+    """Fixed counts vs a token budget on FSDP2 over 2 processes (old-policy pass and update, 2 iterations); then
+    the loss normalised over both ranks, with and without ``balance_ranks``, against the same rows on one process."""
     tiny.materialize("rloop/micro-llama")  # once, before two processes would build it at the same time
     torch.multiprocessing.spawn(two_rank_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
