@@ -237,6 +237,10 @@ def two_rank_worker(rank: int, port: int, output: str) -> None:
                                                 "balance_ranks": balanced}, 40, world_size=2,
                                                layout=SHORT if rank == 0 else LONG)
             results[aggregation, balanced] = ([[g.full_tensor() for g in step] for step in gradients], stats)
+        # 10 mini-batches of 12 rows on rank 0 and of 8 on rank 1 (its last two empty): as many optimizer steps
+        steps = update({**case, "num_iterations": 1, "num_mini_batches": 10}, 40, world_size=2,
+                       layout=SHORT if rank == 0 else LONG)[0]
+        results["optimizer_steps"] = len(steps)
         torch.save(results, f"{output}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -265,6 +269,7 @@ def test_ranks_with_unequal_lengths_run_as_many_micro_batches_and_keep_the_gradi
             assert any(g.abs().max() > 1e-4 for g in step_fixed)
             for expected, actual in zip(step_fixed, step_tokens):
                 torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-4)
+    assert [results["optimizer_steps"] for results in ranks] == [10, 10]
     # both ranks' rows on one process, as one batch: the gradient of the global loss, whichever rank held a row
     policy = Policy("rloop/micro-llama")
     tokens = [p + c for p, c in zip(*policy.make_batch(
