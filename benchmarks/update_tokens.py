@@ -14,6 +14,10 @@ Arms (each in its own process, for its peak RSS):
 * ``packed``: the ``tokens`` budget with ``policy.packing`` (each micro-batch's rows in one row, no padding;
   the budget then counts real tokens).
 
+The report's last line: the same rows on ``--ranks`` data-parallel ranks, dealt as sampled (each rank its
+consecutive prompts' groups) and as ``balance_ranks`` would move them (``grpo.balance.balanced_assignment``):
+the largest rank's real tokens over the mean (computed, not run).
+
 Each arm: load, one warm-up update on a small batch, reset the peak RSS (``/proc/self/clear_refs``), then
 one timed update (``GRPOModule._train_on``, the phase's own update) and its peak RSS growth. ``--quick``
 runs the arms one after the other in one process (a smoke run: its memory column means little).
@@ -117,6 +121,20 @@ def run_arm(args, micro_batch_tokens: int | None, packing: bool = False) -> dict
             "real_tokens": sum(len(g.prompt_ids) + len(ids) for g in groups for ids in g.completion_ids)}
 
 
+def rank_imbalance(row_tokens: list[int], generations: int, ranks: int) -> str:
+    """The ranks' token imbalance (largest rank over the mean) of these rows, as sampled and as balanced."""
+    from rloop_lightning.grpo.balance import balanced_assignment, imbalance
+
+    prompts = len(row_tokens) // generations
+    if prompts % ranks:
+        return f"rank token imbalance: {prompts} prompts do not split over {ranks} ranks"
+    per_rank = len(row_tokens) // ranks  # whole groups, as each rank samples its own prompts
+    sampled = [sum(row_tokens[rank * per_rank:(rank + 1) * per_rank]) for rank in range(ranks)]
+    balanced = [sum(row_tokens[i] for i in rows) for rows in balanced_assignment(row_tokens, ranks)]
+    return (f"rank token imbalance on {ranks} ranks (largest rank's real tokens / mean): as sampled "
+            f"{imbalance(sampled):.3f}, with balance_ranks {imbalance(balanced):.3f}")
+
+
 def main(argv=None) -> str | None:
     parser = harness.argument_parser(__doc__)
     parser.add_argument("--model", help="policy model (default rloop/small-llama-32k; --quick: rloop/micro-llama)")
@@ -127,6 +145,7 @@ def main(argv=None) -> str | None:
     parser.add_argument("--micro-batch-size", type=int, help="rows per padded micro-batch (default 8)")
     parser.add_argument("--arms", nargs="+", choices=["padded", "tokens", "tokens/2", "packed"],
                         help="arms to run besides padded (default: all)")
+    parser.add_argument("--ranks", type=int, default=2, help="data-parallel ranks for the token-imbalance line")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = harness.fill_defaults(parser.parse_args(argv),
                                  quick={"model": "rloop/micro-llama", "prompts": 2, "generations": 4,
@@ -164,7 +183,8 @@ def main(argv=None) -> str | None:
                f"median {sorted(lengths)[len(lengths) // 2]}, longest {max(lengths)}, "
                f"{sum(n == args.max_tokens for n in lengths)} at the limit; {padded['real_tokens']} real tokens",
                "one GRPO update (token-mean loss, one mini-batch, SGD) in its own process after a warm-up; peak "
-               "RSS growth over the resident size before the update"]
+               "RSS growth over the resident size before the update",
+               rank_imbalance([args.prompt_tokens + n for n in lengths], args.generations, args.ranks)]
     text = harness.report(table, started, details)
     print(text)
     return text

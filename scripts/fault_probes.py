@@ -265,6 +265,9 @@ PROBES = [
     Probe("RFT, FSDP2, token budget: ranks cut different numbers of micro-batches (2 ranks)",
           "handled: as many micro-batches on every rank, the uncut gradient",
           "tests/test_rft_micro_batches.py::test_ranks_with_unequal_lengths_agree_on_micro_batches_and_keep_the_gradient"),
+    Probe("balance_ranks without micro_batch_tokens", "clear error naming balance_ranks and micro_batch_tokens, "
+          "before the model loads",
+          "tests/test_micro_batches.py::test_balancing_ranks_without_a_token_budget_is_refused_naming_the_setting"),
 ]
 
 

@@ -14,7 +14,8 @@ import torch
 
 from rloop_lightning import micro_batches, tiny
 from rloop_lightning.forwards import PolicyBatch
-from rloop_lightning.grpo import GRPOModule, ImportanceSettings, LossSettings, OverlongSettings
+from rloop_lightning.algorithms import RankTotals, micro_batch_weight
+from rloop_lightning.grpo import GRPOModule, ImportanceSettings, LossSettings, OverlongSettings, balance
 from rloop_lightning.grpo.groups import Group
 from rloop_lightning.policy import LoraSettings, Policy
 from rloop_lightning.rollout.base import SamplingParams
@@ -130,8 +131,9 @@ CASES = {  # every loss type; shared prompts, LoRA, chunks, top-k/top-p truncati
 
 
 def update(case: dict, micro_batch_tokens, world_size: int = 1, layout=LONG_TAILED):
-    """Gradients of each optimizer step, the old-policy and reference log-probs of one GRPO update
-    (``world_size`` 2: the model sharded with FSDP2 over the process group)."""
+    """Gradients of each optimizer step, the old-policy and reference log-probs of one GRPO update, its mask and
+    its metrics (``world_size`` 2: the model sharded with FSDP2 over the process group; ``layout`` a list of
+    layouts: their groups together, e.g. both ranks' rows on one process)."""
     case = dict(case)
     lora = LoraSettings(r=4, alpha=8) if case.pop("lora", False) else None
     packing = case.pop("packing", False) and micro_batch_tokens is not None  # the fixed-count arm pads
@@ -156,14 +158,14 @@ def update(case: dict, micro_batch_tokens, world_size: int = 1, layout=LONG_TAIL
     module.trainer = SimpleNamespace(world_size=world_size)  # what the update reads of its Trainer
     module.optimizers, module.lr_schedulers = lambda: optimizer, lambda: None
     module.manual_backward = lambda loss: loss.backward()
-    groups = hand_groups(policy, layout)
+    groups = [g for part in (layout if isinstance(layout, list) else [layout]) for g in hand_groups(policy, part)]
     batch = policy.make_batch([g.prompt_ids for g in groups for _ in g.completion_ids],
                               [ids for g in groups for ids in g.completion_ids])
     old = module._logprobs_without_grad(batch)
     reference = module._reference_logprobs(batch) if module.needs_reference else None
     torch.manual_seed(0)  # the mini-batches' permutation
-    module._train_on(groups)
-    return optimizer.gradients, old, reference, batch.completion_mask.bool()
+    stats = module._train_on(groups)
+    return optimizer.gradients, old, reference, batch.completion_mask.bool(), stats
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -198,11 +200,21 @@ def test_a_budget_below_the_longest_prompt_and_completion_is_refused_before_the_
 # --------------------------------------------------------------------------- 2 ranks (FSDP2, gloo)
 
 EVEN = (("1 2 -> 3", [2, 2, 2, 2]), ("a longer prompt 7 8", [2, 2, 2, 2]))
+SHORT = (("1 2 -> 3", [1, 1, 1, 1]), ("1 2 -> 3", [2, 2, 2, 2]), ("1 2 -> 3", [1, 2, 1, 2]))  # 12 rows, 114 tokens
+LONG = (("1 2 -> 3", [12, 9, 10, 11]), ("a longer prompt 7 8", [12, 8, 9, 12]))  # 8 rows, 191 tokens
+
+
+GLOBAL_ARMS = (("token_mean", False), ("token_mean", True), ("seq_mean_token_mean", False),
+               ("seq_mean_token_mean", True))  # (aggregation, balance_ranks), all under micro_batch_tokens 40
 
 
 def two_rank_worker(rank: int, port: int, output: str) -> None:
     """Rank 0 holds even short completions, rank 1 long-tailed ones: under a token budget they cut different
-    numbers of micro-batches, and FSDP2 all-gathers in every forward, so the ranks must agree on a count."""
+    numbers of micro-batches, and FSDP2 all-gathers in every forward, so the ranks must agree on a count.
+    Then the loss normalised over both ranks, with and without moving rows between them (``balance_ranks``):
+    rank 0 now holding 12 short completions, rank 1 8 long ones (unequal counts, as balancing can leave them,
+    so that per-rank sequence means would differ from the global one); the whole gradients (``full_tensor``)
+    and the step's metrics, for the single-process comparison."""
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -213,13 +225,22 @@ def two_rank_worker(rank: int, port: int, output: str) -> None:
         layout = EVEN if rank == 0 else LONG_TAILED
         results = {}
         for arm, budget, packing in ((None, None, False), (40, 40, False)):  # packing: single process (cost)
-            gradients, old, _, mask = update({**case, "packing": packing}, budget, world_size=2, layout=layout)
+            gradients, old, _, mask, _ = update({**case, "packing": packing}, budget, world_size=2, layout=layout)
             local = [[g.to_local() for g in step] for step in gradients]  # this rank's shards, plain tensors
             results[arm] = (local, old, None, mask)
         policy = Policy("rloop/micro-llama")
         batch = policy.make_batch([g.prompt_ids for g in hand_groups(policy, layout) for _ in range(4)],
                                   [ids for g in hand_groups(policy, layout) for ids in g.completion_ids])
         results["micro_batches"] = len(micro_batches.by_tokens(*batch.lengths(), 40))
+        for aggregation, balanced in GLOBAL_ARMS:
+            gradients, _, _, _, stats = update({**case, "loss": LossSettings(aggregation=aggregation),
+                                                "balance_ranks": balanced}, 40, world_size=2,
+                                               layout=SHORT if rank == 0 else LONG)
+            results[aggregation, balanced] = ([[g.full_tensor() for g in step] for step in gradients], stats)
+        # 10 mini-batches of 12 rows on rank 0 and of 8 on rank 1 (its last two empty): as many optimizer steps
+        steps = update({**case, "num_iterations": 1, "num_mini_batches": 10}, 40, world_size=2,
+                       layout=SHORT if rank == 0 else LONG)[0]
+        results["optimizer_steps"] = len(steps)
         torch.save(results, f"{output}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -233,7 +254,8 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_ranks_with_unequal_lengths_run_as_many_micro_batches_and_keep_the_gradients(tmp_path):
-    """Fixed counts vs a token budget on FSDP2 over 2 processes (old-policy pass and update, 2 iterations)."""
+    """Fixed counts vs a token budget on FSDP2 over 2 processes (old-policy pass and update, 2 iterations); then
+    the loss normalised over both ranks, with and without ``balance_ranks``, against the same rows on one process."""
     tiny.materialize("rloop/micro-llama")  # once, before two processes would build it at the same time
     torch.multiprocessing.spawn(two_rank_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
@@ -247,6 +269,29 @@ def test_ranks_with_unequal_lengths_run_as_many_micro_batches_and_keep_the_gradi
             assert any(g.abs().max() > 1e-4 for g in step_fixed)
             for expected, actual in zip(step_fixed, step_tokens):
                 torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-4)
+    assert [results["optimizer_steps"] for results in ranks] == [10, 10]
+    # both ranks' rows on one process, as one batch: the gradient of the global loss, whichever rank held a row
+    policy = Policy("rloop/micro-llama")
+    tokens = [p + c for p, c in zip(*policy.make_batch(
+        [g.prompt_ids for g in hand_groups(policy, SHORT) + hand_groups(policy, LONG) for _ in range(4)],
+        [ids for g in hand_groups(policy, SHORT) + hand_groups(policy, LONG) for ids in g.completion_ids],
+    ).lengths())]  # rank 0's rows, then rank 1's
+    expected_loads = [sum(tokens[i] for i in rows) for rows in balance.balanced_assignment(tokens, 2)]
+    for aggregation in ("token_mean", "seq_mean_token_mean"):
+        one_process = update({"loss": LossSettings(aggregation=aggregation), "num_iterations": 2}, 40,
+                             layout=[SHORT, LONG])[0]
+        for balanced in (False, True):
+            for results in ranks:
+                gradients, stats = results[aggregation, balanced]
+                assert len(gradients) == len(one_process) == 2
+                for step_two, step_one in zip(gradients, one_process):
+                    for actual, expected in zip(step_two, step_one):
+                        torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-4)
+        balanced_stats = [results[aggregation, True][1] for results in ranks]
+        assert [stats["perf/rank_tokens"] for stats in balanced_stats] == expected_loads
+        assert balanced_stats[0]["perf/rank_token_imbalance"] == balance.imbalance(expected_loads) < 1.1
+        sampled = balance.imbalance([sum(tokens[:12]), sum(tokens[12:])])  # rank 0's 12 rows, rank 1's 8
+        assert balanced_stats[1]["perf/rank_token_imbalance_sampled"] == sampled > 1.2
 
 
 def test_a_grpo_run_by_tokens_reaches_the_fixed_count_weights():
@@ -256,3 +301,33 @@ def test_a_grpo_run_by_tokens_reaches_the_fixed_count_weights():
 
     assert_same_weights(*({"micro_batch_tokens": budget, "num_iterations": 2, "loss": LossSettings(kl_coef=0.1)}
                           for budget in (None, 70)))
+
+# --------------------------------------------------------------------------- ranks: global loss, balanced by tokens
+
+
+def test_rows_go_to_the_rank_with_the_fewest_tokens_longest_first():
+    # 9 -> rank 0 (9); 7 -> 1 (7); 6 -> 1 (13); 5 -> 0 (14); 4 -> 1 (17); 1 -> 0 (15)
+    assert balance.balanced_assignment([9, 7, 6, 5, 4, 1], 2) == [[0, 3, 5], [1, 2, 4]]
+    # 5 -> 0; 5 -> 1; 4 -> 2; 3 (row 3) -> 2 (7); 3 (row 4) -> 0 (8); 3 (row 5) -> 1 (8)
+    assert balance.balanced_assignment([5, 5, 4, 3, 3, 3], 3) == [[0, 4], [1, 5], [2, 3]]
+    assert balance.imbalance([15, 17]) == 17 / 16 and balance.imbalance([0, 0]) == 0.0
+    with pytest.raises(ValueError, match="cannot balance 1 rows over 2 ranks"):
+        balance.balanced_assignment([3], 2)
+
+
+def test_a_micro_batch_weighs_its_share_of_all_ranks_times_the_ranks():
+    micro = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # 3 tokens, 2 rows
+    full = torch.ones(4, 3)  # this rank's mini-batch: ignored once the totals of all ranks are given
+    totals = RankTotals(tokens=12, rows=10, ranks=2)
+    assert micro_batch_weight("token_mean", micro, full, totals) == 2 * 3 / 12
+    assert micro_batch_weight("seq_mean_token_mean", micro, full, totals) == 2 * 2 / 10
+    assert micro_batch_weight("seq_mean_token_sum_norm", micro, full, totals) == 2 * 2 / 10
+    assert micro_batch_weight("token_mean", micro, full) == 3 / 12  # one rank: its own mini-batch
+    with pytest.raises(ValueError, match="unknown aggregation 'x'"):
+        micro_batch_weight("x", micro, full, totals)
+
+
+def test_balancing_ranks_without_a_token_budget_is_refused_naming_the_setting():
+    with pytest.raises(ValueError, match="balance_ranks: true needs micro_batch_tokens"):
+        GRPOModule(Policy("rloop/micro-llama"), balance_ranks=True)
+    assert GRPOModule(Policy("rloop/micro-llama"), balance_ranks=True, micro_batch_tokens=64).balance_ranks

@@ -21,3 +21,5 @@ def test_update_tokens_benchmark_quick():
     assert rows["tokens"][0] < rows["padded"][0], output  # fewer, fuller micro-batches under the same bound
     assert rows["tokens/2"][1] < rows["tokens"][1], output  # a smaller budget: narrower micro-batches
     assert rows["packed"] == (1, 0.0), output  # 8 x (8 + lengths up to 30) real tokens fit one packed row of 144
+    imbalance = re.search(r"as sampled ([\d.]+), with balance_ranks ([\d.]+)", output)
+    assert imbalance and 1.0 <= float(imbalance[2]) < float(imbalance[1]), output  # balancing evens the 2 ranks out

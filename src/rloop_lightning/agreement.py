@@ -31,7 +31,7 @@ Without a process group (one process) these are the local answers, with no commu
 from __future__ import annotations
 
 import pickle
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -71,6 +71,16 @@ def values_of_ranks(value: float) -> list[float]:
     values[dist.get_rank()] = float(value)
     dist.all_reduce(values)
     return values.tolist()
+
+
+def sums_of_ranks(values: Sequence[float]) -> list[float]:
+    """The element-wise sums of every rank's ``values`` (the same length on every rank), in float64; the same
+    list on every rank (one all-reduce). Counts stay exact up to 2**53."""
+    if _group_size() == 1:
+        return [float(value) for value in values]
+    totals = torch.tensor([float(value) for value in values], dtype=torch.float64, device=_device())
+    dist.all_reduce(totals)
+    return totals.tolist()
 
 
 class PeerFailure(RuntimeError):

@@ -13,6 +13,7 @@ from rloop_lightning.algorithms.metrics import (
 from rloop_lightning.algorithms.policy_loss import (
     LossAggregation,
     PolicyLossOutput,
+    RankTotals,
     RatioLevel,
     aggregate,
     clipped_policy_loss,
@@ -37,6 +38,7 @@ __all__ = [
     "KLEstimator",
     "LossAggregation",
     "PolicyLossOutput",
+    "RankTotals",
     "RatioLevel",
     "aggregate",
     "avg_at_n",

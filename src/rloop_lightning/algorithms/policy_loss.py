@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -183,15 +183,36 @@ def clipped_policy_loss(
         )
 
 
-def micro_batch_weight(mode: LossAggregation, micro_mask: Tensor, full_mask: Tensor) -> float:
+class RankTotals(NamedTuple):
+    """What a mini-batch holds on all ranks of a data-parallel group together (summed over ranks)."""
+
+    tokens: float
+    """Unmasked completion tokens (the ``token_mean`` denominator)."""
+    rows: float
+    """Completions (the per-sequence aggregations' ``N``)."""
+    ranks: float
+    """Ranks in the group: DDP and FSDP average the ranks' gradients, so each rank's loss is scaled by this."""
+
+
+def micro_batch_weight(mode: LossAggregation, micro_mask: Tensor, full_mask: Tensor,
+                       totals: RankTotals | None = None) -> float:
     """Weight of a micro-batch's ``aggregate`` so that weighted micro losses sum to the full batch's.
 
     ``token_mean`` normalises by tokens, so a micro-batch weighs its share of the unmasked tokens;
     the per-sequence modes normalise by sequences, so it weighs its share of the sequences.
     (With equal-size micro-batches a plain average would bias ``token_mean`` towards short ones.)
+
+    ``totals`` (several ranks): the share is of the mini-batch over all ranks, times the number of ranks,
+    so that the ranks' averaged gradients are the gradient of the global loss (all ranks' tokens over
+    their global count; the per-sequence modes over the global number of sequences), whichever rank holds
+    which row. ``full_mask`` is then unused.
     """
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {mode!r}; choose one of {sorted(AGGREGATIONS)}")
+    if totals is not None:
+        share = float(micro_mask.sum()) / max(totals.tokens, 1.0) if mode == "token_mean" else (
+            micro_mask.shape[0] / max(totals.rows, 1.0))
+        return totals.ranks * share
     if mode == "token_mean":
         return float(micro_mask.sum() / full_mask.sum().clamp(min=1))
-    if mode in ("seq_mean_token_mean", "seq_mean_token_sum_norm"):
-        return micro_mask.shape[0] / max(full_mask.shape[0], 1)
-    raise ValueError(f"unknown aggregation {mode!r}; choose one of {sorted(AGGREGATIONS)}")
+    return micro_mask.shape[0] / max(full_mask.shape[0], 1)

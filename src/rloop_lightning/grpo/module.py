@@ -29,12 +29,13 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from rloop_lightning import micro_batches
-from rloop_lightning.agreement import raise_together
+from rloop_lightning.agreement import raise_together, sums_of_ranks
 from rloop_lightning.algorithms import (
-    DynamicSamplingBuffer, DynamicSamplingSignal, clipped_policy_loss, dynamic_sampling_signal, group_advantages,
-    kl_penalty, micro_batch_weight, overlong_mask, soft_overlong_penalty,
+    DynamicSamplingBuffer, DynamicSamplingSignal, RankTotals, clipped_policy_loss, dynamic_sampling_signal,
+    group_advantages, kl_penalty, micro_batch_weight, overlong_mask, soft_overlong_penalty,
 )
 from rloop_lightning.algorithms.importance import behaviour_weighted_advantages, pad_logprobs
+from rloop_lightning.grpo import balance
 from rloop_lightning.grpo.settings import (  # noqa: F401 - LossSettings & co. are imported from here too
     ImportanceSettings, LossSettings, OverlongSettings, check_reward_settings,
 )
@@ -85,6 +86,9 @@ class GRPOModule(PolicyModule):
             most this many tokens (rows x the longest prompt + completion among them), rows sorted by length;
             the same for the old-policy and reference passes. ``None``: fixed counts. At least the longest
             prompt + ``max_new_tokens`` (checked before the model loads).
+        balance_ranks: on several ranks, move the step's completions between ranks before the update so
+            that each rank trains on about as many real tokens (``rloop_lightning.grpo.balance``); needs
+            ``micro_batch_tokens``. The gradient is the same either way (the loss is normalised over all ranks).
         max_grad_norm: gradient clipping; 0 disables it.
         share_prompts: run each distinct prompt of a micro-batch through the model once and the G
             completions on top of its KV cache (same log-probs and gradients, prompt cost / G).
@@ -119,6 +123,7 @@ class GRPOModule(PolicyModule):
         num_mini_batches: int = 1,
         micro_batch_size: int = 64,
         micro_batch_tokens: Optional[int] = None,
+        balance_ranks: bool = False,
         max_grad_norm: float = 1.0,
         share_prompts: bool = True,
         reward_functions: Optional[list[Callable]] = None,
@@ -141,6 +146,7 @@ class GRPOModule(PolicyModule):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         check_reward_settings(reward_workers, reward_timeout, max_bad_steps)
+        balance.check_balance_settings(balance_ranks, micro_batch_tokens)
         settings = loss or LossSettings()
         if settings.advantage == "pass_at_k" and not 1 <= settings.pass_k <= num_generations:
             raise ValueError(f"loss.pass_k must be in 1..num_generations={num_generations}, got {settings.pass_k}")
@@ -163,6 +169,7 @@ class GRPOModule(PolicyModule):
         self.num_mini_batches = num_mini_batches
         self.micro_batch_size = micro_batch_size
         self.micro_batching = micro_batches.MicroBatching(micro_batch_size, micro_batch_tokens, policy.packing)
+        self.balance_ranks = balance_ranks
         self.max_grad_norm = max_grad_norm
         self.share_prompts = share_prompts
         self.reward_functions = reward_functions
@@ -359,6 +366,9 @@ class GRPOModule(PolicyModule):
         flat = flatten_groups(groups)
         advantages = group_advantages(flat["rewards"], self.loss_settings.advantage,
                                       k=self.loss_settings.pass_k).flatten()  # [N]
+        balanced = {}
+        if self.balance_ranks and self._several_ranks:  # this rank's rows are now its share by tokens
+            flat, advantages, balanced = balance.redistribute(flat, advantages)
         batch = self.policy.make_batch(flat["prompt_ids"], flat["completion_ids"]).to(self.device)
         mask = batch.completion_mask.float()  # [N, C]
         if self.overlong.mode == "mask":
@@ -378,7 +388,7 @@ class GRPOModule(PolicyModule):
         stats["perf/train_tokens_per_s"] = (
             float(batch.attention_mask.sum()) * self.num_iterations / max(time.perf_counter() - started, 1e-9))
         stats["train/advantage_abs_mean"] = float(advantages.abs().mean())
-        return stats
+        return {**stats, **balanced}
 
     @property
     def _several_ranks(self) -> bool:  # the no-grad passes also run outside a Trainer (tests)
@@ -404,11 +414,13 @@ class GRPOModule(PolicyModule):
         size = batch.input_ids.shape[0]
         for _ in range(self.num_iterations):
             order = torch.randperm(size) if self.num_mini_batches > 1 else torch.arange(size)
-            for mini in order.chunk(self.num_mini_batches):
+            for mini in order.tensor_split(self.num_mini_batches):  # as many on every rank, even if empty
                 optimizer.zero_grad(set_to_none=True)
+                all_ranks = (RankTotals(*sums_of_ranks([float(mask[mini].sum()), len(mini), 1]))
+                          if self._several_ranks else None)  # the loss is normalised over all ranks' rows
                 finite, nonfinite_ranks = True, []
                 for rows in self.micro_batching.split(batch, mini, self._several_ranks):
-                    empty, rows = not len(rows), rows if len(rows) else mini[:1]  # empty: this rank's filler
+                    empty, rows = not len(rows), rows if len(rows) else order[:1]  # empty: this rank's filler
                     logprobs, entropy = self.policy.completion_logprobs(
                         self.micro_batching.micro(batch, rows), with_entropy=True,
                         temperature=self.sampling.temperature, share_prompts=self.share_prompts,
@@ -430,7 +442,7 @@ class GRPOModule(PolicyModule):
                     if nonfinite_ranks:  # every rank leaves before backward (DDP's backward all-reduces)
                         finite = False
                         break
-                    weight = 0.0 if empty else micro_batch_weight(settings.aggregation, micro_mask, mask[mini])
+                    weight = 0.0 if empty else micro_batch_weight(settings.aggregation, micro_mask, mask[mini], all_ranks)
                     self.manual_backward(out.loss * weight)
                     if empty:
                         continue
