@@ -343,10 +343,10 @@ def write_section(config: str, runs: dict[str, list[Path]], figures: Path, selec
     return "\n".join(lines)
 
 
-def write_results(doc: Path, stem: str, section: str) -> None:
-    """Replace ``stem``'s block of ``doc`` (between its ``reproduce_tiny`` markers) with ``section``;
+def write_results(doc: Path, stem: str, section: str, marker: str = "reproduce_tiny") -> None:
+    """Replace ``stem``'s block of ``doc`` (between its ``<!-- marker: stem -->`` markers) with ``section``;
     append the block when ``doc`` has none. Everything outside the blocks is left as it is."""
-    begin, end = f"<!-- reproduce_tiny: {stem} -->", f"<!-- end reproduce_tiny: {stem} -->"
+    begin, end = f"<!-- {marker}: {stem} -->", f"<!-- end {marker}: {stem} -->"
     block = f"{begin}\n{section}\n{end}"
     text = doc.read_text() if doc.exists() else "# Results\n"
     if begin in text and end in text:

@@ -213,19 +213,6 @@ def final_section(task: str, arm: str, answer: str, runs: dict[str, list[Path]],
     return lines + [""]
 
 
-def write_block(doc: Path, task: str, section: str) -> None:
-    """Replace the page's ``<!-- study: task -->`` block (appended when missing); the rest is kept."""
-    begin, end = f"<!-- study: {task} -->", f"<!-- end study: {task} -->"
-    text = doc.read_text() if doc.exists() else "# Results\n"
-    block = f"{begin}\n{section}\n{end}"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    doc.write_text(text)
-
-
 def finished_runs(out: Path, arms, seeds) -> dict[str, list[Path]]:
     runs = {arm: [out / f"{arm}_seed{s}" for s in seeds if tiny.finished(out / f"{arm}_seed{s}")] for arm in arms}
     return {arm: dirs for arm, dirs in runs.items() if dirs}
@@ -284,8 +271,7 @@ def main(argv=None) -> None:
             split = validation_split(load_curve(runs[PLAIN][0]))
             if tiny.plot_held_out_curves(named, split, figures / f"study_{args.task}_curves.png"):
                 lines += [f"![validation avg@n over RL steps, {split}](results/study_{args.task}_curves.png)", ""]
-    write_block(args.doc, args.task, "\n".join(lines))
-    print(args.doc)
+    tiny.write_results(args.doc, args.task, "\n".join(lines), marker="study")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import pytest
 
 from rloop_lightning.records import write_json_atomic
 from rloop_lightning.loop.layout import BASE_EVALUATION, RunLayout
+from loop_helpers import curve_run
 from script_modules import load_script
 
 
@@ -115,45 +116,24 @@ def test_results_page_keeps_its_prose_and_replaces_only_the_config_block(script,
 # ---------------------------------------------------------------------------- choosing on validation
 
 
-def curve_run(run_dir: Path, vanilla: bool, validation: list[float], test: float) -> Path:
-    """A finished 2-iteration run with a learning curve (4 RL steps per phase, a point at step 2) whose
-    validation avg@n is ``validation`` at steps 0, 2, 4, 6, 8 and whose test avg@n is ``test`` after theta_0."""
-    layout = RunLayout(run_dir)
-
-    def metrics(step: int) -> dict:
-        value = validation[step // 2]
-        return {"countdown/test": {"avg@4": test if step else 0.1, "pass@32": 0.5},
-                "countdown/validation": {"avg@4": value, "pass@1": value}}
-
-    write_json_atomic(layout.evaluation(BASE_EVALUATION), {"policy": "base", "metrics": metrics(0)})
-    completed = {}
-    for k in (0, 1):
-        grpo = layout.phase("grpo", k)
-        layout.directory(grpo).mkdir(parents=True)
-        layout.curve(grpo).write_text(json.dumps({"step": 2, "seconds": 1.0, "metrics": metrics(4 * k + 2)}) + "\n")
-        completed[grpo] = {"steps": 4, "seconds": 2.0}
-        end = {"policy": str(layout.policy(grpo)), "metrics": metrics(4 * k + 4)}
-        write_json_atomic(layout.evaluation(layout.phase("eval" if vanilla else "eval_rl_end", k)), end)
-        if not vanilla:
-            write_json_atomic(layout.evaluation(layout.phase("eval", k)),
-                              {"policy": str(layout.policy(layout.phase("rft", k))), "metrics": metrics(4 * k + 4)})
-    layout.manifest.write_text(json.dumps({"config": {"iterations": 2}, "completed": completed}))
-    return run_dir
+def held_out(value: float):
+    """A test split with avg@n ``value`` after theta_0 (0.1) and pass@32 0.5."""
+    return lambda step: {"countdown/test": {"avg@4": value if step else 0.1, "pass@32": 0.5}}
 
 
 def test_quick_study_chooses_on_validation_and_plots_the_curves(script, tmp_path, monkeypatch):
     """--quick --report-only: RLoop leads on test, vanilla on validation: the search picks vanilla."""
     monkeypatch.setattr(script, "run_one", lambda *args: pytest.fail("--report-only ran a run"))
     out = tmp_path / "study"
-    curve_run(out / "tiny_cpu" / "rloop_seed0", vanilla=False, validation=[0.1, 0.2, 0.3, 0.2, 0.25], test=0.6)
-    curve_run(out / "tiny_cpu" / "vanilla_seed0", vanilla=True, validation=[0.1, 0.3, 0.4, 0.5, 0.45], test=0.4)
+    curve_run(out / "tiny_cpu" / "rloop_seed0", vanilla=False, validation=[0.1, 0.2, 0.3, 0.2, 0.25], other=held_out(0.6))
+    curve_run(out / "tiny_cpu" / "vanilla_seed0", vanilla=True, validation=[0.1, 0.3, 0.4, 0.5, 0.45], other=held_out(0.4))
     doc = tmp_path / "docs" / "results.md"
     script.main(["--quick", "--report-only", "--out", str(out), "--doc", str(doc)])
     text = doc.read_text()
     assert ("Chosen on countdown/validation (avg@n of theta_K, mean over seeds): **vanilla** "
             "(`vanilla` 0.450, `rloop` 0.250)") in text
-    assert "| rloop: theta_K | 1 | 0.250 | - |" in text  # validation avg@n; no pass@32 on validation
-    assert "| vanilla: best on validation | 1 | 0.500 | - |" in text  # step 6, mid-phase
+    assert "| rloop: theta_K | 1 | 0.250 | 0.750 |" in text  # validation avg@n and pass@32
+    assert "| vanilla: best on validation | 1 | 0.500 | 1.000 |" in text  # step 6, mid-phase
     assert script.curve_series(out / "tiny_cpu" / "rloop_seed0", "countdown/validation") == {
         0: 0.1, 2: 0.2, 4: 0.3, 6: 0.2, 8: 0.25}
     assert script.curve_series(out / "tiny_cpu" / "rloop_seed0", "countdown/validation", rft=True) == {4: 0.3, 8: 0.25}

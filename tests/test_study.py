@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from rloop_lightning.loop.layout import BASE_EVALUATION, RunLayout
 from rloop_lightning.loop.significance import PairedTest, paired_t_test, regularized_beta, t_two_sided_p
-from rloop_lightning.records import write_json_atomic
+from loop_helpers import curve_run
 from script_modules import load_script
 
 
@@ -101,31 +100,6 @@ def test_the_choice_needs_plain_grpos_pass_at_32_of_the_same_rule(study):
 
 
 # ---------------------------------------------------------------------------- the pipeline on finished runs
-
-
-def curve_run(run_dir: Path, vanilla: bool, validation: list[float]) -> Path:
-    """A finished 2-iteration run (4 RL steps per phase, a curve point at step 2) whose validation avg@n is
-    ``validation`` at steps 0, 2, 4, 6, 8 (pass@32 = avg@n + 0.5), RFT outputs equal to the RL end points."""
-    layout = RunLayout(run_dir)
-
-    def metrics(step: int) -> dict:
-        value = validation[step // 2]
-        return {"countdown/validation": {"avg@32": value, "pass@32": value + 0.5}}
-
-    write_json_atomic(layout.evaluation(BASE_EVALUATION), {"policy": "base", "metrics": metrics(0)})
-    completed = {}
-    for k in (0, 1):
-        grpo = layout.phase("grpo", k)
-        layout.directory(grpo).mkdir(parents=True)
-        layout.curve(grpo).write_text(json.dumps({"step": 2, "seconds": 1.0, "metrics": metrics(4 * k + 2)}) + "\n")
-        completed[grpo] = {"steps": 4, "seconds": 2.0}
-        end = {"policy": str(layout.policy(grpo)), "metrics": metrics(4 * k + 4)}
-        write_json_atomic(layout.evaluation(layout.phase("eval" if vanilla else "eval_rl_end", k)), end)
-        if not vanilla:
-            write_json_atomic(layout.evaluation(layout.phase("eval", k)),
-                              {"policy": str(layout.policy(layout.phase("rft", k))), "metrics": metrics(4 * k + 4)})
-    layout.manifest.write_text(json.dumps({"config": {"iterations": 2}, "completed": completed}))
-    return run_dir
 
 
 def test_quick_study_searches_on_validation_then_tabulates_test_with_paired_tests(study, tmp_path, monkeypatch):
