@@ -61,6 +61,13 @@ SEARCH_ARMS = {  # name -> `rloop fit` flags on top of configs/study/<task>.yaml
     "rloop_k2_hard": k_iterations(2),
     "rloop_k2_all": k_iterations(2, "--expert_set.filter", "none"),
 }
+DESCRIPTIONS = {  # how the tables name an arm's setting
+    PLAIN: "plain GRPO, 6 phases of 20 RL steps chained",
+    "rloop_k6_hard": "K = 6 x 20 RL steps; hard prompts only (solved <= 0.5), 2 per prompt, replay",
+    "rloop_k6_all": "K = 6 x 20; every solved prompt (`--expert_set.filter none`), 2 per prompt, replay",
+    "rloop_k2_hard": "K = 2 x 60; hard prompts only, 2 per prompt, replay",
+    "rloop_k2_all": "K = 2 x 60; every solved prompt, 2 per prompt, replay",
+}
 QUICK_ARMS = (PLAIN, "rloop_k6_hard")
 ANSWERS = {"theta_K": "theta_K", "rl_end": "last RL end", "best_validation": "best saved on validation"}
 
@@ -149,11 +156,11 @@ def search_section(task: str, runs: dict[str, list[Path]]) -> tuple[list[str], t
     seeds = ", ".join(sorted({d.name.rsplit("_seed", 1)[1] for dirs in runs.values() for d in dirs}))
     lines = [f"Search: `python scripts/study.py --task {task} --stage search` (seed {seeds}; validation split only). "
              f"Validation avg@n / pass@32 of each arm's answers after {STEPS} RL steps:", "",
-             "| arm | flags | " + " | ".join(ANSWERS.values()) + " |", "|---|---|" + "---|" * len(ANSWERS)]
+             "| arm | setting | " + " | ".join(ANSWERS.values()) + " |", "|---|---|" + "---|" * len(ANSWERS)]
     for arm, by_answer in scores.items():
         cells = [f"{by_answer[a][0]:.3f} / {by_answer[a][1]:.3f}" if a in by_answer else "(its end point)"
                  for a in ANSWERS]
-        lines.append(f"| {arm} | `{' '.join(SEARCH_ARMS.get(arm, [])) or '(config)'}` | " + " | ".join(cells) + " |")
+        lines.append(f"| {arm} | {DESCRIPTIONS.get(arm, arm)} | " + " | ".join(cells) + " |")
     arm, answer, beats = choice
     lines += ["", f"Chosen on validation: **{arm}**, answer **{answer}** ({ANSWERS[answer]}), "
               + ("at or above plain GRPO's answer of the same rule at pass@32, highest avg@n among those."

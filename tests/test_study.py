@@ -86,6 +86,10 @@ def test_the_shipped_study_configs_evaluate_validation_only_and_run_equal_rl_ste
                     key: value for key, value in loop["grpo"]["overrides"].items() if key != "trainer.max_steps"}
 
 
+def test_every_arm_is_described(study):
+    assert set(study.DESCRIPTIONS) == set(study.SEARCH_ARMS)
+
+
 def test_the_choice_needs_plain_grpos_pass_at_32_of_the_same_rule(study):
     plain = {"rl_end": (0.30, 0.80), "best_validation": (0.32, 0.85)}
     scores = {study.PLAIN: plain,
@@ -133,8 +137,8 @@ def test_quick_study_searches_on_validation_then_tabulates_test_with_paired_test
     study.main(["--quick", "--report-only", "--out", str(out), "--doc", str(doc)])
     text = doc.read_text()
     assert text.startswith("# Results\n\nProse.\n\n<!-- study: countdown -->\n") and "<!-- end study: countdown -->" in text
-    assert "| plain_grpo | `--vanilla true` | (its end point) | 0.300 / 0.800 | 0.500 / 1.000 |" in text
-    assert "| rloop_k6_hard | `(config)` | 0.200 / 0.700 | 0.200 / 0.700 | 0.600 / 1.100 |" in text
+    assert "| plain_grpo | plain GRPO, 6 phases of 20 RL steps chained | (its end point) | 0.300 / 0.800 | 0.500 / 1.000 |" in text
+    assert "| rloop_k6_hard | K = 6 x 20 RL steps; hard prompts only (solved <= 0.5), 2 per prompt, replay | 0.200 / 0.700 | 0.200 / 0.700 | 0.600 / 1.100 |" in text
     assert "Chosen on validation: **rloop_k6_hard**, answer **best_validation**" in text
     assert sorted(evaluated) == [("plain_grpo_seed0", 0), ("plain_grpo_seed1", 1),
                                  ("rloop_k6_hard_seed0", 0), ("rloop_k6_hard_seed1", 1)]
