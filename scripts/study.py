@@ -184,7 +184,7 @@ def evaluate_answers(task: str, run_dir: Path, seed: int) -> dict[str, dict]:
             subprocess.run(command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         out[output] = done[point.policy] = {"rl_step": point.rl_step, "label": point.label,
-                                            "metrics": json.loads(path.read_text())["metrics"]}
+                                            "metrics": json.loads(path.read_text())}
     return out
 
 

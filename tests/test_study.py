@@ -148,3 +148,26 @@ def test_quick_study_searches_on_validation_then_tabulates_test_with_paired_test
     assert "| plain GRPO: end point | countdown/test | avg@n | +0.105 | 21.00 | 0.030 * |" in text
     assert "| plain GRPO: best saved on validation | countdown/test | pass@32 | +0.105 | 21.00 | 0.030 * |" in text
     assert (tmp_path / "docs" / "results" / "study_countdown_curves.png").stat().st_size > 0
+
+
+def test_answers_are_evaluated_once_per_policy_and_read_as_rloop_eval_writes_them(study, tmp_path, monkeypatch):
+    from rloop_lightning import cli
+
+    run_dir = curve_run(tmp_path / "rloop_k6_hard_seed3", False, [0.1, 0.2, 0.3, 0.4, 0.9])  # best: the last RL end
+    monkeypatch.setattr(cli, "evaluate_policy", lambda policy, evaluators, engine, seed: {
+        "countdown/test": {"avg@128": len(policy) / 1000 + seed}})
+    calls = []
+
+    def run(command, **kwargs):  # `rloop eval ...` in-process: the real writer of the --output file
+        flags = dict(zip(command[4::2], command[5::2]))
+        calls.append(flags["--policy.model_name_or_path"])
+        cli.evaluate(flags["--policy.model_name_or_path"], [], output=flags["--output"], seed=int(flags["--seed"]))
+
+    monkeypatch.setattr(study.subprocess, "run", run)
+    found = study.evaluate_answers("countdown", run_dir, 3)
+    rl_end, theta_k = str(run_dir / "iter_01/grpo/policy"), str(run_dir / "iter_01/rft/policy")
+    assert calls == [theta_k, rl_end]  # best saved on validation is the last RL end: evaluated once
+    assert found["rl_end"] == found["best_validation"]
+    assert found["theta_K"]["metrics"] == {"countdown/test": {"avg@128": len(theta_k) / 1000 + 3}}
+    assert sorted(path.name for path in (run_dir / "study_eval").iterdir()) == ["rl_end.json", "theta_K.json"]
+    assert study.evaluate_answers("countdown", run_dir, 3) == found and len(calls) == 2  # written files are reused
