@@ -14,7 +14,9 @@ from rloop_lightning.rft import RFTModule
 from test_recipes import parse
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-LOOP_CONFIGS = [CONFIGS / "tiny_cpu.yaml", CONFIGS / "tiny_cpu_arithmetic.yaml"]
+LOOP_CONFIGS = [CONFIGS / "tiny_cpu.yaml", CONFIGS / "tiny_cpu_arithmetic.yaml",
+                *sorted(p for p in (CONFIGS / "study").glob("*.yaml") if not p.name.startswith("eval_"))]
+STUDY_EVAL_CONFIGS = sorted((CONFIGS / "study").glob("eval_*.yaml"))
 PHASES = {"base": RFTModule, "rft": RFTModule, "grpo": GRPOModule}
 
 
@@ -30,7 +32,7 @@ def test_phase_config_parses(path):
     assert config.model.policy.init_args.model_name_or_path
 
 
-@pytest.mark.parametrize("path", sorted((CONFIGS / "eval").glob("*.yaml")), ids=str)
+@pytest.mark.parametrize("path", sorted((CONFIGS / "eval").glob("*.yaml")) + STUDY_EVAL_CONFIGS, ids=str)
 def test_eval_config_parses(path):
     config = parse("eval", ["--config", str(path)])
     assert config.evaluators
@@ -56,7 +58,7 @@ def test_loop_fragment_parses_on_top_of_the_main_job(path):
 
 def test_every_shipped_yaml_is_covered():
     covered = {p for d in PHASES for p in (CONFIGS / d).glob("*.yaml")}
-    covered |= set((CONFIGS / "eval").glob("*.yaml")) | set(LOOP_CONFIGS) | set((CONFIGS / "loop").glob("*.yaml"))
+    covered |= set((CONFIGS / "eval").glob("*.yaml")) | set(LOOP_CONFIGS) | set(STUDY_EVAL_CONFIGS) | set((CONFIGS / "loop").glob("*.yaml"))
     covered |= {p for d in ("recipes", "strategies", "sweeps", "loggers", "engines", "rehearsal")
                 for p in (CONFIGS / d).glob("*.yaml")}
     # recipes/fragments/sweeps: test_recipes.py; engines: test_vllm_engine.py; rehearsal: test_rehearsal.py
