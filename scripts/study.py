@@ -24,6 +24,8 @@ evaluated on the test and OOD splits (``rloop eval --config configs/study/eval_<
 
 Everything goes to ``runs/study/<task>/{search,final}/<arm>_seed<S>``; the page's block between
 ``<!-- study: <task> -->`` markers is rewritten, and ``docs/results/study_<task>_curves.png`` drawn.
+``--pool N`` runs every arm on another GRPO prompt pool (``<task>_pool<N>`` in those names): the map of where
+RLoop wins and loses over pool size, RL steps per iteration and expert-set setting.
 """
 
 from __future__ import annotations
@@ -47,20 +49,26 @@ STEPS = 120  # RL steps of every arm: K x steps per iteration
 POOL = 128
 
 
-def k_iterations(k: int, *flags: str) -> list[str]:
-    """Flags for K iterations of STEPS / K RL steps each (the study configs' GRPO overrides restated)."""
-    overrides = {"trainer.max_steps": STEPS // k, "model.optimizer.init_args.lr": 0.0002, "data.init_args.limit": POOL}
+PLAIN = "plain_grpo"
+SEARCH_ARMS = {  # name -> (K, `rloop fit` flags on top of configs/study/<task>.yaml); every arm K x STEPS / K RL steps
+    PLAIN: (6, ["--vanilla", "true"]),
+    "rloop_k6_hard": (6, []),
+    "rloop_k6_all": (6, ["--expert_set.filter", "none"]),
+    "rloop_k2_hard": (2, []),
+    "rloop_k2_all": (2, ["--expert_set.filter", "none"]),
+}
+CONFIG_K = 6  # the study configs' iterations
+
+
+def arm_flags(arm: str, pool: int = POOL) -> list[str]:
+    """The arm's ``rloop fit`` flags; another K or pool restates the study configs' GRPO overrides whole."""
+    k, flags = SEARCH_ARMS[arm]
+    if k == CONFIG_K and pool == POOL:
+        return list(flags)
+    overrides = {"trainer.max_steps": STEPS // k, "model.optimizer.init_args.lr": 0.0002, "data.init_args.limit": pool}
     return ["--iterations", str(k), *flags, "--grpo.overrides", json.dumps(overrides)]
 
 
-PLAIN = "plain_grpo"
-SEARCH_ARMS = {  # name -> `rloop fit` flags on top of configs/study/<task>.yaml (K = 6 x 20 RL steps)
-    PLAIN: ["--vanilla", "true"],
-    "rloop_k6_hard": [],
-    "rloop_k6_all": ["--expert_set.filter", "none"],
-    "rloop_k2_hard": k_iterations(2),
-    "rloop_k2_all": k_iterations(2, "--expert_set.filter", "none"),
-}
 DESCRIPTIONS = {  # how the tables name an arm's setting
     PLAIN: "plain GRPO, 6 phases of 20 RL steps chained",
     "rloop_k6_hard": "K = 6 x 20 RL steps; hard prompts only (solved <= 0.5), 2 per prompt, replay",
@@ -149,13 +157,18 @@ def choose_setting(scores: dict[str, dict[str, tuple[float, float]]]) -> tuple[s
     return arm, answer, beats
 
 
-def search_section(task: str, runs: dict[str, list[Path]]) -> tuple[list[str], tuple[str, str, bool]]:
+def pool_flag(pool: int) -> str:
+    return "" if pool == POOL else f" --pool {pool}"
+
+
+def search_section(task: str, runs: dict[str, list[Path]], pool: int = POOL) -> tuple[list[str], tuple[str, str, bool]]:
     """The search's map (validation avg@n and pass@32 of every arm's answers) and its choice."""
     scores = {arm: validation_scores(dirs) for arm, dirs in runs.items()}
     choice = choose_setting(scores)
     seeds = ", ".join(sorted({d.name.rsplit("_seed", 1)[1] for dirs in runs.values() for d in dirs}))
-    lines = [f"Search: `python scripts/study.py --task {task} --stage search` (seed {seeds}; validation split only). "
-             f"Validation avg@n / pass@32 of each arm's answers after {STEPS} RL steps:", "",
+    lines = [f"Search: `python scripts/study.py --task {task}{pool_flag(pool)} --stage search` (seed {seeds}; "
+             f"validation split only; a pool of {pool} prompts). Validation avg@n / pass@32 of each arm's answers "
+             f"after {STEPS} RL steps:", "",
              "| arm | setting | " + " | ".join(ANSWERS.values()) + " |", "|---|---|" + "---|" * len(ANSWERS)]
     for arm, by_answer in scores.items():
         cells = [f"{by_answer[a][0]:.3f} / {by_answer[a][1]:.3f}" if a in by_answer else "(its end point)"
@@ -188,7 +201,8 @@ def evaluate_answers(task: str, run_dir: Path, seed: int) -> dict[str, dict]:
     return out
 
 
-def final_section(task: str, arm: str, answer: str, runs: dict[str, list[Path]], evals: dict) -> list[str]:
+def final_section(task: str, arm: str, answer: str, runs: dict[str, list[Path]], evals: dict,
+                  pool: int = POOL) -> list[str]:
     """Mean ± std over seeds of every answer on test and OOD, and the paired tests of the chosen answer."""
     from rloop_lightning.loop.significance import paired_t_test
 
@@ -202,7 +216,7 @@ def final_section(task: str, arm: str, answer: str, runs: dict[str, list[Path]],
                 rows.setdefault(label, []).append(result["metrics"])
     splits = sorted({s for rs in rows.values() for r in rs for s in r}, key=lambda s: (not s.endswith("/test"), s))
     metrics = ["avg@n", "pass@4", "pass@16", "pass@32"]
-    lines = [f"Final: `python scripts/study.py --task {task} --stage final` (seeds "
+    lines = [f"Final: `python scripts/study.py --task {task}{pool_flag(pool)} --stage final` (seeds "
              f"{', '.join(d.name.rsplit('_seed', 1)[1] for d in runs[PLAIN])}), every arm {STEPS} RL steps; "
              "mean ± std over seeds.", ""] + tiny.split_tables(rows, splits, metrics)
     chosen = f"{arm}: {ANSWERS[answer]}"
@@ -237,14 +251,17 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "study")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
     parser.add_argument("--report-only", action="store_true", help="tabulate finished runs, run nothing")
+    parser.add_argument("--pool", type=int, default=POOL, help="GRPO prompt pool (data.limit) of every arm; another "
+                        "pool than the configs' goes to runs/study/<task>_pool<N> and its own block of the page")
     parser.add_argument("--flags", default="", help="extra `rloop fit` flags for every run (e.g. a quick setting)")
     args = parser.parse_args(argv)
     config = config_of(args.task)
     check_search_config(config)  # before anything runs
-    arms = {a: f for a, f in SEARCH_ARMS.items() if not args.quick or a in QUICK_ARMS}
+    arms = {a: arm_flags(a, args.pool) for a in SEARCH_ARMS if not args.quick or a in QUICK_ARMS}
     seeds = args.seeds[:2] if args.quick else args.seeds
     extra = args.flags.split()
-    out = args.out / args.task
+    name = args.task if args.pool == POOL else f"{args.task}_pool{args.pool}"
+    out = args.out / name
     lines: list[str] = []
     search_out = out / "search"
     if args.stage in ("search", "all") and not args.report_only:
@@ -252,7 +269,7 @@ def main(argv=None) -> None:
                 args.jobs)
     searched = finished_runs(search_out, arms, args.search_seeds)
     if PLAIN in searched and len(searched) > 1:
-        search_lines, (arm, answer, _) = search_section(args.task, searched)
+        search_lines, (arm, answer, _) = search_section(args.task, searched, args.pool)
         lines += search_lines
     elif args.setting is None:
         raise SystemExit(f"no finished search runs under {search_out} (plain GRPO and an RLoop arm); run the search")
@@ -269,16 +286,16 @@ def main(argv=None) -> None:
                 dirs = [d for ds in runs.values() for d in ds]
                 evals = dict(zip(dirs, pool.map(lambda d: evaluate_answers(args.task, d, int(d.name.rsplit("_seed", 1)[1])),
                                                 dirs)))
-            lines += final_section(args.task, arm, answer, runs, evals)
+            lines += final_section(args.task, arm, answer, runs, evals, args.pool)
             figures = args.doc.parent / "results"
             figures.mkdir(parents=True, exist_ok=True)
             named = {"plain GRPO": runs[PLAIN], arm: runs[arm]}
             from rloop_lightning.loop.curves import load_curve, validation_split
 
             split = validation_split(load_curve(runs[PLAIN][0]))
-            if tiny.plot_held_out_curves(named, split, figures / f"study_{args.task}_curves.png"):
-                lines += [f"![validation avg@n over RL steps, {split}](results/study_{args.task}_curves.png)", ""]
-    tiny.write_results(args.doc, args.task, "\n".join(lines), marker="study")
+            if tiny.plot_held_out_curves(named, split, figures / f"study_{name}_curves.png"):
+                lines += [f"![validation avg@n over RL steps, {split}](results/study_{name}_curves.png)", ""]
+    tiny.write_results(args.doc, name, "\n".join(lines), marker="study")
 
 
 if __name__ == "__main__":

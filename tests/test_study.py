@@ -77,13 +77,31 @@ def test_the_shipped_study_configs_evaluate_validation_only_and_run_equal_rl_ste
         loop = yaml.safe_load(Path(study.config_of(task)).read_text())
         assert loop["iterations"] * loop["grpo"]["overrides"]["trainer.max_steps"] == study.STEPS
         assert loop["grpo"]["overrides"]["data.init_args.limit"] == study.POOL
-        for arm, flags in study.SEARCH_ARMS.items():
-            if "--grpo.overrides" in flags:  # restated overrides: K x steps is still STEPS, the pool unchanged
-                k = int(flags[flags.index("--iterations") + 1])
-                overrides = json.loads(flags[flags.index("--grpo.overrides") + 1])
-                assert k * overrides["trainer.max_steps"] == study.STEPS, arm
-                assert {key: overrides[key] for key in loop["grpo"]["overrides"] if key != "trainer.max_steps"} == {
-                    key: value for key, value in loop["grpo"]["overrides"].items() if key != "trainer.max_steps"}
+        assert loop["iterations"] == study.CONFIG_K
+        for arm, (k, _) in study.SEARCH_ARMS.items():
+            flags = study.arm_flags(arm)
+            if k == study.CONFIG_K:  # the config as shipped
+                assert "--grpo.overrides" not in flags and "--iterations" not in flags, arm
+                continue
+            # restated overrides: K x steps is still STEPS, everything else as the config has it
+            assert int(flags[flags.index("--iterations") + 1]) == k
+            overrides = json.loads(flags[flags.index("--grpo.overrides") + 1])
+            assert k * overrides["trainer.max_steps"] == study.STEPS, arm
+            assert {key: value for key, value in overrides.items() if key != "trainer.max_steps"} == {
+                key: value for key, value in loop["grpo"]["overrides"].items() if key != "trainer.max_steps"}
+
+
+def test_another_pool_restates_every_arms_overrides_with_that_pool(study):
+    for arm, (k, arm_only) in study.SEARCH_ARMS.items():
+        flags = study.arm_flags(arm, pool=512)
+        overrides = json.loads(flags[flags.index("--grpo.overrides") + 1])
+        assert overrides["data.init_args.limit"] == 512 and k * overrides["trainer.max_steps"] == study.STEPS
+        assert flags[:2] == ["--iterations", str(k)] and all(flag in flags for flag in arm_only)
+
+
+def test_another_pool_reads_and_writes_its_own_directory(study, tmp_path):
+    with pytest.raises(SystemExit, match=f"no finished search runs under {tmp_path}/countdown_pool512/search"):
+        study.main(["--pool", "512", "--report-only", "--out", str(tmp_path), "--doc", str(tmp_path / "results.md")])
 
 
 def test_every_arm_is_described(study):
