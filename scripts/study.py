@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -201,36 +202,48 @@ def evaluate_answers(task: str, run_dir: Path, seed: int) -> dict[str, dict]:
     return out
 
 
+def seed_of(run_dir: Path) -> int:
+    return int(run_dir.name.rsplit("_seed", 1)[1])
+
+
 def final_section(task: str, arm: str, answer: str, runs: dict[str, list[Path]], evals: dict,
                   pool: int = POOL) -> list[str]:
-    """Mean ± std over seeds of every answer on test and OOD, and the paired tests of the chosen answer."""
+    """Mean ± std over seeds of every answer on test and OOD, and paired t-tests (by seed) of every RLoop answer
+    against each plain-GRPO answer; the answer chosen on validation is the one the search committed to."""
     from rloop_lightning.loop.significance import paired_t_test
 
-    rows: dict[str, list[dict]] = {}
+    by_seed: dict[str, dict[int, dict]] = {}  # label -> seed -> metrics
     for name in (PLAIN, arm):
         for run_dir in runs[name]:
             for output, result in evals[run_dir].items():
-                label = f"{'plain GRPO' if name == PLAIN else name}: {ANSWERS[output]}"
-                if name == PLAIN and output == "rl_end":
-                    label = "plain GRPO: end point"
-                rows.setdefault(label, []).append(result["metrics"])
+                label = "plain GRPO: end point" if (name, output) == (PLAIN, "rl_end") else \
+                    f"{'plain GRPO' if name == PLAIN else name}: {ANSWERS[output]}"
+                by_seed.setdefault(label, {})[seed_of(run_dir)] = result["metrics"]
+    rows = {label: [metrics for _, metrics in sorted(seeds.items())] for label, seeds in by_seed.items()}
     splits = sorted({s for rs in rows.values() for r in rs for s in r}, key=lambda s: (not s.endswith("/test"), s))
-    metrics = ["avg@n", "pass@4", "pass@16", "pass@32"]
     lines = [f"Final: `python scripts/study.py --task {task}{pool_flag(pool)} --stage final` (seeds "
-             f"{', '.join(d.name.rsplit('_seed', 1)[1] for d in runs[PLAIN])}), every arm {STEPS} RL steps; "
-             "mean ± std over seeds.", ""] + tiny.split_tables(rows, splits, metrics)
+             f"{', '.join(str(seed_of(d)) for d in runs[PLAIN])}), every arm {STEPS} RL steps; mean ± std over seeds.",
+             ""] + tiny.split_tables(rows, splits, ["avg@n", "pass@4", "pass@16", "pass@32"])
     chosen = f"{arm}: {ANSWERS[answer]}"
-    lines += [f"Paired t-tests by seed, **{chosen}** minus plain GRPO (df = seeds - 1; * p < 0.05):", "",
-              "| against | split | metric | mean difference | t | p |", "|---|---|---|---|---|---|"]
-    for other in ("plain GRPO: end point", f"plain GRPO: {ANSWERS['best_validation']}"):
-        if other not in rows or chosen not in rows:
-            continue
-        for split in splits:
-            for name in ("avg@n", "pass@32"):
-                test = paired_t_test([tiny.metric(m[split], name) for m in rows[chosen]],
-                                     [tiny.metric(m[split], name) for m in rows[other]])
-                lines.append(f"| {other} | {split} | {name} | {test.mean_difference:+.3f} | {test.t:.2f} | "
-                             f"{test.p:.3f}{' *' if test.significant() else ''} |")
+    lines += [f"Paired t-tests by seed, RLoop minus plain GRPO: mean difference (t, p; df = seeds - 1; * p < 0.05). "
+              f"**{chosen}** is the answer chosen on validation, the test the search committed to; the other rows "
+              "are exploratory (no correction for the number of comparisons).", "",
+              "| RLoop | plain GRPO | split | avg@n | pass@32 |", "|---|---|---|---|---|"]
+    rloop_labels = [label for label in rows if not label.startswith("plain GRPO")]
+    for label in sorted(rloop_labels, key=lambda label: label != chosen):
+        for other in ("plain GRPO: end point", f"plain GRPO: {ANSWERS['best_validation']}"):
+            common = sorted(set(by_seed[label]) & set(by_seed.get(other, {})))
+            if len(common) < 2:
+                continue
+            for split in splits:
+                cells = []
+                for name in ("avg@n", "pass@32"):
+                    test = paired_t_test([tiny.metric(by_seed[label][s][split], name) for s in common],
+                                         [tiny.metric(by_seed[other][s][split], name) for s in common])
+                    t = "-" if math.isnan(test.t) else f"{test.t:.2f}"  # every seed's difference 0
+                    cells.append(f"{test.mean_difference:+.3f} ({t}, {test.p:.3f}){' *' if test.significant() else ''}")
+                name = f"**{label}**" if label == chosen else label
+                lines.append(f"| {name} | {other.split(': ', 1)[1]} | {split} | {cells[0]} | {cells[1]} |")
     return lines + [""]
 
 
@@ -262,7 +275,8 @@ def main(argv=None) -> None:
     extra = args.flags.split()
     name = args.task if args.pool == POOL else f"{args.task}_pool{args.pool}"
     out = args.out / name
-    lines: list[str] = []
+    search_lines: list[str] = []
+    final_lines: list[str] = []
     search_out = out / "search"
     if args.stage in ("search", "all") and not args.report_only:
         run_all([(config, search_out / f"{a}_seed{s}", s, f, extra) for s in args.search_seeds for a, f in arms.items()],
@@ -270,7 +284,6 @@ def main(argv=None) -> None:
     searched = finished_runs(search_out, arms, args.search_seeds)
     if PLAIN in searched and len(searched) > 1:
         search_lines, (arm, answer, _) = search_section(args.task, searched, args.pool)
-        lines += search_lines
     elif args.setting is None:
         raise SystemExit(f"no finished search runs under {search_out} (plain GRPO and an RLoop arm); run the search")
     if args.setting:
@@ -282,19 +295,19 @@ def main(argv=None) -> None:
                     args.jobs)
         runs = finished_runs(final_out, (PLAIN, arm), seeds)
         if set(runs) == {PLAIN, arm}:
-            with ThreadPoolExecutor(args.jobs) as pool:
-                dirs = [d for ds in runs.values() for d in ds]
-                evals = dict(zip(dirs, pool.map(lambda d: evaluate_answers(args.task, d, int(d.name.rsplit("_seed", 1)[1])),
-                                                dirs)))
-            lines += final_section(args.task, arm, answer, runs, evals, args.pool)
-            figures = args.doc.parent / "results"
-            figures.mkdir(parents=True, exist_ok=True)
-            named = {"plain GRPO": runs[PLAIN], arm: runs[arm]}
             from rloop_lightning.loop.curves import load_curve, validation_split
 
             split = validation_split(load_curve(runs[PLAIN][0]))
-            if tiny.plot_held_out_curves(named, split, figures / f"study_{name}_curves.png"):
-                lines += [f"![validation avg@n over RL steps, {split}](results/study_{name}_curves.png)", ""]
+            figures = args.doc.parent / "results"
+            figures.mkdir(parents=True, exist_ok=True)
+            if tiny.plot_held_out_curves({"plain GRPO": runs[PLAIN], arm: runs[arm]}, split,
+                                         figures / f"study_{name}_curves.png"):
+                final_lines += [f"![validation avg@n over RL steps, {split}](results/study_{name}_curves.png)", ""]
+            with ThreadPoolExecutor(args.jobs) as pool:
+                dirs = [d for ds in runs.values() for d in ds]
+                evals = dict(zip(dirs, pool.map(lambda d: evaluate_answers(args.task, d, seed_of(d)), dirs)))
+            final_lines += final_section(args.task, arm, answer, runs, evals, args.pool)
+    lines = final_lines + search_lines  # the final comparison first, then how its setting was chosen
     tiny.write_results(args.doc, name, "\n".join(lines), marker="study")
 
 

@@ -163,8 +163,11 @@ def test_quick_study_searches_on_validation_then_tabulates_test_with_paired_test
     assert "| rloop_k6_hard: best saved on validation | 2 | 0.405 ± 0.007 | 0.500 ± 0.000 |" in text
     assert "| plain GRPO: end point | 2 | 0.300 ± 0.000 |" in text
     # d = [0.10, 0.11]: mean 0.105, std 0.00707, t = 21.0, df = 1: p = 0.0303
-    assert "| plain GRPO: end point | countdown/test | avg@n | +0.105 | 21.00 | 0.030 * |" in text
-    assert "| plain GRPO: best saved on validation | countdown/test | pass@32 | +0.105 | 21.00 | 0.030 * |" in text
+    tests = text[text.index("| RLoop | plain GRPO |"):].splitlines()
+    assert tests[2] == ("| **rloop_k6_hard: best saved on validation** | end point | countdown/test | "
+                        "+0.105 (21.00, 0.030) * | +0.105 (21.00, 0.030) * |")  # the committed test first
+    assert tests[3].startswith("| **rloop_k6_hard: best saved on validation** | best saved on validation |")
+    assert text.index("Final: ") < text.index("Search: ")  # the page reads the comparison first
     assert (tmp_path / "docs" / "results" / "study_countdown_curves.png").stat().st_size > 0
 
 
@@ -189,3 +192,17 @@ def test_answers_are_evaluated_once_per_policy_and_read_as_rloop_eval_writes_the
     assert found["theta_K"]["metrics"] == {"countdown/test": {"avg@128": len(theta_k) / 1000 + 3}}
     assert sorted(path.name for path in (run_dir / "study_eval").iterdir()) == ["rl_end.json", "theta_K.json"]
     assert study.evaluate_answers("countdown", run_dir, 3) == found and len(calls) == 2  # written files are reused
+
+
+def test_paired_tests_pair_runs_by_seed(study):
+    """RLoop finished seeds 0, 1, 2 and plain GRPO 0 and 2: the tests pair seeds 0 and 2 only."""
+    def evaluation(avg):
+        return {"rl_end": {"metrics": {"countdown/test": {"avg@128": avg, "pass@32": 0.8}}}}
+
+    runs = {study.PLAIN: [Path("plain_grpo_seed0"), Path("plain_grpo_seed2")],
+            "rloop_k6_hard": [Path(f"rloop_k6_hard_seed{s}") for s in (0, 1, 2)]}
+    evals = {Path("plain_grpo_seed0"): evaluation(0.3), Path("plain_grpo_seed2"): evaluation(0.3)}
+    evals |= {Path(f"rloop_k6_hard_seed{s}"): evaluation(0.4 + 0.01 * s) for s in (0, 1, 2)}
+    lines = study.final_section("countdown", "rloop_k6_hard", "rl_end", runs, evals)
+    # d = [0.10, 0.12]: mean 0.11, std 0.01414, t = 11.0, df = 1: p = 1 - 2 atan(11) / pi = 0.0577
+    assert "| **rloop_k6_hard: last RL end** | end point | countdown/test | +0.110 (11.00, 0.058) | +0.000 (-, 1.000) |" in lines
