@@ -132,9 +132,9 @@ def mean_std(values: list[float]) -> str:
 def metric(evaluation: dict, name: str) -> float:
     """``name`` from one split's metrics; NaN where the split does not report it (greedy accuracy is
     optional per split)."""
-    if name == "avg@n":
-        return next((value for key, value in evaluation.items() if key.startswith("avg@")), float("nan"))
-    return evaluation.get(name, float("nan"))
+    from rloop_lightning.loop.curves import average_accuracy
+
+    return average_accuracy(evaluation) if name == "avg@n" else evaluation.get(name, float("nan"))
 
 
 def table(rows: dict[str, list[dict]], split: str, metrics: list[str] = METRICS) -> list[str]:
@@ -264,45 +264,47 @@ def candidate_tables(runs: dict[str, list[Path]], splits: list[str]) -> list[str
             ""] + split_tables(rows, splits, ["avg@n", "pass@32"])
 
 
-def curve_series(run_dir: Path, split: str, rft: bool = False) -> dict[int, float]:
-    """avg@n of ``split`` by cumulative RL step over a run's curve: theta_0, RL points and RL end points,
-    or with ``rft`` the RFT outputs."""
-    from rloop_lightning.loop.curves import average_accuracy, load_curve
+def curve_series(run_dir: Path, split: str, rft: bool = False, name: str = "avg@n") -> dict[int, float]:
+    """Metric ``name`` (default avg@n) of ``split`` by cumulative RL step over a run's curve: theta_0, RL points
+    and RL end points, or with ``rft`` the RFT outputs."""
+    from rloop_lightning.loop.curves import load_curve
 
-    return {p.rl_step: average_accuracy(p.metrics[split]) for p in load_curve(run_dir)
+    return {p.rl_step: metric(p.metrics[split], name) for p in load_curve(run_dir)
             if (p.kind == "rft") == rft and split in p.metrics}
 
 
-def plot_held_out_curves(runs: dict[str, list[Path]], split: str, path: Path) -> bool:
-    """Held-out avg@n over RL steps per arm: mean over seeds and a ±1 std band, at the steps every seed
-    evaluated. False (nothing drawn) when no run has a curve."""
+def plot_held_out_curves(runs: dict[str, list[Path]], split: str, path: Path, metrics: tuple[str, ...] = ("avg@n",)
+                         ) -> bool:
+    """Held-out ``metrics`` (one panel each) over RL steps per arm: mean over seeds and a ±1 std band, at the
+    steps every seed evaluated. False (nothing drawn) when no run has a curve."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure, axes = plt.subplots(1, len(metrics), figsize=(7 * len(metrics), 4), squeeze=False)
     drawn = False
-    for name, dirs in runs.items():
-        series = [curve_series(d, split) for d in dirs]
-        steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
-        if len(steps) < 3:  # theta_0 and end points only: no curve
-            continue
-        means = [statistics.mean(s[step] for s in series) for step in steps]
-        stds = [statistics.stdev(s[step] for s in series) if len(series) > 1 else 0.0 for step in steps]
-        line, = axis.plot(steps, means, label=f"{name} ({len(series)} seeds)")
-        axis.fill_between(steps, [m - d for m, d in zip(means, stds)], [m + d for m, d in zip(means, stds)],
-                          color=line.get_color(), alpha=0.2)
-        outputs = [curve_series(d, split, rft=True) for d in dirs]
-        rft_steps = sorted(set.intersection(*(set(s) for s in outputs)))
-        if rft_steps:
-            axis.scatter(rft_steps, [statistics.mean(s[step] for s in outputs) for step in rft_steps], marker="*",
-                         s=80, color=line.get_color(), label=f"{name} RFT outputs", zorder=3)
-        drawn = True
-    if drawn:
+    for axis, name in zip(axes[0], metrics):
+        for arm, dirs in runs.items():
+            series = [curve_series(d, split, name=name) for d in dirs]
+            steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
+            if len(steps) < 3:  # theta_0 and end points only: no curve
+                continue
+            means = [statistics.mean(s[step] for s in series) for step in steps]
+            stds = [statistics.stdev(s[step] for s in series) if len(series) > 1 else 0.0 for step in steps]
+            line, = axis.plot(steps, means, label=f"{arm} ({len(series)} seeds)")
+            axis.fill_between(steps, [m - d for m, d in zip(means, stds)], [m + d for m, d in zip(means, stds)],
+                              color=line.get_color(), alpha=0.2)
+            outputs = [curve_series(d, split, rft=True, name=name) for d in dirs]
+            rft_steps = sorted(set.intersection(*(set(s) for s in outputs)))
+            if rft_steps:
+                axis.scatter(rft_steps, [statistics.mean(s[step] for s in outputs) for step in rft_steps],
+                             marker="*", s=80, color=line.get_color(), label=f"{arm} RFT outputs", zorder=3)
+            drawn = True
         axis.set_xlabel("cumulative RL steps (stars: RFT outputs)")
-        axis.set_ylabel(f"held-out avg@n, {split}")
+        axis.set_ylabel(f"held-out {name}, {split}")
         axis.legend()
+    if drawn:
         figure.tight_layout()
         figure.savefig(path, dpi=90)
     plt.close(figure)

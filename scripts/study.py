@@ -301,8 +301,9 @@ def main(argv=None) -> None:
             figures = args.doc.parent / "results"
             figures.mkdir(parents=True, exist_ok=True)
             if tiny.plot_held_out_curves({"plain GRPO": runs[PLAIN], arm: runs[arm]}, split,
-                                         figures / f"study_{name}_curves.png"):
-                final_lines += [f"![validation avg@n over RL steps, {split}](results/study_{name}_curves.png)", ""]
+                                         figures / f"study_{name}_curves.png", ("avg@n", "pass@32")):
+                final_lines += [f"![validation avg@n and pass@32 over RL steps, {split}]"
+                                f"(results/study_{name}_curves.png)", ""]
             with ThreadPoolExecutor(args.jobs) as pool:
                 dirs = [d for ds in runs.values() for d in ds]
                 evals = dict(zip(dirs, pool.map(lambda d: evaluate_answers(args.task, d, seed_of(d)), dirs)))

@@ -137,6 +137,8 @@ def test_quick_study_chooses_on_validation_and_plots_the_curves(script, tmp_path
     assert script.curve_series(out / "tiny_cpu" / "rloop_seed0", "countdown/validation") == {
         0: 0.1, 2: 0.2, 4: 0.3, 6: 0.2, 8: 0.25}
     assert script.curve_series(out / "tiny_cpu" / "rloop_seed0", "countdown/validation", rft=True) == {4: 0.3, 8: 0.25}
+    assert script.curve_series(out / "tiny_cpu" / "rloop_seed0", "countdown/validation", name="pass@32") == pytest.approx(
+        {0: 0.6, 2: 0.7, 4: 0.8, 6: 0.7, 8: 0.75})  # loop_helpers.curve_run: pass@32 = avg + 0.5
     assert (tmp_path / "docs" / "results" / "tiny_cpu_curves.png").stat().st_size > 0
     assert "![held-out avg@n over RL steps, countdown/test](results/tiny_cpu_curves.png)" in text
 
