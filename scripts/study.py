@@ -162,6 +162,11 @@ def pool_flag(pool: int) -> str:
     return "" if pool == POOL else f" --pool {pool}"
 
 
+def versus(mine: tuple[float, float], theirs: tuple[float, float]) -> str:
+    """"+/-", "=/+", ...: (avg@n, pass@32) ahead of, level with or behind plain GRPO's."""
+    return "/".join("+" if a > b else "=" if a == b else "-" for a, b in zip(mine, theirs))
+
+
 def search_section(task: str, runs: dict[str, list[Path]], pool: int = POOL) -> tuple[list[str], tuple[str, str, bool]]:
     """The search's map (validation avg@n and pass@32 of every arm's answers) and its choice."""
     scores = {arm: validation_scores(dirs) for arm, dirs in runs.items()}
@@ -171,12 +176,23 @@ def search_section(task: str, runs: dict[str, list[Path]], pool: int = POOL) -> 
              f"validation split only; a pool of {pool} prompts). Validation avg@n / pass@32 of each arm's answers "
              f"after {STEPS} RL steps:", "",
              "| arm | setting | " + " | ".join(ANSWERS.values()) + " |", "|---|---|" + "---|" * len(ANSWERS)]
+    plain = scores[PLAIN]
     for arm, by_answer in scores.items():
-        cells = [f"{by_answer[a][0]:.3f} / {by_answer[a][1]:.3f}" if a in by_answer else "(its end point)"
-                 for a in ANSWERS]
+        cells = []
+        for a in ANSWERS:
+            if a not in by_answer:
+                cells.append("(its end point)")
+                continue
+            cell = f"{by_answer[a][0]:.3f} / {by_answer[a][1]:.3f}"
+            if arm != PLAIN:  # ahead (+) or not (-) of plain GRPO's answer of the same rule, avg@n / pass@32
+                against = plain["best_validation" if a == "best_validation" else "rl_end"]
+                cell += f" ({versus(by_answer[a], against)})"
+            cells.append(cell)
         lines.append(f"| {arm} | {DESCRIPTIONS.get(arm, arm)} | " + " | ".join(cells) + " |")
     arm, answer, beats = choice
-    lines += ["", f"Chosen on validation: **{arm}**, answer **{answer}** ({ANSWERS[answer]}), "
+    lines += ["", "(avg@n/pass@32): +, = or - against plain GRPO's answer of the same rule (its end point; its best "
+              "saved on validation).", "",
+              f"Chosen on validation: **{arm}**, answer **{answer}** ({ANSWERS[answer]}), "
               + ("at or above plain GRPO's answer of the same rule at pass@32, highest avg@n among those."
                  if beats else "no RLoop answer reaches plain GRPO's pass@32 on validation; highest avg@n."), ""]
     return lines, choice

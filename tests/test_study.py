@@ -104,6 +104,11 @@ def test_another_pool_reads_and_writes_its_own_directory(study, tmp_path):
         study.main(["--pool", "512", "--report-only", "--out", str(tmp_path), "--doc", str(tmp_path / "results.md")])
 
 
+def test_the_map_marks_ahead_level_and_behind(study):
+    assert study.versus((0.3, 0.8), (0.3, 0.7)) == "=/+"
+    assert study.versus((0.2999, 0.8), (0.3, 0.8)) == "-/="
+
+
 def test_every_arm_is_described(study):
     assert set(study.DESCRIPTIONS) == set(study.SEARCH_ARMS)
 
@@ -156,7 +161,7 @@ def test_quick_study_searches_on_validation_then_tabulates_test_with_paired_test
     text = doc.read_text()
     assert text.startswith("# Results\n\nProse.\n\n<!-- study: countdown -->\n") and "<!-- end study: countdown -->" in text
     assert "| plain_grpo | plain GRPO, 6 phases of 20 RL steps chained | (its end point) | 0.300 / 0.800 | 0.500 / 1.000 |" in text
-    assert "| rloop_k6_hard | K = 6 x 20 RL steps; hard prompts only (solved <= 0.5), 2 per prompt, replay | 0.200 / 0.700 | 0.200 / 0.700 | 0.600 / 1.100 |" in text
+    assert "| rloop_k6_hard | K = 6 x 20 RL steps; hard prompts only (solved <= 0.5), 2 per prompt, replay | 0.200 / 0.700 (-/-) | 0.200 / 0.700 (-/-) | 0.600 / 1.100 (+/+) |" in text
     assert "Chosen on validation: **rloop_k6_hard**, answer **best_validation**" in text
     assert sorted(evaluated) == [("plain_grpo_seed0", 0), ("plain_grpo_seed1", 1),
                                  ("rloop_k6_hard_seed0", 0), ("rloop_k6_hard_seed1", 1)]
