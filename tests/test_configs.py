@@ -47,6 +47,15 @@ def test_loop_config_parses_and_names_existing_phase_files(path):
         assert (root / phase_file).exists(), phase_file
     for evaluator in config.evaluators:
         assert max(evaluator.init_args.ks) <= evaluator.init_args.num_samples
+    if config.output == "best_validation":  # what the loop refuses before anything loads (curves.check_curve)
+        assert any(evaluator.init_args.split == "validation" for evaluator in config.evaluators)
+
+
+def test_the_main_jobs_hand_over_the_policy_best_on_validation():
+    """The study's choice at the main job's pool and expert set (docs/results.md, "The map")."""
+    for path in LOOP_CONFIGS[:2]:
+        config = fit_parser().parse_args(["--config", str(path)])
+        assert (config.output, config.iterations, config.expert_set.filter) == ("best_validation", 2, "success_rate")
 
 
 @pytest.mark.parametrize("path", sorted((CONFIGS / "loop").glob("*.yaml")), ids=str)

@@ -47,12 +47,19 @@ def test_every_linked_file_exists(page):
     assert not missing, f"{page.name} links to missing files: {missing}"
 
 
-def test_results_page_has_the_blocks_reproduce_tiny_rewrites():
+def test_results_page_has_the_blocks_reproduce_tiny_and_the_study_rewrite():
     text = (REPO / "docs" / "results.md").read_text()
-    for stem in ("tiny_cpu", "tiny_cpu_arithmetic"):
-        assert (REPO / "configs" / f"{stem}.yaml").is_file()
-        begin, end = f"<!-- reproduce_tiny: {stem} -->", f"<!-- end reproduce_tiny: {stem} -->"
-        assert text.count(begin) == 1 and text.count(end) == 1 and text.index(begin) < text.index(end)
+    blocks = [("reproduce_tiny", stem) for stem in ("tiny_cpu", "tiny_cpu_arithmetic")]
+    blocks += [("study", name) for name in ("countdown", "arithmetic", "countdown_pool512", "arithmetic_pool512")]
+    for marker, name in blocks:
+        config = f"study/{name.split('_pool')[0]}" if marker == "study" else name
+        assert (REPO / "configs" / f"{config}.yaml").is_file()
+        begin, end = f"<!-- {marker}: {name} -->", f"<!-- end {marker}: {name} -->"
+        assert text.count(begin) == 1 and text.count(end) == 1 and text.index(begin) < text.index(end), name
+    # the page opens with the study: its final comparison and curves come before the earlier studies
+    assert text.index("<!-- study: countdown -->") < text.index("<!-- reproduce_tiny: tiny_cpu -->")
+    for task in ("countdown", "arithmetic"):
+        assert text.index(f"results/study_{task}_curves.png") < text.index("## The study on Countdown")
 
 
 def test_named_paths_finds_each_kind():

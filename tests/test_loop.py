@@ -82,6 +82,7 @@ def write_loop_config(directory: Path, run_dir: Path, digit_reward: bool = True)
     evaluator = {"task": DIGIT_COUNTDOWN, "num_samples": 4, "ks": [1, 4], "limit": 4,
                  "sampling": {"temperature": 1.0, "max_new_tokens": 8}}
     loop["evaluators"] = [{**evaluator, "split": "test"}, {**evaluator, "split": "ood", "greedy": False}]
+    loop["output"] = "theta_K"  # no validation evaluator here; the phases the tests count (no RL-end evaluation)
     path = directory / "loop.yaml"
     path.write_text(yaml.safe_dump(loop))
     return path

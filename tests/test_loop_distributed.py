@@ -93,6 +93,7 @@ def shrunk_main_job(run_dir: Path) -> dict:
         "rft": {"overrides": {"trainer.max_epochs": 1, "trainer.enable_progress_bar": False,
                               "data.init_args.batch_size": 8}},
         "evaluators": [{**evaluator, "split": "test"}, {**evaluator, "split": "ood", "greedy": False}],
+        "output": "theta_K",  # no validation evaluator here (the shipped best_validation chooses on one)
     }
 
 
