@@ -59,11 +59,13 @@ SEARCH_ARMS = {  # name -> (K, `rloop fit` flags on top of configs/study/<task>.
     "rloop_k2_all": (2, ["--expert_set.filter", "none"]),
 }
 CONFIG_K = 6  # the study configs' iterations
+MATCHED_PLAIN = {2: "plain_grpo_k2"}  # final stage: plain GRPO in the chosen arm's phases (K x STEPS / K chained)
+ARMS = SEARCH_ARMS | {name: (k, ["--vanilla", "true"]) for k, name in MATCHED_PLAIN.items()}
 
 
 def arm_flags(arm: str, pool: int = POOL) -> list[str]:
     """The arm's ``rloop fit`` flags; another K or pool restates the study configs' GRPO overrides whole."""
-    k, flags = SEARCH_ARMS[arm]
+    k, flags = ARMS[arm]
     if k == CONFIG_K and pool == POOL:
         return list(flags)
     overrides = {"trainer.max_steps": STEPS // k, "model.optimizer.init_args.lr": 0.0002, "data.init_args.limit": pool}
@@ -72,6 +74,7 @@ def arm_flags(arm: str, pool: int = POOL) -> list[str]:
 
 DESCRIPTIONS = {  # how the tables name an arm's setting
     PLAIN: "plain GRPO, 6 phases of 20 RL steps chained",
+    "plain_grpo_k2": "plain GRPO, 2 phases of 60 RL steps chained",
     "rloop_k6_hard": "K = 6 x 20 RL steps; hard prompts only (solved <= 0.5), 2 per prompt, replay",
     "rloop_k6_all": "K = 6 x 20; every solved prompt (`--expert_set.filter none`), 2 per prompt, replay",
     "rloop_k2_hard": "K = 2 x 60; hard prompts only, 2 per prompt, replay",
@@ -222,18 +225,31 @@ def seed_of(run_dir: Path) -> int:
     return int(run_dir.name.rsplit("_seed", 1)[1])
 
 
+def plains_for(arm: str) -> list[str]:
+    """The plain-GRPO arms the final stage compares ``arm`` with: the search's, and plain GRPO in ``arm``'s own
+    phases (same K and steps per phase: optimizer restarts and data order alike) when they differ."""
+    k = ARMS[arm][0]
+    return [PLAIN] + ([MATCHED_PLAIN[k]] if k != ARMS[PLAIN][0] else [])
+
+
+def plain_label(name: str) -> str:
+    k = ARMS[name][0]
+    return "plain GRPO" if name == PLAIN else f"plain GRPO, K = {k} x {STEPS // k}"
+
+
 def final_section(task: str, arm: str, answer: str, runs: dict[str, list[Path]], evals: dict,
                   pool: int = POOL) -> list[str]:
     """Mean ± std over seeds of every answer on test and OOD, and paired t-tests (by seed) of every RLoop answer
     against each plain-GRPO answer; the answer chosen on validation is the one the search committed to."""
     from rloop_lightning.loop.significance import paired_t_test
 
+    plains = [name for name in plains_for(arm) if name in runs]
     by_seed: dict[str, dict[int, dict]] = {}  # label -> seed -> metrics
-    for name in (PLAIN, arm):
+    for name in (*plains, arm):
         for run_dir in runs[name]:
             for output, result in evals[run_dir].items():
-                label = "plain GRPO: end point" if (name, output) == (PLAIN, "rl_end") else \
-                    f"{'plain GRPO' if name == PLAIN else name}: {ANSWERS[output]}"
+                label = f"{plain_label(name)}: end point" if (name in plains and output == "rl_end") else \
+                    f"{plain_label(name) if name in plains else name}: {ANSWERS[output]}"
                 by_seed.setdefault(label, {})[seed_of(run_dir)] = result["metrics"]
     rows = {label: [metrics for _, metrics in sorted(seeds.items())] for label, seeds in by_seed.items()}
     splits = sorted({s for rs in rows.values() for r in rs for s in r}, key=lambda s: (not s.endswith("/test"), s))
@@ -247,7 +263,8 @@ def final_section(task: str, arm: str, answer: str, runs: dict[str, list[Path]],
               "| RLoop | plain GRPO | split | avg@n | pass@32 |", "|---|---|---|---|---|"]
     rloop_labels = [label for label in rows if not label.startswith("plain GRPO")]
     for label in sorted(rloop_labels, key=lambda label: label != chosen):
-        for other in ("plain GRPO: end point", f"plain GRPO: {ANSWERS['best_validation']}"):
+        for other in (f"{plain_label(name)}: {answer}" for name in plains
+                      for answer in ("end point", ANSWERS["best_validation"])):
             common = sorted(set(by_seed[label]) & set(by_seed.get(other, {})))
             if len(common) < 2:
                 continue
@@ -259,7 +276,7 @@ def final_section(task: str, arm: str, answer: str, runs: dict[str, list[Path]],
                     t = "-" if math.isnan(test.t) else f"{test.t:.2f}"  # every seed's difference 0
                     cells.append(f"{test.mean_difference:+.3f} ({t}, {test.p:.3f}){' *' if test.significant() else ''}")
                 name = f"**{label}**" if label == chosen else label
-                lines.append(f"| {name} | {other.split(': ', 1)[1]} | {split} | {cells[0]} | {cells[1]} |")
+                lines.append(f"| {name} | {other} | {split} | {cells[0]} | {cells[1]} |")
     return lines + [""]
 
 
@@ -307,16 +324,17 @@ def main(argv=None) -> None:
     if args.stage in ("final", "all"):
         final_out = out / "final"
         if not args.report_only:
-            run_all([(config, final_out / f"{a}_seed{s}", s, arms[a], extra) for s in seeds for a in (PLAIN, arm)],
-                    args.jobs)
-        runs = finished_runs(final_out, (PLAIN, arm), seeds)
-        if set(runs) == {PLAIN, arm}:
+            run_all([(config, final_out / f"{a}_seed{s}", s, arm_flags(a, args.pool), extra)
+                     for s in seeds for a in (*plains_for(arm), arm)], args.jobs)
+        runs = finished_runs(final_out, (*plains_for(arm), arm), seeds)
+        if {PLAIN, arm} <= set(runs):
             from rloop_lightning.loop.curves import load_curve, validation_split
 
             split = validation_split(load_curve(runs[PLAIN][0]))
             figures = args.doc.parent / "results"
             figures.mkdir(parents=True, exist_ok=True)
-            if tiny.plot_held_out_curves({"plain GRPO": runs[PLAIN], arm: runs[arm]}, split,
+            named = {plain_label(name) if name.startswith(PLAIN) else name: dirs for name, dirs in runs.items()}
+            if tiny.plot_held_out_curves(named, split,
                                          figures / f"study_{name}_curves.png", ("avg@n", "pass@32")):
                 final_lines += [f"![validation avg@n and pass@32 over RL steps, {split}]"
                                 f"(results/study_{name}_curves.png)", ""]

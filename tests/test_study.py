@@ -110,7 +110,7 @@ def test_the_map_marks_ahead_level_and_behind(study):
 
 
 def test_every_arm_is_described(study):
-    assert set(study.DESCRIPTIONS) == set(study.SEARCH_ARMS)
+    assert set(study.DESCRIPTIONS) == set(study.ARMS)
 
 
 def test_the_choice_needs_plain_grpos_pass_at_32_of_the_same_rule(study):
@@ -169,9 +169,9 @@ def test_quick_study_searches_on_validation_then_tabulates_test_with_paired_test
     assert "| plain GRPO: end point | 2 | 0.300 ± 0.000 |" in text
     # d = [0.10, 0.11]: mean 0.105, std 0.00707, t = 21.0, df = 1: p = 0.0303
     tests = text[text.index("| RLoop | plain GRPO |"):].splitlines()
-    assert tests[2] == ("| **rloop_k6_hard: best saved on validation** | end point | countdown/test | "
+    assert tests[2] == ("| **rloop_k6_hard: best saved on validation** | plain GRPO: end point | countdown/test | "
                         "+0.105 (21.00, 0.030) * | +0.105 (21.00, 0.030) * |")  # the committed test first
-    assert tests[3].startswith("| **rloop_k6_hard: best saved on validation** | best saved on validation |")
+    assert tests[3].startswith("| **rloop_k6_hard: best saved on validation** | plain GRPO: best saved on validation |")
     assert text.index("Final: ") < text.index("Search: ")  # the page reads the comparison first
     assert (tmp_path / "docs" / "results" / "study_countdown_curves.png").stat().st_size > 0
 
@@ -210,4 +210,21 @@ def test_paired_tests_pair_runs_by_seed(study):
     evals |= {Path(f"rloop_k6_hard_seed{s}"): evaluation(0.4 + 0.01 * s) for s in (0, 1, 2)}
     lines = study.final_section("countdown", "rloop_k6_hard", "rl_end", runs, evals)
     # d = [0.10, 0.12]: mean 0.11, std 0.01414, t = 11.0, df = 1: p = 1 - 2 atan(11) / pi = 0.0577
-    assert "| **rloop_k6_hard: last RL end** | end point | countdown/test | +0.110 (11.00, 0.058) | +0.000 (-, 1.000) |" in lines
+    assert "| **rloop_k6_hard: last RL end** | plain GRPO: end point | countdown/test | +0.110 (11.00, 0.058) | +0.000 (-, 1.000) |" in lines
+
+
+def test_an_arm_of_other_phases_is_also_compared_with_plain_grpo_in_those_phases(study):
+    """K = 2 x 60 against plain GRPO in 6 x 20 (the search's) and in 2 x 60 (same optimizer restarts, same data
+    order per phase); K = 6 x 20 arms have the search's plain GRPO only."""
+    assert study.plains_for("rloop_k2_all") == ["plain_grpo", "plain_grpo_k2"]
+    assert study.plains_for("rloop_k6_hard") == ["plain_grpo"]
+    flags = study.arm_flags("plain_grpo_k2", pool=512)
+    assert flags[:3] == ["--iterations", "2", "--vanilla"] and json.loads(flags[-1])["trainer.max_steps"] == 60
+    runs = {name: [Path(f"{name}_seed{s}") for s in (0, 1)] for name in ("plain_grpo", "plain_grpo_k2", "rloop_k2_hard")}
+    evals = {d: {"rl_end": {"metrics": {"countdown/test": {"avg@128": 0.3 + 0.1 * ("rloop" in d.name) + 0.01 * i,
+                                                             "pass@32": 0.8}}}}
+             for i, d in enumerate(d for dirs in runs.values() for d in dirs)}
+    lines = study.final_section("countdown", "rloop_k2_hard", "rl_end", runs, evals)
+    assert any(line.startswith("| plain GRPO, K = 2 x 60: end point | 2 |") for line in lines)
+    compared = [line.split(" | ")[1] for line in lines if line.startswith("| **rloop_k2_hard: last RL end**")]
+    assert compared == ["plain GRPO: end point", "plain GRPO, K = 2 x 60: end point"]
