@@ -17,7 +17,9 @@ best saved policy on validation (early stopping). The choice: the RLoop (arm, an
 avg@n among those at or above plain GRPO's answer of the same rule at pass@32, else the highest avg@n. A
 search config with an evaluator of any other split is refused before anything runs.
 
-**Final** (``--seeds``, default 0-4): the chosen arm and plain GRPO per seed; each candidate answer is then
+**Final** (``--seeds``, default 0-4): the chosen arm and plain GRPO per seed, plus plain GRPO in the chosen arm's
+own phases when its K differs (``MATCHED_PLAIN``: each phase restarts the optimizer under its own seed, so only
+that comparison isolates RFT and the expert set); each candidate answer is then
 evaluated on the test and OOD splits (``rloop eval --config configs/study/eval_<task>.yaml --seed S``,
 ``<run>/study_eval/<answer>.json``). Tables: mean ± std over seeds, and a paired t-test by seed
 (``rloop_lightning.loop.significance``) of the chosen answer against each plain-GRPO answer.
@@ -275,8 +277,8 @@ def final_section(task: str, arm: str, answer: str, runs: dict[str, list[Path]],
                                          [tiny.metric(by_seed[other][s][split], name) for s in common])
                     t = "-" if math.isnan(test.t) else f"{test.t:.2f}"  # every seed's difference 0
                     cells.append(f"{test.mean_difference:+.3f} ({t}, {test.p:.3f}){' *' if test.significant() else ''}")
-                name = f"**{label}**" if label == chosen else label
-                lines.append(f"| {name} | {other} | {split} | {cells[0]} | {cells[1]} |")
+                shown = f"**{label}**" if label == chosen else label
+                lines.append(f"| {shown} | {other} | {split} | {cells[0]} | {cells[1]} |")
     return lines + [""]
 
 
