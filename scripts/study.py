@@ -335,7 +335,7 @@ def main(argv=None) -> None:
             split = validation_split(load_curve(runs[PLAIN][0]))
             figures = args.doc.parent / "results"
             figures.mkdir(parents=True, exist_ok=True)
-            named = {plain_label(name) if name.startswith(PLAIN) else name: dirs for name, dirs in runs.items()}
+            named = {plain_label(name) if name in plains_for(arm) else name: dirs for name, dirs in runs.items()}
             if tiny.plot_held_out_curves(named, split,
                                          figures / f"study_{name}_curves.png", ("avg@n", "pass@32")):
                 final_lines += [f"![validation avg@n and pass@32 over RL steps, {split}]"
