@@ -65,12 +65,36 @@ MATCHED_PLAIN = {2: "plain_grpo_k2"}  # final stage: plain GRPO in the chosen ar
 ARMS = SEARCH_ARMS | {name: (k, ["--vanilla", "true"]) for k, name in MATCHED_PLAIN.items()}
 
 
-def arm_flags(arm: str, pool: int = POOL) -> list[str]:
-    """The arm's ``rloop fit`` flags; another K or pool restates the study configs' GRPO overrides whole."""
+MODELS = {  # --model: the study config's suffix (configs/study/<task><suffix>.yaml, eval_<task><suffix>.yaml)
+    "tiny": "",  # rloop/tiny-llama, 0.8M parameters
+    "small": "_small",  # rloop/small-llama-32k, 36M parameters (Countdown only)
+}
+
+
+def config_of(task: str, model: str = "tiny") -> str:
+    return f"configs/study/{task}{MODELS[model]}.yaml"
+
+
+def eval_config_of(task: str, model: str = "tiny") -> str:
+    return f"configs/study/eval_{task}{MODELS[model]}.yaml"
+
+
+def grpo_overrides(config: str) -> tuple[int, dict]:
+    """The study config's iterations and GRPO overrides (its steps per phase and prompt pool among them)."""
+    import yaml
+
+    loop = yaml.safe_load((ROOT / config).read_text())
+    return loop["iterations"], loop["grpo"]["overrides"]
+
+
+def arm_flags(arm: str, pool: int | None = None, config: str | None = None) -> list[str]:
+    """The arm's ``rloop fit`` flags on ``config`` (default the Countdown study's); another K or ``pool`` than the
+    config's restates its GRPO overrides whole, with K x STEPS / K RL steps."""
     k, flags = ARMS[arm]
-    if k == CONFIG_K and pool == POOL:
+    config_k, overrides = grpo_overrides(config or config_of(TASKS[0]))
+    if k == config_k and pool in (None, overrides["data.init_args.limit"]):
         return list(flags)
-    overrides = {"trainer.max_steps": STEPS // k, "model.optimizer.init_args.lr": 0.0002, "data.init_args.limit": pool}
+    overrides = overrides | {"trainer.max_steps": STEPS // k, "data.init_args.limit": pool or overrides["data.init_args.limit"]}
     return ["--iterations", str(k), *flags, "--grpo.overrides", json.dumps(overrides)]
 
 
@@ -84,10 +108,6 @@ DESCRIPTIONS = {  # how the tables name an arm's setting
 }
 QUICK_ARMS = (PLAIN, "rloop_k6_hard")
 ANSWERS = {"theta_K": "theta_K", "rl_end": "last RL end", "best_validation": "best saved on validation"}
-
-
-def config_of(task: str) -> str:
-    return f"configs/study/{task}.yaml"
 
 
 def check_search_config(config: str) -> None:
@@ -203,7 +223,7 @@ def search_section(task: str, runs: dict[str, list[Path]], pool: int = POOL) -> 
     return lines, choice
 
 
-def evaluate_answers(task: str, run_dir: Path, seed: int) -> dict[str, dict]:
+def evaluate_answers(task: str, run_dir: Path, seed: int, model: str = "tiny") -> dict[str, dict]:
     """Test and OOD metrics of the run's saved answers (one ``rloop eval`` per distinct policy)."""
     out, done = {}, {}
     for output, point in answers(run_dir).items():
@@ -214,7 +234,7 @@ def evaluate_answers(task: str, run_dir: Path, seed: int) -> dict[str, dict]:
             out[output] = done[point.policy]
             continue
         if not path.exists():
-            command = [sys.executable, "-m", "rloop_lightning", "eval", "--config", f"configs/study/eval_{task}.yaml",
+            command = [sys.executable, "-m", "rloop_lightning", "eval", "--config", eval_config_of(task, model),
                        "--policy.model_name_or_path", point.policy, "--seed", str(seed), "--output", str(path)]
             subprocess.run(command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -240,7 +260,7 @@ def plain_label(name: str) -> str:
 
 
 def final_section(task: str, arm: str, answer: str, runs: dict[str, list[Path]], evals: dict,
-                  pool: int = POOL) -> list[str]:
+                  pool: int = POOL, command: str | None = None) -> list[str]:
     """Mean ± std over seeds of every answer on test and OOD, and paired t-tests (by seed) of every RLoop answer
     against each plain-GRPO answer; the answer chosen on validation is the one the search committed to."""
     from rloop_lightning.loop.significance import paired_t_test
@@ -255,8 +275,9 @@ def final_section(task: str, arm: str, answer: str, runs: dict[str, list[Path]],
                 by_seed.setdefault(label, {})[seed_of(run_dir)] = result["metrics"]
     rows = {label: [metrics for _, metrics in sorted(seeds.items())] for label, seeds in by_seed.items()}
     splits = sorted({s for rs in rows.values() for r in rs for s in r}, key=lambda s: (not s.endswith("/test"), s))
-    lines = [f"Final: `python scripts/study.py --task {task}{pool_flag(pool)} --stage final` (seeds "
-             f"{', '.join(str(seed_of(d)) for d in runs[PLAIN])}), every arm {STEPS} RL steps; mean ± std over seeds.",
+    command = command or f"python scripts/study.py --task {task}{pool_flag(pool)} --stage final"
+    lines = [f"Final: `{command}` (seeds {', '.join(str(seed_of(d)) for d in runs[arm])}), every arm {STEPS} RL "
+             "steps; mean ± std over seeds.",
              ""] + tiny.split_tables(rows, splits, ["avg@n", "pass@4", "pass@16", "pass@32"])
     chosen = f"{arm}: {ANSWERS[answer]}"
     lines += [f"Paired t-tests by seed, RLoop minus plain GRPO: mean difference (t, p; df = seeds - 1; * p < 0.05). "
@@ -299,16 +320,24 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "study")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
     parser.add_argument("--report-only", action="store_true", help="tabulate finished runs, run nothing")
-    parser.add_argument("--pool", type=int, default=POOL, help="GRPO prompt pool (data.limit) of every arm; another "
-                        "pool than the configs' goes to runs/study/<task>_pool<N> and its own block of the page")
+    parser.add_argument("--pool", type=int, default=None, help="GRPO prompt pool (data.limit) of every arm; another "
+                        "pool than the config's goes to runs/study/<task>_pool<N> and its own block of the page")
+    parser.add_argument("--model", choices=MODELS, default="tiny", help="tiny: rloop/tiny-llama (0.8M); small: "
+                        "rloop/small-llama-32k (36M), configs/study/<task>_small.yaml, runs/study/<task>_small")
+    parser.add_argument("--plains", choices=("all", "matched"), default="all", help="final stage: plain GRPO in the "
+                        "chosen arm's phases and the search's (all), or only in the chosen arm's phases (matched)")
     parser.add_argument("--flags", default="", help="extra `rloop fit` flags for every run (e.g. a quick setting)")
     args = parser.parse_args(argv)
-    config = config_of(args.task)
+    config = config_of(args.task, args.model)
+    if not (ROOT / config).exists():
+        raise SystemExit(f"--model {args.model} has no study config for {args.task} ({config})")
     check_search_config(config)  # before anything runs
-    arms = {a: arm_flags(a, args.pool) for a in SEARCH_ARMS if not args.quick or a in QUICK_ARMS}
+    config_pool = grpo_overrides(config)[1]["data.init_args.limit"]
+    pool = args.pool or config_pool
+    arms = {a: arm_flags(a, args.pool, config) for a in SEARCH_ARMS if not args.quick or a in QUICK_ARMS}
     seeds = args.seeds[:2] if args.quick else args.seeds
     extra = args.flags.split()
-    name = args.task if args.pool == POOL else f"{args.task}_pool{args.pool}"
+    name = args.task + MODELS[args.model] + ("" if pool == config_pool else f"_pool{pool}")
     out = args.out / name
     search_lines: list[str] = []
     final_lines: list[str] = []
@@ -318,32 +347,37 @@ def main(argv=None) -> None:
                 args.jobs)
     searched = finished_runs(search_out, arms, args.search_seeds)
     if PLAIN in searched and len(searched) > 1:
-        search_lines, (arm, answer, _) = search_section(args.task, searched, args.pool)
+        search_lines, (arm, answer, _) = search_section(args.task, searched, pool)
     elif args.setting is None:
         raise SystemExit(f"no finished search runs under {search_out} (plain GRPO and an RLoop arm); run the search")
     if args.setting:
         arm, answer = args.setting.split(":")
     if args.stage in ("final", "all"):
         final_out = out / "final"
+        plains = plains_for(arm)[-1:] if args.plains == "matched" else plains_for(arm)
         if not args.report_only:
-            run_all([(config, final_out / f"{a}_seed{s}", s, arm_flags(a, args.pool), extra)
-                     for s in seeds for a in (*plains_for(arm), arm)], args.jobs)
-        runs = finished_runs(final_out, (*plains_for(arm), arm), seeds)
-        if {PLAIN, arm} <= set(runs):
+            run_all([(config, final_out / f"{a}_seed{s}", s, arm_flags(a, args.pool, config), extra)
+                     for s in seeds for a in (*plains, arm)], args.jobs)
+        runs = finished_runs(final_out, (*plains, arm), seeds)
+        if arm in runs and set(plains) & set(runs):
             from rloop_lightning.loop.curves import load_curve, validation_split
 
-            split = validation_split(load_curve(runs[PLAIN][0]))
+            split = validation_split(load_curve(runs[arm][0]))
             figures = args.doc.parent / "results"
             figures.mkdir(parents=True, exist_ok=True)
-            named = {plain_label(name) if name in plains_for(arm) else name: dirs for name, dirs in runs.items()}
+            named = {plain_label(name) if name in plains else name: dirs for name, dirs in runs.items()}
             if tiny.plot_held_out_curves(named, split,
                                          figures / f"study_{name}_curves.png", ("avg@n", "pass@32")):
                 final_lines += [f"![validation avg@n and pass@32 over RL steps, {split}]"
                                 f"(results/study_{name}_curves.png)", ""]
-            with ThreadPoolExecutor(args.jobs) as pool:
+            with ThreadPoolExecutor(args.jobs) as executor:
                 dirs = [d for ds in runs.values() for d in ds]
-                evals = dict(zip(dirs, pool.map(lambda d: evaluate_answers(args.task, d, seed_of(d)), dirs)))
-            final_lines += final_section(args.task, arm, answer, runs, evals, args.pool)
+                evals = dict(zip(dirs, executor.map(lambda d: evaluate_answers(args.task, d, seed_of(d), args.model), dirs)))
+            command = " ".join(["python scripts/study.py --task", args.task, *(["--model", args.model] * (args.model != "tiny")),
+                                "" if pool == config_pool else f"--pool {pool}", "--stage final",
+                                *([f"--setting {args.setting}"] if args.setting else []),
+                                *(["--plains matched"] if args.plains == "matched" else [])])
+            final_lines += final_section(args.task, arm, answer, runs, evals, pool, " ".join(command.split()))
     lines = final_lines + search_lines  # the final comparison first, then how its setting was chosen
     tiny.write_results(args.doc, name, "\n".join(lines), marker="study")
 

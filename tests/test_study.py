@@ -63,7 +63,7 @@ def test_a_search_config_with_a_test_or_ood_evaluator_is_refused_before_anything
         text = config.read_text().replace("split: validation", f"split: {split}")
         bad = tmp_path / f"{split}.yaml"
         bad.write_text(text)
-        monkeypatch.setattr(study, "config_of", lambda task, bad=bad: str(bad))
+        monkeypatch.setattr(study, "config_of", lambda task, model="tiny", bad=bad: str(bad))
         with pytest.raises(SystemExit, match=f"{bad}: the search evaluates the validation split only .* it has {split}"):
             study.main(["--out", str(tmp_path / "runs"), "--doc", str(tmp_path / "results.md")])
     assert not (tmp_path / "runs").exists() and not (tmp_path / "results.md").exists()
@@ -141,7 +141,7 @@ def test_quick_study_searches_on_validation_then_tabulates_test_with_paired_test
     final = out / "countdown" / "final"
     evaluated = []
 
-    def evaluate(task, run_dir, seed):  # the answers' test evaluations, as rloop eval writes them
+    def evaluate(task, run_dir, seed, model):  # the answers' test evaluations, as rloop eval writes them
         evaluated.append((run_dir.name, seed))
         rloop = "rloop" in run_dir.name
         lead = 0.1 + 0.01 * seed if rloop else 0.0
@@ -228,3 +228,48 @@ def test_an_arm_of_other_phases_is_also_compared_with_plain_grpo_in_those_phases
     assert any(line.startswith("| plain GRPO, K = 2 x 60: end point | 2 |") for line in lines)
     compared = [line.split(" | ")[1] for line in lines if line.startswith("| **rloop_k2_hard: last RL end**")]
     assert compared == ["plain GRPO: end point", "plain GRPO, K = 2 x 60: end point"]
+
+
+# ---------------------------------------------------------------------------- the larger point (--model small)
+
+
+def test_the_larger_point_runs_the_matched_comparison_on_its_own_configs(study, tmp_path, monkeypatch):
+    """--model small --plains matched: the 36M configs (K = 2 x 60 and pool 512 as shipped, so the K = 2 arms run
+    them unchanged), only plain GRPO in the chosen arm's phases, its own directory, block and eval config."""
+    import yaml
+
+    config = study.config_of("countdown", "small")
+    assert config == "configs/study/countdown_small.yaml" and study.eval_config_of("countdown", "small") == \
+        "configs/study/eval_countdown_small.yaml"
+    study.check_search_config(config)
+    loop = yaml.safe_load(Path(config).read_text())
+    assert loop["iterations"] * loop["grpo"]["overrides"]["trainer.max_steps"] == study.STEPS
+    assert study.arm_flags("rloop_k2_hard", None, config) == [] and \
+        study.arm_flags("plain_grpo_k2", None, config) == ["--vanilla", "true"]
+    six = study.arm_flags(study.PLAIN, None, config)  # another K restates the config's own overrides
+    assert json.loads(six[-1]) == {"trainer.max_steps": 20, "model.optimizer.init_args.lr": 0.00005,
+                                   "data.init_args.limit": 512}
+    jobs, evaluated = [], []
+    monkeypatch.setattr(study, "run_all", lambda batch, parallel: jobs.extend(batch))
+    monkeypatch.setattr(study, "evaluate_answers", lambda task, run_dir, seed, model: evaluated.append(model) or {
+        "rl_end": {"metrics": {"countdown/test": {"avg@32": 0.3 + 0.01 * seed + 0.1 * ("rloop" in run_dir.name),
+                                                  "pass@32": 0.8}}}})
+    final = tmp_path / "countdown_small" / "final"
+    for seed in (0, 1):
+        curve_run(final / f"plain_grpo_k2_seed{seed}", True, [0.1, 0.3, 0.5, 0.4, 0.3])
+        curve_run(final / f"rloop_k2_hard_seed{seed}", False, [0.1, 0.2, 0.6, 0.3, 0.2])
+    doc = tmp_path / "results.md"
+    study.main(["--model", "small", "--stage", "final", "--setting", "rloop_k2_hard:rl_end", "--plains", "matched",
+                "--seeds", "0", "1", "--out", str(tmp_path), "--doc", str(doc)])
+    assert sorted((run_dir.name, flags) for _, run_dir, _, flags, _ in jobs) == [
+        ("plain_grpo_k2_seed0", ["--vanilla", "true"]), ("plain_grpo_k2_seed1", ["--vanilla", "true"]),
+        ("rloop_k2_hard_seed0", []), ("rloop_k2_hard_seed1", [])]
+    assert {job[0] for job in jobs} == {config} and evaluated == ["small"] * 4
+    text = doc.read_text()
+    assert "<!-- study: countdown_small -->" in text and "plain GRPO: end point" not in text
+    assert ("Final: `python scripts/study.py --task countdown --model small --stage final --setting "
+            "rloop_k2_hard:rl_end --plains matched` (seeds 0, 1)") in text
+    assert "| **rloop_k2_hard: last RL end** | plain GRPO, K = 2 x 60: end point | countdown/test | +0.100 (inf, 0.000) * |" in text
+    with pytest.raises(SystemExit, match=r"--model small has no study config for arithmetic \(configs/study/"
+                                         r"arithmetic_small.yaml\)"):
+        study.main(["--model", "small", "--task", "arithmetic", "--out", str(tmp_path), "--doc", str(doc)])
