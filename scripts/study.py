@@ -28,6 +28,13 @@ Everything goes to ``runs/study/<task>/{search,final}/<arm>_seed<S>``; the page'
 ``<!-- study: <task> -->`` markers is rewritten, and ``docs/results/study_<task>_curves.png`` drawn.
 ``--pool N`` runs every arm on another GRPO prompt pool (``<task>_pool<N>`` in those names): the map of where
 RLoop wins and loses over pool size, RL steps per iteration and expert-set setting.
+
+``--model small`` repeats a comparison on the 36M-parameter ``rloop/small-llama-32k`` (``configs/study/<task>_small.yaml``
+and ``eval_<task>_small.yaml``, its own base, ``runs/study/<task>_small``); ``--plains matched`` runs plain GRPO in the
+chosen arm's phases only::
+
+    python scripts/study.py --task countdown --model small --stage final --setting rloop_k2_hard:rl_end \
+        --plains matched --seeds 0 1 2
 """
 
 from __future__ import annotations
