@@ -50,7 +50,8 @@ def test_every_linked_file_exists(page):
 def test_results_page_has_the_blocks_reproduce_tiny_and_the_study_rewrite():
     text = (REPO / "docs" / "results.md").read_text()
     blocks = [("reproduce_tiny", stem) for stem in ("tiny_cpu", "tiny_cpu_arithmetic")]
-    blocks += [("study", name) for name in ("countdown", "arithmetic", "countdown_pool512", "arithmetic_pool512")]
+    blocks += [("study", name) for name in ("countdown", "arithmetic", "countdown_pool512", "arithmetic_pool512",
+                                            "countdown_small")]
     for marker, name in blocks:
         config = f"study/{name.split('_pool')[0]}" if marker == "study" else name
         assert (REPO / "configs" / f"{config}.yaml").is_file()
