@@ -34,7 +34,7 @@ and ``eval_<task>_small.yaml``, its own base, ``runs/study/<task>_small``); ``--
 chosen arm's phases only::
 
     python scripts/study.py --task countdown --model small --stage final --setting rloop_k2_hard:rl_end \
-        --plains matched --seeds 0 1 2
+        --plains matched --seeds 0 1 2 3
 """
 
 from __future__ import annotations
