@@ -190,8 +190,12 @@ def choose_setting(scores: dict[str, dict[str, tuple[float, float]]]) -> tuple[s
     return arm, answer, beats
 
 
-def pool_flag(pool: int) -> str:
-    return "" if pool == POOL else f" --pool {pool}"
+def study_command(task: str, pool: int | None = None, model: str = "tiny") -> str:
+    """``python scripts/study.py`` with the flags that name a study: its task, model and a pool other than its
+    config's."""
+    config_pool = grpo_overrides(config_of(task, model))[1]["data.init_args.limit"]
+    return (f"python scripts/study.py --task {task}" + (f" --model {model}" if model != "tiny" else "")
+            + (f" --pool {pool}" if pool not in (None, config_pool) else ""))
 
 
 def versus(mine: tuple[float, float], theirs: tuple[float, float]) -> str:
@@ -199,12 +203,13 @@ def versus(mine: tuple[float, float], theirs: tuple[float, float]) -> str:
     return "/".join("+" if a > b else "=" if a == b else "-" for a, b in zip(mine, theirs))
 
 
-def search_section(task: str, runs: dict[str, list[Path]], pool: int = POOL) -> tuple[list[str], tuple[str, str, bool]]:
+def search_section(task: str, runs: dict[str, list[Path]], pool: int = POOL,
+                   model: str = "tiny") -> tuple[list[str], tuple[str, str, bool]]:
     """The search's map (validation avg@n and pass@32 of every arm's answers) and its choice."""
     scores = {arm: validation_scores(dirs) for arm, dirs in runs.items()}
     choice = choose_setting(scores)
     seeds = ", ".join(sorted({d.name.rsplit("_seed", 1)[1] for dirs in runs.values() for d in dirs}))
-    lines = [f"Search: `python scripts/study.py --task {task}{pool_flag(pool)} --stage search` (seed {seeds}; "
+    lines = [f"Search: `{study_command(task, pool, model)} --stage search` (seed {seeds}; "
              f"validation split only; a pool of {pool} prompts). Validation avg@n / pass@32 of each arm's answers "
              f"after {STEPS} RL steps:", "",
              "| arm | setting | " + " | ".join(ANSWERS.values()) + " |", "|---|---|" + "---|" * len(ANSWERS)]
@@ -267,7 +272,7 @@ def plain_label(name: str) -> str:
 
 
 def final_section(task: str, arm: str, answer: str, runs: dict[str, list[Path]], evals: dict,
-                  pool: int = POOL, command: str | None = None) -> list[str]:
+                  pool: int = POOL, model: str = "tiny", flags: str = "") -> list[str]:
     """Mean ± std over seeds of every answer on test and OOD, and paired t-tests (by seed) of every RLoop answer
     against each plain-GRPO answer; the answer chosen on validation is the one the search committed to."""
     from rloop_lightning.loop.significance import paired_t_test
@@ -282,8 +287,7 @@ def final_section(task: str, arm: str, answer: str, runs: dict[str, list[Path]],
                 by_seed.setdefault(label, {})[seed_of(run_dir)] = result["metrics"]
     rows = {label: [metrics for _, metrics in sorted(seeds.items())] for label, seeds in by_seed.items()}
     splits = sorted({s for rs in rows.values() for r in rs for s in r}, key=lambda s: (not s.endswith("/test"), s))
-    command = command or f"python scripts/study.py --task {task}{pool_flag(pool)} --stage final"
-    lines = [f"Final: `{command}` (seeds {', '.join(str(seed_of(d)) for d in runs[arm])}), every arm {STEPS} RL "
+    lines = [f"Final: `{study_command(task, pool, model)} --stage final{flags}` (seeds {', '.join(str(seed_of(d)) for d in runs[arm])}), every arm {STEPS} RL "
              "steps; mean ± std over seeds.",
              ""] + tiny.split_tables(rows, splits, ["avg@n", "pass@4", "pass@16", "pass@32"])
     chosen = f"{arm}: {ANSWERS[answer]}"
@@ -354,7 +358,7 @@ def main(argv=None) -> None:
                 args.jobs)
     searched = finished_runs(search_out, arms, args.search_seeds)
     if PLAIN in searched and len(searched) > 1:
-        search_lines, (arm, answer, _) = search_section(args.task, searched, pool)
+        search_lines, (arm, answer, _) = search_section(args.task, searched, pool, args.model)
     elif args.setting is None:
         raise SystemExit(f"no finished search runs under {search_out} (plain GRPO and an RLoop arm); run the search")
     if args.setting:
@@ -380,11 +384,9 @@ def main(argv=None) -> None:
             with ThreadPoolExecutor(args.jobs) as executor:
                 dirs = [d for ds in runs.values() for d in ds]
                 evals = dict(zip(dirs, executor.map(lambda d: evaluate_answers(args.task, d, seed_of(d), args.model), dirs)))
-            command = " ".join(["python scripts/study.py --task", args.task, *(["--model", args.model] * (args.model != "tiny")),
-                                "" if pool == config_pool else f"--pool {pool}", "--stage final",
-                                *([f"--setting {args.setting}"] if args.setting else []),
-                                *(["--plains matched"] if args.plains == "matched" else [])])
-            final_lines += final_section(args.task, arm, answer, runs, evals, pool, " ".join(command.split()))
+            flags = (f" --setting {args.setting}" if args.setting else "") + \
+                (" --plains matched" if args.plains == "matched" else "")
+            final_lines += final_section(args.task, arm, answer, runs, evals, pool, args.model, flags)
     lines = final_lines + search_lines  # the final comparison first, then how its setting was chosen
     tiny.write_results(args.doc, name, "\n".join(lines), marker="study")
 
